@@ -1,0 +1,56 @@
+# vlaserve: `make help` is the map. Everything runs from the virtualenv this Makefile makes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+PRESET ?= tiny
+VIEWS ?= 2
+DTYPE ?= fp32
+REPO ?= model_repository
+HOST ?= 127.0.0.1
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv export configs serve infer loadtest compare demo test lint up down mps-status clean
+
+help: ## this map of the project
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: PRESET=$(PRESET) VIEWS=$(VIEWS) DTYPE=$(DTYPE) REPO=$(REPO) HOST=$(HOST) ARGS=..."
+
+venv: $(STAMP) ## make the virtualenv (.venv) with the pinned requirements
+
+$(STAMP): requirements.txt
+	@echo "[venv] creating $(VENV) and installing requirements.txt (first time: a few minutes) ..."
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@# the project's packages (vlaserve, export, loadtest) import from the checkout, also in Triton's stubs
+	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "vlaserve.pth").write_text("$(CURDIR)\n")'
+	@touch $@
+
+$(REPO)/encoder/1/manifest.json:
+	$(MAKE) export
+
+export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE)
+	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(ARGS)
+
+configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
+	$(PY) -m vlaserve.repository --repository $(REPO)
+
+serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository
+	$(PY) -m vlaserve.server --model-repository $(REPO) --host $(HOST) $(ARGS)
+
+infer: $(STAMP) ## send requests to a running server (ARGS="--requests 8 --concurrency 4 --protocol http")
+	$(PY) -m vlaserve.client $(ARGS)
+
+test: $(STAMP) ## run the test suite (starts real tritonservers on free ports)
+	$(PY) -m pytest -q tests $(ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean: ## remove exported artifacts, logs and reports (keeps the virtualenv)
+	rm -rf .vlaserve reports $(REPO)/.staging-*
+	find $(REPO) -path '*/1/*' ! -name model.py ! -name .gitkeep -type f -delete

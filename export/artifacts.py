@@ -1,0 +1,90 @@
+"""Write and run the two artifact formats: ONNX (for ONNX Runtime) and TorchScript (for torch).
+
+Both take and give the same tensors as :class:`export.policy.Encoder` / :class:`export.policy.Decoder`;
+the batch dimension is dynamic in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlaserve.runtimes import ONNX_FILE, TORCHSCRIPT_FILE
+
+ONNX_DATA_FILE = "model.onnx.data"
+ONNX_OPSET = 17
+TWO_GB = 2**31
+
+
+def export_onnx(module: torch.nn.Module, example: tuple, input_names, output_names, out_dir: Path) -> list[str]:
+    """Export to ``out_dir/model.onnx`` (weights in ``model.onnx.data`` when over 2 GB); check it; return files."""
+    import onnx
+
+    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        raw = Path(tmp) / ONNX_FILE  # the exporter may scatter large weights over many files here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
+            torch.onnx.export(
+                module,
+                example,
+                str(raw),
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        proto = onnx.load(str(raw))
+        param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        external = param_bytes >= TWO_GB
+        onnx.save_model(
+            proto,
+            str(out_dir / ONNX_FILE),
+            save_as_external_data=external,
+            location=ONNX_DATA_FILE,
+            all_tensors_to_one_file=True,
+        )
+    onnx.checker.check_model(str(out_dir / ONNX_FILE))  # by path, so external data over 2 GB is checked too
+    return [ONNX_FILE, ONNX_DATA_FILE] if external else [ONNX_FILE]
+
+
+def export_torchscript(module: torch.nn.Module, example: tuple, out_dir: Path) -> list[str]:
+    """Trace to ``out_dir/model.pt``; return the files written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(str(out_dir / TORCHSCRIPT_FILE))
+    return [TORCHSCRIPT_FILE]
+
+
+def run_onnx(out_dir: Path, inputs: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
+    """Run the ONNX artifact with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(out_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def run_torchscript(out_dir: Path, inputs: list[torch.Tensor]) -> tuple:
+    """Run the TorchScript artifact with torch on the CPU."""
+    module = torch.jit.load(str(out_dir / TORCHSCRIPT_FILE), map_location="cpu")
+    with torch.no_grad():
+        out = module(*inputs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,242 @@
+"""``python -m export``: build the policy, export encoder and decoder, check parity, fill the model repository.
+
+Nothing is written into the repository until every artifact has passed its parity check: the work
+happens in a staging folder inside the repository and is moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import artifacts
+from export.checkpoint import load_checkpoint
+from export.parity import REL_TOLERANCE, compare, random_request
+from export.policy import Decoder, Encoder, build_policy
+from export.presets import PRESETS, get_preset
+from vlaserve import interface as io
+from vlaserve.errors import VlaserveError
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ONNX Runtime has no bf16 kernels for most operators: bf16 ships as TorchScript only.
+FORMATS_FOR_DTYPE = {"fp32": ("onnx", "torchscript"), "fp16": ("onnx", "torchscript"), "bf16": ("torchscript",)}
+ARTIFACT_FILES = (artifacts.ONNX_FILE, artifacts.ONNX_DATA_FILE, artifacts.TORCHSCRIPT_FILE, "manifest.json")
+
+
+def log(msg: str) -> None:
+    print(f"[export] {msg}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export the pi0-style encoder and decoder to ONNX and TorchScript, check them against "
+        "PyTorch, and place them in the model repository.",
+    )
+    parser.add_argument("--preset", default="tiny", help=f"model size: one of {', '.join(PRESETS)} (default: tiny)")
+    parser.add_argument("--views", default="2", help="camera views per request, 1-3 (default: 2)")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (CPU), fp16 or bf16 (GPU; bf16 is TorchScript only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--checkpoint", help="a .safetensors state dict in this project's layout")
+    parser.add_argument("--repository", default="model_repository", help="model repository (default: model_repository)")
+    parser.add_argument("--spec", help="repository spec (default: <repository>/spec.yaml)")
+    parser.add_argument("--device", default="cpu", help="where PyTorch runs for tracing and parity: cpu or cuda")
+    parser.add_argument("--parity-batches", default="1,4", help="batch sizes of the parity check (default: 1,4)")
+    return parser.parse_args(argv)
+
+
+def validate(args: argparse.Namespace):
+    """Check every flag before any work starts; returns (config, dtype, device, batches)."""
+    try:
+        views = int(args.views)
+    except ValueError:
+        raise VlaserveError("--views", args.views, f"an integer in 1..{io.MAX_VIEWS}") from None
+    if args.preset not in PRESETS:
+        raise VlaserveError("--preset", args.preset, f"one of {', '.join(PRESETS)}")
+    if not 1 <= views <= io.MAX_VIEWS:
+        raise VlaserveError("--views", views, f"an integer in 1..{io.MAX_VIEWS}")
+    cfg = get_preset(args.preset, views)
+    if args.dtype not in TORCH_DTYPES:
+        raise VlaserveError("--dtype", args.dtype, f"one of {', '.join(TORCH_DTYPES)}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise VlaserveError("--device", args.device, "cpu, or cuda on a machine with a CUDA GPU")
+    try:
+        batches = [int(b) for b in args.parity_batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise VlaserveError("--parity-batches", args.parity_batches, "comma-separated positive integers, e.g. 1,4")
+    repo = Path(args.repository)
+    if not repo.is_dir():
+        raise VlaserveError("--repository", str(repo), "an existing model repository folder")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise VlaserveError("--checkpoint", args.checkpoint, "an existing .safetensors file")
+    return cfg, TORCH_DTYPES[args.dtype], torch.device(args.device), batches
+
+
+def check_parity(name: str, fmt: str, produced, expected, dtype: str) -> dict:
+    """Compare each output of an artifact with PyTorch's; raise when over the dtype's tolerance."""
+    figures = {}
+    for out_name, got, ref in zip(expected.keys(), produced, expected.values()):
+        if ref.dtype == torch.bool:
+            same = bool(np.array_equal(np.asarray(torch.as_tensor(got).cpu()), ref.cpu().numpy()))
+            figures[out_name] = {"equal": same}
+            if not same:
+                raise VlaserveError(f"{name}.{fmt}.{out_name}", "mismatch", "the same mask as PyTorch")
+            continue
+        figures[out_name] = err = compare(got, ref)
+        if not err["rel"] <= REL_TOLERANCE[dtype]:
+            raise VlaserveError(
+                f"{name}.{fmt}.{out_name} parity",
+                f"rel {err['rel']:.2e}, max-abs {err['max_abs']:.2e}",
+                f"rel <= {REL_TOLERANCE[dtype]:.0e} for {dtype}",
+            )
+    return figures
+
+
+def export_model(name, module, make_inputs, input_names, output_names, formats, dtype, batches, out_dir: Path):
+    """Export one model in every format, check parity at each batch size, write its manifest."""
+    out_dir.mkdir(parents=True)
+    files, parity, timings = {}, {}, {}
+    example = make_inputs(2, seed=0)
+    for fmt in formats:
+        log(f"{name}: exporting {fmt} ...")
+        start = time.perf_counter()
+        if fmt == "onnx":
+            files[fmt] = artifacts.export_onnx(module, tuple(example.values()), input_names, output_names, out_dir)
+        else:
+            files[fmt] = artifacts.export_torchscript(module, tuple(example.values()), out_dir)
+        timings[fmt] = round(time.perf_counter() - start, 2)
+        log(f"{name}: {fmt} written in {timings[fmt]:.1f} s")
+    for batch in batches:
+        inputs = make_inputs(batch, seed=1000 + batch)
+        with torch.no_grad():
+            ref = module(*inputs.values())
+        ref = dict(zip(output_names, ref if isinstance(ref, tuple) else (ref,)))
+        for fmt in formats:
+            if fmt == "onnx":
+                feed = {k: v.cpu().numpy() if v.dtype != torch.bfloat16 else v for k, v in inputs.items()}
+                produced = artifacts.run_onnx(out_dir, feed)
+            else:
+                produced = artifacts.run_torchscript(out_dir, list(inputs.values()))
+            figures = check_parity(name, fmt, produced, ref, dtype)
+            parity.setdefault(fmt, {})[f"batch_{batch}"] = figures
+            shown = ", ".join(
+                f"{k} max-abs {v['max_abs']:.2e} rel {v['rel']:.2e}" for k, v in figures.items() if "rel" in v
+            )
+            log(f"{name}: {fmt} parity at batch {batch}: {shown}")
+    return files, parity, timings
+
+
+def tensor_spec(tensors: dict[str, torch.Tensor]) -> dict:
+    """{name: {dtype, shape with -1 batch}} for a manifest."""
+    return {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": [-1, *v.shape[1:]]} for k, v in tensors.items()}
+
+
+def run(args: argparse.Namespace) -> Path:
+    cfg, dtype, device, batches = validate(args)
+    from vlaserve import repository  # the spec is read (and checked) before any model work starts
+
+    repo = Path(args.repository)
+    spec = repository.load_spec(Path(args.spec) if args.spec else repo / repository.SPEC_FILE)
+    formats = FORMATS_FOR_DTYPE[args.dtype]
+    repository.check_runtimes(spec, formats)
+    started = time.perf_counter()
+    log(f"building the {cfg.name} policy ({cfg.views} views, {args.dtype}, seed {args.seed}) ...")
+    policy = build_policy(cfg, seed=args.seed)
+    if args.checkpoint:
+        load_checkpoint(policy, args.checkpoint)
+        log(f"loaded {args.checkpoint}")
+    policy = policy.to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"{n_params / 1e6:.1f} M parameters")
+
+    def request(batch, seed):
+        return {k: v.to(device) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed).items()}
+
+    def encoder_inputs(batch, seed):
+        r = request(batch, seed)
+        return {io.IMAGES: r["images"], io.TOKENS: r["tokens"]}
+
+    def decoder_inputs(batch, seed):
+        r = request(batch, seed)
+        with torch.no_grad():
+            prefix_kv, prefix_mask = policy.encode(r["images"], r["tokens"])
+        return {io.PREFIX_KV: prefix_kv, io.PREFIX_MASK: prefix_mask, io.STATE: r["state"], io.NOISE: r["noise"]}
+
+    models = {
+        io.ENCODER: (Encoder(policy), encoder_inputs, (io.IMAGES, io.TOKENS), (io.PREFIX_KV, io.PREFIX_MASK)),
+        io.DECODER: (
+            Decoder(policy),
+            decoder_inputs,
+            (io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE),
+            (io.ACTIONS,),
+        ),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo))
+    try:
+        for name, (module, make_inputs, input_names, output_names) in models.items():
+            files, parity, timings = export_model(
+                name, module, make_inputs, input_names, output_names, formats, args.dtype, batches, staging / name
+            )
+            example = make_inputs(1, seed=0)
+            with torch.no_grad():
+                outputs = module(*example.values())
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            manifest = {
+                "model": name,
+                "preset": cfg.name,
+                "views": cfg.views,
+                "dtype": args.dtype,
+                "seed": args.seed,
+                "checkpoint": args.checkpoint,
+                "vocab_size": cfg.vocab_size,
+                "parameters": n_params,
+                "inputs": tensor_spec(example),
+                "outputs": tensor_spec(dict(zip(output_names, outputs))),
+                "artifacts": {
+                    fmt: {
+                        f: {
+                            "bytes": (staging / name / f).stat().st_size,
+                            "sha256": artifacts.sha256(staging / name / f),
+                        }
+                        for f in fs
+                    }
+                    for fmt, fs in files.items()
+                },
+                "parity": parity,
+                "export_seconds": timings,
+                "torch": torch.__version__,
+            }
+            (staging / name / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        # Everything passed: move the artifacts into place, then write the configs that describe them.
+        for name in models:
+            version_dir = repo / name / "1"
+            version_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ARTIFACT_FILES:
+                (version_dir / stale).unlink(missing_ok=True)
+            for f in (staging / name).iterdir():
+                f.replace(version_dir / f.name)
+        repository.write_repository(spec, repo, repository.ModelSettings(cfg.name, cfg.views, args.dtype))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"done in {time.perf_counter() - started:.1f} s: {repo}/{{{io.ENCODER},{io.DECODER}}}/1 and configs")
+    return repo
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except VlaserveError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,36 @@
+"""Parity of exported artifacts against the PyTorch model: fresh random inputs, error figures, thresholds."""
+
+from __future__ import annotations
+
+import torch
+
+from vlaserve.interface import ACTION_DIM, ACTION_HORIZON, IMAGE_CHANNELS, IMAGE_SIZE, MAX_TOKENS, STATE_DIM
+
+# Largest allowed relative error ||artifact - torch|| / ||torch|| per dtype.
+REL_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+def random_request(batch: int, views: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Camera-like frames, a prompt with random length (rest padding), a state and noise."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab_size, (batch, MAX_TOKENS), generator=gen, dtype=torch.int32)
+    lengths = torch.randint(1, MAX_TOKENS + 1, (batch, 1), generator=gen)
+    tokens[torch.arange(MAX_TOKENS)[None] >= lengths] = 0
+    return {
+        "images": torch.randint(
+            0, 256, (batch, views, IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS), generator=gen, dtype=torch.uint8
+        ),
+        "tokens": tokens,
+        "state": torch.randn(batch, STATE_DIM, generator=gen),
+        "noise": torch.randn(batch, ACTION_HORIZON, ACTION_DIM, generator=gen),
+    }
+
+
+def compare(actual, expected: torch.Tensor) -> dict[str, float]:
+    """max-abs and relative (L2) error of ``actual`` (array or tensor) against ``expected``, in float64."""
+    a = torch.as_tensor(actual).detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.shape != e.shape or not torch.isfinite(a).all():
+        return {"max_abs": float("inf"), "rel": float("inf")}
+    diff = a - e
+    return {"max_abs": float(diff.abs().max()), "rel": float(diff.norm() / e.norm().clamp_min(1e-12))}

@@ -1,0 +1,317 @@
+"""The pi0-style policy in PyTorch: SigLIP-style vision, Gemma-style prefix, Gemma-style action expert.
+
+Serving splits it in two:
+- :class:`Encoder` (camera frames uint8, prompt token ids) -> per-layer prefix keys/values
+  ``prefix_kv [B, depth, 2, kv_heads, P, head_dim]`` and the prefix validity ``prefix_mask [B, P]``;
+- :class:`Decoder` (prefix_kv, prefix_mask, state, noise) -> ``actions [B, 50, 32]``, running all
+  flow-matching Euler steps (t = 1 -> 0).
+
+:meth:`Policy.forward_joint` is an independent monolithic formulation (prefix and suffix in one
+sequence, recomputed at every step, as in training); tests check that the split equals it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.presets import GemmaConfig, PolicyConfig, VisionConfig
+from vlaserve.interface import ACTION_DIM, ACTION_HORIZON, IMAGE_SIZE, NUM_FLOW_STEPS, STATE_DIM
+
+ROPE_BASE = 10_000.0
+RMS_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + weight)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-valued rotary embedding tables for integer positions [B, T] -> cos, sin [B, 1, T, head_dim/2]."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the head dimension (Gemma's layout), without complex numbers."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention. q [B,H,T,D]; k, v [B,Hkv,S,D]; mask bool [B,T,S] (True = may attend)."""
+    b, h, _, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if hkv != h:
+        k = k[:, :, None].expand(b, hkv, h // hkv, s, d).reshape(b, h, s, d)
+        v = v[:, :, None].expand(b, hkv, h // hkv, s, d).reshape(b, h, s, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+class GemmaBlock(nn.Module):
+    """One Gemma decoder layer, split so that two of them can share one attention (prefix + expert)."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_norm = RMSNorm(cfg.width)
+        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+        self.mlp_norm = RMSNorm(cfg.width)
+        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [B,H,T,D] and keys/values [B,Hkv,T,D] of x [B,T,W], with RoPE on q and k."""
+        b, t, _ = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(b, t, self.cfg.num_heads, self.cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.cfg.num_kv_heads, self.cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.cfg.num_kv_heads, self.cfg.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual attention output, then the GeGLU MLP (tanh GELU). attn is [B,H,T,D]."""
+        b, _, t, _ = attn.shape
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+
+class SiglipBlock(nn.Module):
+    """A pre-norm ViT layer as in SigLIP (LayerNorm, biased projections, tanh-GELU MLP)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.out = nn.Linear(cfg.width, cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, w // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, w))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class VisionTower(nn.Module):
+    """Camera frames uint8 [N, 224, 224, 3] -> image tokens [N, tokens_per_view, vision width]."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.tokens_per_view, cfg.width))
+        self.blocks = nn.ModuleList(SiglipBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        dtype = self.patch_embed.weight.dtype
+        # Normalization lives in the model: uint8 [0, 255] -> [-1, 1], NHWC -> NCHW.
+        x = frames.permute(0, 3, 1, 2).to(dtype) * (2.0 / 255.0) - 1.0
+        factor = IMAGE_SIZE // self.cfg.image_size
+        if factor > 1:
+            x = F.avg_pool2d(x, factor)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """pi0's sine/cosine embedding of the flow time, periods 4e-3 .. 4.0. t [B] -> [B, dim] (float32)."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=t.device)
+    period = 4e-3 * (4.0 / 4e-3) ** fraction
+    angles = t.float()[:, None] * (2.0 * math.pi / period)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Policy(nn.Module):
+    """All weights of the policy, and the monolithic reference forward."""
+
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, e = cfg.prefix, cfg.expert
+        self.vision = VisionTower(cfg.vision)
+        self.image_proj = nn.Linear(cfg.vision.width, p.width)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, p.width)
+        self.prefix_layers = nn.ModuleList(GemmaBlock(p) for _ in range(p.depth))
+        self.expert_layers = nn.ModuleList(GemmaBlock(e) for _ in range(e.depth))
+        self.expert_norm = RMSNorm(e.width)
+        self.state_proj = nn.Linear(STATE_DIM, e.width)
+        self.action_in_proj = nn.Linear(ACTION_DIM, e.width)
+        self.action_time_mlp_in = nn.Linear(2 * e.width, e.width)
+        self.action_time_mlp_out = nn.Linear(e.width, e.width)
+        self.action_out_proj = nn.Linear(e.width, ACTION_DIM)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_proj.weight.dtype
+
+    def init_weights(self, seed: int) -> Policy:
+        """Seeded random weights at a scale that keeps activations of order one at any width."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in self.modules():  # norms keep their constructor values (identity scale)
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    fan_in = module.weight[0].numel()
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / math.sqrt(fan_in))
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.Embedding):  # unit scale after Gemma's sqrt(width) factor
+                    module.weight.copy_(
+                        torch.randn(module.weight.shape, generator=gen) / math.sqrt(module.embedding_dim)
+                    )
+            self.vision.pos_embed.copy_(torch.randn(self.vision.pos_embed.shape, generator=gen) * 0.02)
+        return self
+
+    # ---- prefix -------------------------------------------------------------------------------
+    def embed_prefix(self, images: torch.Tensor, tokens: torch.Tensor):
+        """Prefix embeddings [B,P,W], validity [B,P] (bool), positions [B,P]."""
+        b, views = images.shape[:2]
+        img = self.image_proj(self.vision(images.reshape(b * views, *images.shape[2:])))
+        img = img.reshape(b, -1, img.shape[-1])
+        lang = self.embed_tokens(tokens.long()) * math.sqrt(self.cfg.prefix.width)
+        x = torch.cat([img, lang.to(img.dtype)], dim=1)
+        mask = torch.cat([torch.ones(img.shape[:2], dtype=torch.bool, device=x.device), tokens != 0], dim=1)
+        return x, mask, torch.cumsum(mask.long(), dim=1) - 1
+
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor):
+        """The encoder: -> prefix_kv [B, depth, 2, kv_heads, P, head_dim], prefix_mask [B, P]."""
+        x, mask, positions = self.embed_prefix(images, tokens)
+        cos, sin = rope_cos_sin(positions, self.cfg.prefix.head_dim, x.dtype)
+        # Every prefix token attends to every valid prefix token (bidirectional); padded queries
+        # attend too, so no row is empty, but nothing attends to them.
+        attn_mask = mask[:, None, :].expand(-1, mask.shape[1], -1)
+        keys, values = [], []
+        last = len(self.prefix_layers) - 1
+        for i, layer in enumerate(self.prefix_layers):
+            q, k, v = layer.qkv(x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            if i < last:  # the last layer's output is never read: only its keys/values are
+                x = layer.finish(x, attention(q, k, v, attn_mask))
+        prefix_kv = torch.stack([torch.stack(keys, 1), torch.stack(values, 1)], dim=2)
+        return prefix_kv, mask
+
+    # ---- suffix (action expert) ------------------------------------------------------------------
+    def suffix_mask(self, prefix_mask: torch.Tensor) -> torch.Tensor:
+        """[B, S, P+S]: suffix tokens see valid prefix tokens; state sees itself; actions see state+actions."""
+        b = prefix_mask.shape[0]
+        s = 1 + ACTION_HORIZON
+        block = torch.ones(s, s, dtype=torch.bool, device=prefix_mask.device)
+        block[0, 1:] = False
+        return torch.cat([prefix_mask[:, None, :].expand(b, s, -1), block.expand(b, s, s)], dim=2)
+
+    def suffix_positions(self, prefix_mask: torch.Tensor) -> torch.Tensor:
+        """Suffix positions continue from the number of valid prefix tokens."""
+        n_valid = prefix_mask.long().sum(dim=1, keepdim=True)
+        return n_valid + torch.arange(1 + ACTION_HORIZON, device=prefix_mask.device)[None]
+
+    def embed_suffix(self, state: torch.Tensor, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """[state token; action tokens with the time embedding] -> [B, 1 + H, expert width]."""
+        dtype = self.dtype
+        state_tok = self.state_proj(state.to(dtype))[:, None]
+        act = self.action_in_proj(x_t.to(dtype))
+        t_vec = torch.full((x_t.shape[0],), t, dtype=torch.float32, device=x_t.device)
+        temb = time_embedding(t_vec, act.shape[-1]).to(dtype)[:, None].expand_as(act)
+        act = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([act, temb], dim=-1))))
+        return torch.cat([state_tok, act], dim=1)
+
+    def velocity(self, prefix_kv, x_suffix, cos, sin, mask) -> torch.Tensor:
+        """One expert pass over the suffix, attending to the prefix keys/values layer by layer."""
+        x = x_suffix
+        for i, layer in enumerate(self.expert_layers):
+            q, k, v = layer.qkv(x, cos, sin)
+            k = torch.cat([prefix_kv[:, i, 0], k], dim=2)
+            v = torch.cat([prefix_kv[:, i, 1], v], dim=2)
+            x = layer.finish(x, attention(q, k, v, mask))
+        return self.action_out_proj(self.expert_norm(x)[:, 1:]).float()
+
+    def decode(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
+        """The decoder: Euler integration of the flow from noise (t=1) to actions (t=0)."""
+        positions = self.suffix_positions(prefix_mask)
+        cos, sin = rope_cos_sin(positions, self.cfg.expert.head_dim, self.dtype)
+        mask = self.suffix_mask(prefix_mask)
+        prefix_kv = prefix_kv.to(self.dtype)
+        x_t = noise.float()
+        dt = -1.0 / NUM_FLOW_STEPS
+        for step in range(NUM_FLOW_STEPS):
+            x_suffix = self.embed_suffix(state, x_t, 1.0 + step * dt)
+            x_t = x_t + dt * self.velocity(prefix_kv, x_suffix, cos, sin, mask)
+        return x_t
+
+    def forward(self, images, tokens, state, noise) -> torch.Tensor:
+        """Encoder then decoder (what the served ensemble computes)."""
+        prefix_kv, prefix_mask = self.encode(images, tokens)
+        return self.decode(prefix_kv, prefix_mask, state, noise)
+
+    def forward_joint(self, images, tokens, state, noise) -> torch.Tensor:
+        """Monolithic reference: prefix and suffix as one sequence, recomputed at every Euler step."""
+        prefix, prefix_mask, prefix_pos = self.embed_prefix(images, tokens)
+        b, p = prefix_mask.shape
+        s = 1 + ACTION_HORIZON
+        positions = torch.cat([prefix_pos, self.suffix_positions(prefix_mask)], dim=1)
+        cos, sin = rope_cos_sin(positions, self.cfg.prefix.head_dim, self.dtype)
+        full = torch.zeros(b, p + s, p + s, dtype=torch.bool)
+        full[:, :p, :p] = prefix_mask[:, None, :]
+        full[:, p:, :] = self.suffix_mask(prefix_mask)
+        x_t = noise.float()
+        dt = -1.0 / NUM_FLOW_STEPS
+        for step in range(NUM_FLOW_STEPS):
+            xp, xs = prefix, self.embed_suffix(state, x_t, 1.0 + step * dt)
+            for pre, exp in zip(self.prefix_layers, self.expert_layers):
+                qp, kp, vp = pre.qkv(xp, cos[:, :, :p], sin[:, :, :p])
+                qs, ks, vs = exp.qkv(xs, cos[:, :, p:], sin[:, :, p:])
+                out = attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), full)
+                xp, xs = pre.finish(xp, out[:, :, :p]), exp.finish(xs, out[:, :, p:])
+            x_t = x_t + dt * self.action_out_proj(self.expert_norm(xs)[:, 1:]).float()
+        return x_t
+
+
+class Encoder(nn.Module):
+    """The served encoder: (images uint8 [B,V,224,224,3], tokens int32 [B,48]) -> (prefix_kv, prefix_mask)."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return self.policy.encode(images, tokens)
+
+
+class Decoder(nn.Module):
+    """The served decoder: (prefix_kv, prefix_mask, state fp32 [B,32], noise fp32 [B,50,32]) -> actions fp32."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
+        return self.policy.decode(prefix_kv, prefix_mask, state, noise)
+
+
+def build_policy(cfg: PolicyConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Policy:
+    """A policy with seeded random weights, in eval mode."""
+    return Policy(cfg).init_weights(seed).to(dtype).eval()

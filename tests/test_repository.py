@@ -1,0 +1,86 @@
+"""The model repository spec: committed configs equal what it generates; validation names the key."""
+
+import copy
+
+import pytest
+import yaml
+from tritonclient.grpc import model_config_pb2
+
+from tests.conftest import ROOT, SPEC
+from vlaserve import repository
+from vlaserve.errors import VlaserveError
+
+REPO = ROOT / "model_repository"
+
+
+def test_committed_configs_equal_the_spec_output():
+    spec = repository.load_spec(SPEC)
+    for name, config in repository.build_configs(spec).items():
+        committed = repository.read_config(REPO / name / "config.pbtxt")
+        assert isinstance(committed, model_config_pb2.ModelConfig)
+        assert committed == config, f"{name}/config.pbtxt is stale: run `make configs`"
+        assert (REPO / name / "config.pbtxt").read_text() == repository.render(config)
+    for name in repository.RUNNER_MODELS:
+        assert (REPO / name / "1" / "model.py").read_text() == repository.MODEL_PY
+
+
+def test_configs_carry_batching_queue_policy_and_instances():
+    configs = repository.build_configs(repository.load_spec(SPEC))
+    enc = configs["encoder"]
+    assert enc.backend == "python" and enc.max_batch_size == 8
+    assert list(enc.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert enc.dynamic_batching.priority_levels == 2
+    policy = enc.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert (
+        enc.instance_group[0].count == 2 and enc.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    )
+    assert enc.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert [w.batch_size for w in enc.model_warmup] == [1, 8]
+    dec = configs["decoder"]
+    assert all(i.optional for i in dec.input)  # the runner names a missing input (see repository.py)
+    ens = configs["policy"]
+    assert ens.platform == "ensemble"
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["encoder", "decoder"]
+
+
+def test_variants(tmp_path):
+    naive = repository.build_configs(repository.load_spec(SPEC, "naive"))
+    assert not naive["encoder"].HasField("dynamic_batching") and naive["encoder"].instance_group[0].count == 1
+    assert repository.variant_names(SPEC) == ["naive", "batching", "batching_multi"]
+    out = repository.write_repository(repository.load_spec(SPEC, "batching"), tmp_path / "v", artifacts_from=REPO)
+    assert repository.read_config(out / "decoder" / "config.pbtxt").instance_group[0].count == 1
+
+
+def test_pi0_shapes():
+    configs = repository.build_configs(repository.load_spec(SPEC), repository.ModelSettings("pi0", 3, "bf16"))
+    kv = next(o for o in configs["encoder"].output if o.name == "prefix_kv")
+    assert list(kv.dims) == [18, 2, 1, 3 * 256 + 48, 256] and kv.data_type == model_config_pb2.TYPE_BF16
+
+
+@pytest.mark.parametrize(
+    "path, value, field",
+    [
+        (("models", "encoder", "runtime"), "tensorrt", "models.encoder.runtime"),
+        (("models", "decoder", "max_batch_size"), 0, "models.decoder.max_batch_size"),
+        (("models", "policy", "max_batch_size"), 64, "models.policy.max_batch_size"),
+        (("models", "encoder", "instance_groups"), [], "models.encoder.instance_groups"),
+        (("models", "encoder", "instance_groups"), [{"name": "g", "count": 1, "kind": "tpu"}], "kind"),
+        (
+            ("models", "encoder", "instance_groups"),
+            [{"name": "g", "count": 1, "mps_thread_percentage": 150}],
+            "mps_thread_percentage",
+        ),
+        (("models", "encoder", "dynamic_batching", "preferred_batch_size"), [4, 16], "preferred_batch_size"),
+        (("models", "encoder", "max_batchsize"), 4, "models.encoder.max_batchsize"),
+    ],
+)
+def test_bad_spec_names_the_key(path, value, field):
+    spec = copy.deepcopy(yaml.safe_load(SPEC.read_text()))
+    node = spec
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(VlaserveError, match=field.replace("[", r"\[")):
+        repository.validate_spec(spec)

@@ -1,0 +1,377 @@
+"""The model repository, generated from one declarative spec (``model_repository/spec.yaml``).
+
+Every ``config.pbtxt`` is built as a ``tritonclient.grpc.model_config_pb2.ModelConfig`` (through
+``json_format.ParseDict``) and written with protobuf's ``text_format``; nothing is templated.
+
+``python -m vlaserve.repository`` regenerates the configs of a repository, or writes a variant of it
+(for example ``--variant naive``) into another folder whose artifacts link back to the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from vlaserve import interface as io
+from vlaserve.errors import VlaserveError
+
+SPEC_FILE = "spec.yaml"
+CONFIG_FILE = "config.pbtxt"
+MODEL_PY = '"""Triton Python-backend entry point: the shared runner serves this model (see vlaserve.runner)."""\n\nfrom vlaserve.runner import TritonPythonModel  # noqa: F401\n'
+RUNTIMES = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> artifact format it executes
+KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+TYPE_OF_DTYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16"}
+RUNNER_MODELS = (io.ENCODER, io.DECODER)
+
+MODEL_KEYS = {
+    "runtime",
+    "max_batch_size",
+    "cpu_threads",
+    "dynamic_batching",
+    "instance_groups",
+    "warmup_batch_sizes",
+    "noise_seed",
+    "cuda_graphs",
+}
+BATCHING_KEYS = {
+    "preferred_batch_size",
+    "max_queue_delay_microseconds",
+    "priority_levels",
+    "default_priority_level",
+    "max_queue_size",
+    "queue_timeout_microseconds",
+}
+GROUP_KEYS = {"name", "count", "kind", "gpus", "mps_thread_percentage", "mps_pinned_memory_limit_mb"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """What the artifacts were exported as: it fixes the tensor shapes and dtypes of the configs."""
+
+    preset: str
+    views: int
+    dtype: str
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_keys(section: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise VlaserveError(f"{where}.{unknown[0]}", section[unknown[0]], f"one of the keys {sorted(allowed)}")
+
+
+def _positive_int(value, where: str, maximum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (maximum and value > maximum):
+        raise VlaserveError(where, value, f"an integer in 1..{maximum}" if maximum else "a positive integer")
+    return value
+
+
+def validate_spec(spec: dict) -> dict:
+    """Check the spec (after any variant is applied); every problem names its key path."""
+    _check_keys(spec, {"model", "models", "variants"}, "spec")
+    model = spec.get("model", {})
+    _check_keys(model, {"preset", "views", "dtype"}, "model")
+    if model.get("dtype", "fp32") not in TYPE_OF_DTYPE:
+        raise VlaserveError("model.dtype", model.get("dtype"), f"one of {list(TYPE_OF_DTYPE)}")
+    models = spec.get("models", {})
+    _check_keys(models, {*RUNNER_MODELS, io.POLICY}, "models")
+    for name in RUNNER_MODELS:
+        m = models.get(name)
+        if not isinstance(m, dict):
+            raise VlaserveError(f"models.{name}", m, "a mapping of model settings")
+        _check_keys(m, MODEL_KEYS, f"models.{name}")
+        if m.get("runtime") not in RUNTIMES:
+            raise VlaserveError(f"models.{name}.runtime", m.get("runtime"), f"one of {list(RUNTIMES)}")
+        mbs = _positive_int(m.get("max_batch_size"), f"models.{name}.max_batch_size")
+        batching = m.get("dynamic_batching")
+        if batching:
+            _check_keys(batching, BATCHING_KEYS, f"models.{name}.dynamic_batching")
+            for size in batching.get("preferred_batch_size", []):
+                _positive_int(size, f"models.{name}.dynamic_batching.preferred_batch_size", mbs)
+            levels = batching.get("priority_levels", 0)
+            if levels:
+                _positive_int(
+                    batching.get("default_priority_level"),
+                    f"models.{name}.dynamic_batching.default_priority_level",
+                    levels,
+                )
+        groups = m.get("instance_groups")
+        if not groups:
+            raise VlaserveError(f"models.{name}.instance_groups", groups, "a list of at least one instance group")
+        names = set()
+        for i, g in enumerate(groups):
+            where = f"models.{name}.instance_groups[{i}]"
+            _check_keys(g, GROUP_KEYS, where)
+            if not g.get("name") or g["name"] in names:
+                raise VlaserveError(f"{where}.name", g.get("name"), "a name unique within the model")
+            names.add(g["name"])
+            _positive_int(g.get("count"), f"{where}.count")
+            if g.get("kind", "cpu") not in KINDS:
+                raise VlaserveError(f"{where}.kind", g.get("kind"), f"one of {list(KINDS)}")
+            if "mps_thread_percentage" in g:
+                _positive_int(g["mps_thread_percentage"], f"{where}.mps_thread_percentage", 100)
+            if "mps_pinned_memory_limit_mb" in g:
+                _positive_int(g["mps_pinned_memory_limit_mb"], f"{where}.mps_pinned_memory_limit_mb")
+        for size in m.get("warmup_batch_sizes", []):
+            _positive_int(size, f"models.{name}.warmup_batch_sizes", mbs)
+    policy = models.get(io.POLICY, {})
+    _check_keys(policy, {"max_batch_size"}, f"models.{io.POLICY}")
+    limit = min(models[n]["max_batch_size"] for n in RUNNER_MODELS)
+    _positive_int(policy.get("max_batch_size"), f"models.{io.POLICY}.max_batch_size", limit)
+    return spec
+
+
+def load_spec(path: Path, variant: str | None = None) -> dict:
+    """Read and check the spec; with ``variant``, apply that variant's overrides first."""
+    if not Path(path).is_file():
+        raise VlaserveError("spec", str(path), "an existing spec.yaml")
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    if variant:
+        variants = spec.get("variants", {})
+        if variant not in variants:
+            raise VlaserveError("variant", variant, f"one of {sorted(variants)}")
+        spec = _deep_merge(spec, variants[variant])
+    return validate_spec(spec)
+
+
+def variant_names(path: Path) -> list[str]:
+    """The variants a spec defines, in file order."""
+    return list((yaml.safe_load(Path(path).read_text()) or {}).get("variants", {}))
+
+
+def check_runtimes(spec: dict, formats) -> None:
+    """Every runner model's runtime must have an artifact among ``formats``."""
+    for name in RUNNER_MODELS:
+        runtime = spec["models"][name]["runtime"]
+        if RUNTIMES[runtime] not in formats:
+            raise VlaserveError(
+                f"models.{name}.runtime", runtime, f"a runtime for the exported formats {list(formats)}"
+            )
+
+
+def settings_of(spec: dict) -> ModelSettings:
+    model = spec.get("model", {})
+    return ModelSettings(model.get("preset", "tiny"), int(model.get("views", 2)), model.get("dtype", "fp32"))
+
+
+def tensor_dims(settings: ModelSettings) -> dict[str, tuple[list[int], str]]:
+    """Per-item dims and Triton type of every tensor, for the exported preset, views and dtype."""
+    from export.presets import get_preset
+
+    cfg = get_preset(settings.preset, settings.views)
+    p = cfg.prefix
+    shapes = io.request_shapes(settings.views)
+    return {
+        io.IMAGES: (list(shapes[io.IMAGES]), "TYPE_UINT8"),
+        io.TOKENS: (list(shapes[io.TOKENS]), "TYPE_INT32"),
+        io.STATE: (list(shapes[io.STATE]), "TYPE_FP32"),
+        io.NOISE: (list(shapes[io.NOISE]), "TYPE_FP32"),
+        io.PREFIX_KV: ([p.depth, 2, p.num_kv_heads, cfg.prefix_len, p.head_dim], TYPE_OF_DTYPE[settings.dtype]),
+        io.PREFIX_MASK: ([cfg.prefix_len], "TYPE_BOOL"),
+        io.ACTIONS: ([io.ACTION_HORIZON, io.ACTION_DIM], "TYPE_FP32"),
+    }
+
+
+MODEL_IO = {
+    io.ENCODER: ((io.IMAGES, io.TOKENS), (io.PREFIX_KV, io.PREFIX_MASK)),
+    io.DECODER: ((io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE), (io.ACTIONS,)),
+    io.POLICY: ((io.IMAGES, io.TOKENS, io.STATE, io.NOISE), (io.ACTIONS,)),
+}
+# Every input is declared optional: Triton's ensemble does not check for missing inputs (a request
+# without one would end in "unexpected deadlock"), so the runner checks them and names the missing
+# one. Only the noise may really be left out (the server then draws it).
+# Warm-up data per input: token ids of zero are padding (always valid); the noise is left to the server.
+WARMUP_DATA = {io.TOKENS: "zero_data", io.PREFIX_MASK: "zero_data", io.NOISE: None}
+
+
+def _io_entries(names, dims, optional: bool) -> list[dict]:
+    entries = []
+    for name in names:
+        shape, dtype = dims[name]
+        entries.append({"name": name, "data_type": dtype, "dims": shape, **({"optional": True} if optional else {})})
+    return entries
+
+
+def _string_params(values: dict) -> dict:
+    return {k: {"string_value": str(v)} for k, v in values.items()}
+
+
+def runner_config(name: str, m: dict, dims) -> dict:
+    """The ModelConfig (as a dict) of the encoder or the decoder."""
+    inputs, outputs = MODEL_IO[name]
+    params = {"runtime": m["runtime"], "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+    for key in ("cpu_threads", "noise_seed", "cuda_graphs"):
+        if key in m:
+            params[key] = m[key]
+    groups = []
+    for g in m["instance_groups"]:
+        group = {"name": g["name"], "count": g["count"], "kind": KINDS[g.get("kind", "cpu")]}
+        if g.get("gpus") is not None and g.get("kind") == "gpu":
+            group["gpus"] = g["gpus"]
+        groups.append(group)
+        if "mps_thread_percentage" in g:
+            params[f"mps_thread_percentage.{g['name']}"] = g["mps_thread_percentage"]
+        if "mps_pinned_memory_limit_mb" in g:
+            params[f"mps_pinned_memory_limit_mb.{g['name']}"] = g["mps_pinned_memory_limit_mb"]
+    config = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": m["max_batch_size"],
+        "input": _io_entries(inputs, dims, optional=True),
+        "output": _io_entries(outputs, dims, optional=False),
+        "instance_group": groups,
+        "parameters": _string_params(params),
+    }
+    batching = m.get("dynamic_batching")
+    if batching:
+        db = {
+            "preferred_batch_size": batching.get("preferred_batch_size", []),
+            "max_queue_delay_microseconds": batching.get("max_queue_delay_microseconds", 0),
+        }
+        policy = {"timeout_action": "REJECT", "allow_timeout_override": True}
+        if "max_queue_size" in batching:
+            policy["max_queue_size"] = batching["max_queue_size"]
+        if "queue_timeout_microseconds" in batching:
+            policy["default_timeout_microseconds"] = batching["queue_timeout_microseconds"]
+        db["default_queue_policy"] = policy
+        if batching.get("priority_levels"):
+            db["priority_levels"] = batching["priority_levels"]
+            db["default_priority_level"] = batching["default_priority_level"]
+        config["dynamic_batching"] = db
+    warmups = []
+    for size in m.get("warmup_batch_sizes", []):
+        warm_inputs = {}
+        for input_name in inputs:
+            kind = WARMUP_DATA.get(input_name, "random_data")
+            if kind:
+                shape, dtype = dims[input_name]
+                warm_inputs[input_name] = {"data_type": dtype, "dims": shape, kind: True}
+        warmups.append({"name": f"batch_{size}", "batch_size": size, "inputs": warm_inputs})
+    if warmups:
+        config["model_warmup"] = warmups
+    return config
+
+
+def policy_config(spec: dict, dims) -> dict:
+    """The ensemble: encoder -> decoder, answering with actions."""
+    inputs, outputs = MODEL_IO[io.POLICY]
+    enc_in, enc_out = MODEL_IO[io.ENCODER]
+    dec_in, dec_out = MODEL_IO[io.DECODER]
+    return {
+        "name": io.POLICY,
+        "platform": "ensemble",
+        "max_batch_size": spec["models"][io.POLICY]["max_batch_size"],
+        "input": _io_entries(inputs, dims, optional=True),
+        "output": _io_entries(outputs, dims, optional=False),
+        "ensemble_scheduling": {
+            "step": [
+                {
+                    "model_name": io.ENCODER,
+                    "model_version": -1,
+                    "input_map": {n: n for n in enc_in},
+                    "output_map": {n: n for n in enc_out},
+                },
+                {
+                    "model_name": io.DECODER,
+                    "model_version": -1,
+                    "input_map": {n: n for n in dec_in},
+                    "output_map": {n: n for n in dec_out},
+                },
+            ]
+        },
+    }
+
+
+def build_configs(spec: dict, settings: ModelSettings | None = None) -> dict[str, model_config_pb2.ModelConfig]:
+    """Every model's ModelConfig message."""
+    dims = tensor_dims(settings or settings_of(spec))
+    dicts = {name: runner_config(name, spec["models"][name], dims) for name in RUNNER_MODELS}
+    dicts[io.POLICY] = policy_config(spec, dims)
+    return {name: json_format.ParseDict(d, model_config_pb2.ModelConfig()) for name, d in dicts.items()}
+
+
+def render(config: model_config_pb2.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def write_repository(spec: dict, out: Path, settings: ModelSettings | None = None, artifacts_from: Path | None = None):
+    """Write configs (and the runner entry points) into ``out``; link artifacts from another repository."""
+    for name, config in build_configs(spec, settings).items():
+        version_dir = out / name / "1"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        (out / name / CONFIG_FILE).write_text(render(config))
+        if name in RUNNER_MODELS:
+            (version_dir / "model.py").write_text(MODEL_PY)
+            if artifacts_from is not None:
+                for artifact in (artifacts_from / name / "1").iterdir():
+                    if artifact.name != "model.py" and not (version_dir / artifact.name).exists():
+                        (version_dir / artifact.name).symlink_to(artifact.resolve())
+    return out
+
+
+def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    """Parse a config.pbtxt into a ModelConfig (raises on anything that is not one)."""
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def read_manifest_settings(repo: Path) -> ModelSettings | None:
+    """The settings the encoder's artifacts were exported with, or None when nothing was exported."""
+    import json
+
+    manifest = repo / io.ENCODER / "1" / "manifest.json"
+    if not manifest.is_file():
+        return None
+    m = json.loads(manifest.read_text())
+    return ModelSettings(m["preset"], m["views"], m["dtype"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlaserve.repository",
+        description="Generate every config.pbtxt of a model repository from its spec.yaml.",
+    )
+    parser.add_argument(
+        "--repository", default="model_repository", help="the source repository (default: model_repository)"
+    )
+    parser.add_argument("--spec", help="spec file (default: <repository>/spec.yaml)")
+    parser.add_argument("--variant", help="apply this variant of the spec (see its 'variants:' section)")
+    parser.add_argument("--out", help="write the (variant) repository here, artifacts linked from --repository")
+    parser.add_argument("--list-variants", action="store_true", help="print the spec's variants and exit")
+    args = parser.parse_args(argv)
+    repo = Path(args.repository)
+    spec_path = Path(args.spec) if args.spec else repo / SPEC_FILE
+    try:
+        if args.list_variants:
+            print("\n".join(variant_names(spec_path)))
+            return 0
+        spec = load_spec(spec_path, args.variant)
+        settings = read_manifest_settings(repo) or settings_of(spec)
+        out = Path(args.out) if args.out else repo
+        write_repository(spec, out, settings, artifacts_from=repo if out.resolve() != repo.resolve() else None)
+    except VlaserveError as exc:
+        print(f"repository: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {out} ({settings.preset}, {settings.views} views, {settings.dtype}{', variant ' + args.variant if args.variant else ''})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
