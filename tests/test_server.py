@@ -1,0 +1,169 @@
+"""The policy served by a real tritonserver: values, batching, instances, bad requests, overload."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import SPEC, start_server
+from vlaserve import repository
+from vlaserve.client import PolicyClient, make_request
+
+
+def reference_actions(policy, request) -> np.ndarray:
+    with torch.no_grad():
+        return policy(*(torch.from_numpy(request[k]) for k in ("images", "tokens", "state", "noise"))).numpy()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_policy_equals_in_process_pytorch(server, tiny_policy, protocol, batch):
+    client = PolicyClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    request = make_request(batch, views=2, seed=10 + batch, with_noise=True)
+    actions = client.infer(request)
+    assert actions.shape == (batch, 50, 32) and actions.dtype == np.float32
+    expected = reference_actions(tiny_policy, request)
+    np.testing.assert_allclose(actions, expected, atol=1e-4, rtol=1e-4)
+    assert np.abs(expected).mean() > 0.1  # values, not zeros
+
+
+def test_server_draws_noise_when_none_is_sent(server, tiny_policy):
+    client = PolicyClient(server.grpc_url)
+    request = make_request(2, views=2, seed=3)
+    first, second = client.infer(request), client.infer(request)
+    assert np.isfinite(first).all() and first.shape == (2, 50, 32)
+    assert not np.allclose(first, second)  # fresh noise per request
+    assert not np.allclose(first[0], first[1])  # and per item
+
+
+def test_dynamic_batching_and_instances(server):
+    client = PolicyClient(server.grpc_url)
+    before = client.statistics("encoder")
+    request = make_request(1, views=2, seed=4, with_noise=True)
+    barrier = threading.Barrier(16)
+
+    def send(_):
+        c = PolicyClient(server.grpc_url)
+        barrier.wait()
+        return c.infer(request)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, range(16)))
+    after = client.statistics("encoder")
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == 16 and executions < inferences, (inferences, executions)
+    assert all(np.array_equal(r, results[0]) for r in results)  # batched with others, same answer
+    status = [json.loads(p.read_text()) for p in sorted(server.status_dir.glob("*.json"))]
+    for model in ("encoder", "decoder"):
+        pids = {s["pid"] for s in status if s["model"] == model}
+        assert len(pids) == 2 and server.process.pid not in pids  # two instances, two stub processes
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+
+
+def tensors(**overrides):
+    request = make_request(1, views=2, seed=5, with_noise=True)
+    request.update(overrides)
+    return {k: v for k, v in request.items() if v is not None}
+
+
+BAD_REQUESTS = {
+    "wrong shape": (tensors(state=np.zeros((1, 31), np.float32)), "state"),
+    "wrong dtype": (tensors(state=np.zeros((1, 32), np.float64)), "state"),
+    "missing input": (tensors(tokens=None), "tokens"),
+    "batch over max_batch_size": ({k: np.repeat(v, 9, axis=0) for k, v in tensors().items()}, "batch"),
+    "NaN in state": (tensors(state=np.full((1, 32), np.nan, np.float32)), "state: got 'nan at"),
+    "Inf in noise": (tensors(noise=np.full((1, 50, 32), np.inf, np.float32)), "noise: got 'inf at"),
+    "views the model does not take": (tensors(images=np.zeros((1, 3, 224, 224, 3), np.uint8)), "images"),
+    "empty batch": ({k: v[:0] for k, v in tensors().items()}, "Expected"),
+    "token id out of range": (tensors(tokens=np.full((1, 48), 5000, np.int32)), "tokens: got 'id 5000"),
+}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_a_specific_error_and_the_server_keeps_serving(server, tiny_policy, protocol, case):
+    client = PolicyClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    request, needle = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(request)
+    print(f"{case}: {info.value}")
+    assert needle in str(info.value)
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")  # the client's fault, and said so
+    good = make_request(1, views=2, seed=6, with_noise=True)
+    np.testing.assert_allclose(client.infer(good), reference_actions(tiny_policy, good), atol=1e-4)
+
+
+def test_unknown_model(server):
+    client = PolicyClient(server.grpc_url, model="no_such_model")
+    with pytest.raises(InferenceServerException, match="no_such_model"):
+        client.infer(make_request(1, views=2))
+
+
+def test_bad_item_in_a_batch_fails_alone(server, tiny_policy):
+    """Requests batched together: the one with NaN gets its error, the others their actions."""
+    good = make_request(1, views=2, seed=8, with_noise=True)
+    bad = dict(good, state=np.full((1, 32), np.nan, np.float32))
+    barrier = threading.Barrier(8)
+
+    def send(i):
+        c = PolicyClient(server.grpc_url)
+        barrier.wait()
+        try:
+            return c.infer(bad if i == 3 else good)
+        except InferenceServerException as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, range(8)))
+    assert isinstance(results[3], InferenceServerException) and "state" in str(results[3])
+    expected = reference_actions(tiny_policy, good)
+    for i, r in enumerate(results):
+        if i != 3:
+            np.testing.assert_allclose(r, expected, atol=1e-4)
+
+
+def test_overload_is_shed_fast(tiny_repo, tiny_policy, tmp_path):
+    """A queue of 2 and one slow-ish instance: a burst gets fast rejections; accepted requests are right."""
+    spec = repository.load_spec(SPEC)
+    for name in ("encoder", "decoder"):
+        spec["models"][name]["dynamic_batching"].update(max_queue_size=2, max_queue_delay_microseconds=0)
+        spec["models"][name]["instance_groups"] = [{"name": f"{name}_cpu", "count": 1, "kind": "cpu"}]
+        spec["models"][name]["warmup_batch_sizes"] = []
+    repo = repository.write_repository(spec, tmp_path / "repo", artifacts_from=tiny_repo)
+    srv = start_server(repo, tmp_path / "work")
+    try:
+        request = make_request(8, views=2, seed=9, with_noise=True)
+        expected = reference_actions(tiny_policy, request)
+        barrier = threading.Barrier(24)
+
+        def send(_):
+            c = PolicyClient(srv.grpc_url)
+            barrier.wait()
+            start = time.perf_counter()
+            try:
+                return c.infer(request), time.perf_counter() - start
+            except InferenceServerException as exc:
+                return exc, time.perf_counter() - start
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(send, range(24)))
+        rejected = [(r, t) for r, t in results if isinstance(r, InferenceServerException)]
+        accepted = [(r, t) for r, t in results if not isinstance(r, InferenceServerException)]
+        assert rejected and accepted
+        for exc, _ in rejected:
+            assert "queue" in str(exc).lower(), str(exc)
+        assert np.median([t for _, t in rejected]) < np.median([t for _, t in accepted])
+        for actions, _ in accepted:
+            np.testing.assert_allclose(actions, expected, atol=1e-4)
+    finally:
+        srv.stop()

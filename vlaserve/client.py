@@ -1,0 +1,206 @@
+"""A small client over ``tritonclient`` (gRPC or HTTP) for the policy, and ``python -m vlaserve.client``.
+
+``PolicyClient(url).infer(images, tokens, state)`` returns the actions; :func:`make_request` builds
+camera-like frames, a state and a prompt. Errors from the server reach the CLI user as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tritonclient.utils import np_to_triton_dtype
+
+from vlaserve import interface as io
+from vlaserve.errors import VlaserveError
+
+PROTOCOLS = ("grpc", "http")
+DEFAULT_VOCAB = 1024  # valid ids for every preset (tiny's vocabulary is the smallest)
+
+
+def default_url(protocol: str, host: str = io.DEFAULT_HOST) -> str:
+    return f"{host}:{io.GRPC_PORT if protocol == 'grpc' else io.HTTP_PORT}"
+
+
+def tokenize(prompt: str, vocab_size: int = DEFAULT_VOCAB) -> np.ndarray:
+    """A stand-in tokenizer: each word to a stable id in [1, vocab_size), padded with 0 to MAX_TOKENS."""
+    ids = [1 + zlib.crc32(word.encode()) % (vocab_size - 1) for word in prompt.lower().split()][: io.MAX_TOKENS]
+    out = np.zeros(io.MAX_TOKENS, dtype=np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+def camera_frames(views: int, rng: np.random.Generator) -> np.ndarray:
+    """Camera-like uint8 frames [views, 224, 224, 3]: smooth colour gradients, a bright blob, sensor noise."""
+    size = io.IMAGE_SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    frames = []
+    for _ in range(views):
+        base = rng.uniform(40, 200, 3) + 50 * np.stack([xx, yy, 1 - xx], -1) * rng.uniform(-1, 1, 3)
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        blob = 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.01)[..., None]
+        frame = base + blob + rng.normal(0, 4, (size, size, 3))
+        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def make_request(
+    batch: int = 1,
+    views: int = 2,
+    seed: int = 0,
+    prompt: str = "pick up the red block",
+    with_noise: bool = False,
+    vocab_size: int = DEFAULT_VOCAB,
+) -> dict[str, np.ndarray]:
+    """One request's tensors, batch-first, with the interface's names and dtypes."""
+    rng = np.random.default_rng(seed)
+    request = {
+        io.IMAGES: np.stack([camera_frames(views, rng) for _ in range(batch)]),
+        io.TOKENS: np.stack([tokenize(prompt, vocab_size)] * batch),
+        io.STATE: rng.normal(0, 1, (batch, io.STATE_DIM)).astype(np.float32),
+    }
+    if with_noise:
+        request[io.NOISE] = rng.standard_normal((batch, io.ACTION_HORIZON, io.ACTION_DIM), dtype=np.float32)
+    return request
+
+
+class PolicyClient:
+    """Requests to the policy ensemble (or any model of the repository) over gRPC or HTTP."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = io.POLICY, timeout_s: float = 60.0):
+        if protocol not in PROTOCOLS:
+            raise VlaserveError("protocol", protocol, f"one of {PROTOCOLS}")
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        self.tc, self.protocol, self.model, self.timeout_s = tc, protocol, model, timeout_s
+        self.url = url or default_url(protocol)
+        self.client = (
+            tc.InferenceServerClient(self.url)
+            if protocol == "grpc"
+            else tc.InferenceServerClient(self.url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        )
+
+    def inputs(self, tensors: dict[str, np.ndarray]) -> list:
+        out = []
+        for name, array in tensors.items():
+            tensor = self.tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            out.append(tensor)
+        return out
+
+    def infer(self, tensors: dict[str, np.ndarray], priority: int = 0, output: str = io.ACTIONS) -> np.ndarray:
+        """Send one request; returns the named output. Raises tritonclient's InferenceServerException."""
+        kwargs = {"priority": priority} if priority else {}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout_s
+        result = self.client.infer(
+            self.model, self.inputs(tensors), outputs=[self.tc.InferRequestedOutput(output)], **kwargs
+        )
+        return result.as_numpy(output)
+
+    def views(self) -> int:
+        """Views per request the served policy takes (from the model's metadata)."""
+        meta = self.client.get_model_metadata(self.model)
+        inputs = meta.inputs if self.protocol == "grpc" else [argparse.Namespace(**i) for i in meta["inputs"]]
+        shape = next(i.shape for i in inputs if i.name == io.IMAGES)
+        return int(shape[1])
+
+    def statistics(self, model: str) -> dict:
+        """Inference and execution counts of a model (from Triton's statistics extension)."""
+        stats = (
+            self.client.get_inference_statistics(model, as_json=True)
+            if self.protocol == "grpc"
+            else self.client.get_inference_statistics(model)
+        )
+        entry = stats["model_stats"][0]
+        return {
+            "inference_count": int(entry.get("inference_count", 0)),
+            "execution_count": int(entry.get("execution_count", 0)),
+        }
+
+
+def error_line(exc: Exception) -> str:
+    """One clear line from a tritonclient exception (or any other)."""
+    status = getattr(exc, "status", lambda: None)()
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    return f"[{status}] {message}" if status else message
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlaserve.client",
+        description="Send camera-like frames, a state and a prompt to the policy; print the actions and latency.",
+    )
+    parser.add_argument("--protocol", default="grpc", choices=PROTOCOLS, help="default: grpc")
+    parser.add_argument(
+        "--url", help=f"host:port (default: {default_url('grpc')} for grpc, {default_url('http')} for http)"
+    )
+    parser.add_argument("--model", default=io.POLICY, help=f"default: {io.POLICY}")
+    parser.add_argument("--batch", type=int, default=1, help="items per request (default: 1)")
+    parser.add_argument("--requests", type=int, default=1, help="how many requests to send (default: 1)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default: 1)")
+    parser.add_argument(
+        "--prompt", default="pick up the red block", help="prompt text (a stand-in tokenizer maps words to ids)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the frames, state and noise (default: 0)")
+    parser.add_argument(
+        "--noise", action="store_true", help="send noise too (reproducible actions); else the server draws it"
+    )
+    parser.add_argument(
+        "--priority", type=int, default=0, help="request priority: 1 = control, 2 = background (default: model's)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.batch < 1 or args.requests < 1 or args.concurrency < 1:
+            raise VlaserveError(
+                "--batch/--requests/--concurrency", (args.batch, args.requests, args.concurrency), "positive integers"
+            )
+        client = PolicyClient(args.url, args.protocol, args.model)
+        request = make_request(args.batch, client.views(), args.seed, args.prompt, with_noise=args.noise)
+
+        local = threading.local()  # one connection per worker thread
+
+        def one(_):
+            if not hasattr(local, "client"):
+                local.client = PolicyClient(client.url, args.protocol, args.model)
+            start = time.perf_counter()
+            actions = local.client.infer(request, args.priority)
+            return actions, (time.perf_counter() - start) * 1e3
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            results = list(pool.map(one, range(args.requests)))
+        wall = time.perf_counter() - started
+    except VlaserveError as exc:
+        print(f"infer: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - tritonclient raises several types; the user gets one line
+        print(f"infer: error: {error_line(exc)}", file=sys.stderr)
+        return 1
+    actions = results[0][0]
+    latencies = sorted(ms for _, ms in results)
+    print(
+        f"actions: shape {list(actions.shape)} dtype {actions.dtype}, first values {np.round(actions[0, 0, :4], 4).tolist()}"
+    )
+    print(
+        f"{len(results)} request(s) of batch {args.batch} over {args.protocol} to {client.url}: "
+        f"p50 {statistics.median(latencies):.1f} ms, max {latencies[-1]:.1f} ms, "
+        f"{len(results) * args.batch / wall:.1f} inferences/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The Triton Python-backend runner that serves both the encoder and the decoder.
+
+Each model instance is its own stub process (DESIGN.md fact 3), so each can have its own MPS thread
+percentage: :func:`apply_mps_limits` sets it in ``initialize()`` before anything creates a CUDA
+context. The runner reads its model's ``manifest.json`` (written by ``make export``), loads the
+artifact with the runtime the config names, and in ``execute()`` checks every request on its own:
+a bad request gets an error response naming the tensor, and the rest of the batch is served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vlaserve import interface as io
+from vlaserve import validation
+from vlaserve.errors import VlaserveError
+from vlaserve.runtimes import load_runtime
+
+try:  # provided by the Python backend's stub process
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (unit tests, docs)
+    pb_utils = None
+
+STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.json (see vlaserve.status)
+NUMPY_OF_TORCH = {"float32": "float32", "float16": "float16", "int32": "int32", "uint8": "uint8", "bool": "bool"}
+
+
+def instance_group_of(instance_name: str, group_names) -> str | None:
+    """Triton names instances ``<group>_<index>``: the group an instance belongs to."""
+    matches = [g for g in group_names if instance_name.startswith(f"{g}_")]
+    return max(matches, key=len) if matches else None
+
+
+def expected_sm_count(percentage: int, total_sms: int) -> int:
+    """SMs MPS gives for a thread percentage: rounded down to whole TPCs (pairs of SMs), as measured."""
+    return max(2, 2 * int(percentage * total_sms / 200))
+
+
+def apply_mps_limits(params: dict[str, str], group: str | None, instance: str) -> dict:
+    """Put this instance's MPS limits into the environment; must run before the first CUDA call."""
+    applied = {}
+    pct = params.get(f"mps_thread_percentage.{group}")
+    if pct is not None:
+        value = int(pct)
+        if not 1 <= value <= 100:
+            raise VlaserveError(f"{instance}: mps_thread_percentage", value, "an integer in 1..100")
+        os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(value)
+        applied["mps_thread_percentage"] = value
+    pinned = params.get(f"mps_pinned_memory_limit_mb.{group}")
+    if pinned is not None:
+        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={int(pinned)}M"
+        applied["mps_pinned_memory_limit_mb"] = int(pinned)
+    return applied
+
+
+class TritonPythonModel:
+    """One instance of the encoder or the decoder."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.model_name = args["model_name"]
+        self.instance = args["model_instance_name"]
+        group = instance_group_of(self.instance, [g["name"] for g in config.get("instance_group", [])])
+        self.status = {"model": self.model_name, "instance": self.instance, "group": group, "pid": os.getpid()}
+        self.status.update(apply_mps_limits(params, group, self.instance))  # before any CUDA context
+
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        manifest_path = version_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise VlaserveError(f"{self.model_name} manifest", str(manifest_path), "a file written by `make export`")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.input_shapes = {k: v["shape"][1:] for k, v in self.manifest["inputs"].items()}
+        self.output_names = list(self.manifest["outputs"])
+        on_gpu = args["model_instance_kind"] == "GPU"
+        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
+        runtime_name = params.get("runtime", "onnxruntime")
+        self.runtime = load_runtime(
+            runtime_name, version_dir, self.output_names, device, int(params.get("cpu_threads", 0))
+        )
+        self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
+        if self.runtime.device.startswith("cuda"):
+            self.status.update(self._gpu_status())
+        seed = int(params.get("noise_seed", 0)) + int(args["model_instance_device_id"]) * 1000
+        self.rng = np.random.default_rng([seed, sum(map(ord, self.instance))])
+        self._write_status()
+
+    # ---- status -----------------------------------------------------------------------------------
+    def _gpu_status(self) -> dict:
+        import torch
+
+        torch.cuda.init()
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        status = {"gpu": props.name, "sm_count": props.multi_processor_count}
+        pct = self.status.get("mps_thread_percentage")
+        total = os.environ.get("VLASERVE_GPU_SMS")
+        if pct is not None and total:
+            status["expected_sm_count"] = expected_sm_count(pct, int(total))
+            if abs(status["expected_sm_count"] - props.multi_processor_count) > 2:
+                self._log_warn(
+                    f"{self.instance}: mps_thread_percentage {pct} gave {props.multi_processor_count} SMs, "
+                    f"expected {status['expected_sm_count']} of {total}: is the MPS daemon running, and was "
+                    "the CUDA context created before the limit was set?"
+                )
+        return status
+
+    def _write_status(self) -> None:
+        message = ", ".join(f"{k}={v}" for k, v in self.status.items())
+        if pb_utils is not None:
+            pb_utils.Logger.log_info(f"vlaserve instance ready: {message}")
+        status_dir = os.environ.get(STATUS_DIR_ENV)
+        if status_dir:
+            Path(status_dir).mkdir(parents=True, exist_ok=True)
+            (Path(status_dir) / f"{self.instance}.json").write_text(json.dumps(self.status) + "\n")
+
+    @staticmethod
+    def _log_warn(message: str) -> None:
+        if pb_utils is not None:
+            pb_utils.Logger.log_warn(message)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def _read(self, request, name: str, as_numpy: bool):
+        """An input tensor of a request: numpy (host), or torch (host or device, through DLPack)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        if as_numpy and tensor.is_cpu():
+            return tensor.as_numpy()
+        import torch
+
+        data = torch.from_dlpack(tensor.to_dlpack())
+        return data.cpu().numpy() if as_numpy else data
+
+    def _request_inputs(self, request) -> dict:
+        """Read and check one request's inputs (a VlaserveError names what is wrong)."""
+        as_numpy = self.runtime.tensor_kind == "numpy"
+        inputs = {}
+        for name in self.input_shapes:
+            checked = name in (io.IMAGES, io.TOKENS, io.STATE, io.NOISE)  # request-facing: on the host, small
+            value = self._read(request, name, as_numpy or checked)
+            if value is None and name == io.NOISE:
+                batch = len(inputs[io.STATE])
+                value = self.rng.standard_normal((batch, *self.input_shapes[io.NOISE]), dtype=np.float32)
+            elif value is None:
+                raise VlaserveError(
+                    name, "no such input", f"every input of {list(self.input_shapes)} (only noise may be left out)"
+                )
+            validation.check_batch(name, value, self.input_shapes[name])
+            if name == io.TOKENS:
+                validation.check_tokens(value, self.manifest["vocab_size"])
+            elif name in (io.STATE, io.NOISE):
+                validation.check_finite(name, value)
+            inputs[name] = value
+        if not as_numpy:
+            import torch
+
+            inputs = {
+                k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                for k, v in inputs.items()
+            }
+        return inputs
+
+    def _concat(self, parts: list[dict]) -> dict:
+        if len(parts) == 1:
+            return parts[0]
+        if self.runtime.tensor_kind == "numpy":
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        import torch
+
+        return {k: torch.cat([p[k].to(self.runtime.device) for p in parts]) for k in parts[0]}
+
+    def _output_tensor(self, name: str, value):
+        if isinstance(value, np.ndarray):
+            return pb_utils.Tensor(name, np.ascontiguousarray(value))
+        from torch.utils.dlpack import to_dlpack
+
+        return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        accepted, parts = [], []
+        for i, request in enumerate(requests):
+            try:
+                parts.append(self._request_inputs(request))
+                accepted.append(i)
+            except VlaserveError as exc:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.model_name}: {exc}", pb_utils.TritonError.INVALID_ARG)
+                )
+        if not parts:
+            return responses
+        sizes = [len(next(iter(p.values()))) for p in parts]
+        try:
+            outputs = self.runtime.run(self._concat(parts))
+        except Exception as exc:  # noqa: BLE001 - the runtime's failure goes back to each request it concerned
+            for i in accepted:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.model_name}: the {self.status['runtime']} runtime failed: {exc}")
+                )
+            return responses
+        offset = 0
+        for i, size in zip(accepted, sizes):
+            tensors = [
+                self._output_tensor(n, out[offset : offset + size]) for n, out in zip(self.output_names, outputs)
+            ]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            offset += size
+        return responses
+
+    def finalize(self) -> None:
+        self.runtime = None
