@@ -1,0 +1,2 @@
+"""Load tests: a Locust user over tritonclient, a sweep runner with Triton's server-side metrics, and a
+comparison of model-repository variants. ``python -m loadtest.sweep --help`` is the command line."""

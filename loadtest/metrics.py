@@ -1,0 +1,76 @@
+"""Triton's Prometheus metrics: scrape ``/metrics``, parse with prometheus_client, and take deltas.
+
+The per-model figures of a load step come from the difference of two scrapes: request counts,
+inference and execution counts (their ratio is the average batch size), and the cumulative queue,
+compute and request durations (per request: divided by the successful request count).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+COUNTERS = (
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us",
+)
+GPU_GAUGES = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes")
+
+
+def parse(text: str) -> dict:
+    """{'models': {model: {counter: value}}, 'gpus': {gpu uuid: {gauge: value}}} from a metrics page."""
+    models: dict[str, dict[str, float]] = {}
+    gpus: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in COUNTERS and "model" in sample.labels:
+                per_model = models.setdefault(sample.labels["model"], {})
+                per_model[name] = per_model.get(name, 0.0) + sample.value
+            elif name in GPU_GAUGES:
+                gpus.setdefault(sample.labels.get("gpu_uuid", "gpu"), {})[name] = sample.value
+    return {"models": models, "gpus": gpus}
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return parse(resp.read().decode())
+
+
+def deltas(before: dict, after: dict) -> dict:
+    """Per-model figures over the interval between two scrapes; GPU gauges as read at the end."""
+    out = {}
+    for model, end in after["models"].items():
+        start = before["models"].get(model, {})
+        d = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in COUNTERS}
+        requests = d["nv_inference_request_success"]
+        executions = d["nv_inference_exec_count"]
+        ms = {k: d[k] / requests / 1000.0 if requests else 0.0 for k in COUNTERS if k.endswith("_us")}  # per request
+        out[model] = {
+            "requests": int(requests),
+            "failures": int(d["nv_inference_request_failure"]),
+            "inferences": int(d["nv_inference_count"]),
+            "executions": int(executions),
+            "avg_batch_size": d["nv_inference_count"] / executions if executions else 0.0,
+            "request_ms": ms["nv_inference_request_duration_us"],
+            "queue_ms": ms["nv_inference_queue_duration_us"],
+            "compute_ms": ms["nv_inference_compute_input_duration_us"]
+            + ms["nv_inference_compute_infer_duration_us"]
+            + ms["nv_inference_compute_output_duration_us"],
+        }
+    gpus = {
+        uuid: {
+            "utilization": g.get("nv_gpu_utilization", 0.0),
+            "memory_used_gib": g.get("nv_gpu_memory_used_bytes", 0.0) / 2**30,
+        }
+        for uuid, g in after["gpus"].items()
+    }
+    return {"models": out, "gpus": gpus}
