@@ -1,0 +1,124 @@
+"""Deployment files: the compose file against the compose-spec schema, and the sidecar scripts run natively."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+HAS_MPS = shutil.which("nvidia-cuda-mps-control") is not None
+
+
+def compose_schema() -> dict:
+    import check_jsonschema.builtin_schemas.vendor as vendor
+
+    return json.loads((Path(vendor.__file__).parent / "compose-spec.json").read_text())
+
+
+def test_compose_file_is_valid_against_the_compose_spec():
+    import jsonschema
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    jsonschema.validate(compose, compose_schema())
+    services = compose["services"]
+    assert services["triton"]["depends_on"]["mps"]["condition"] == "service_healthy"
+    assert services["triton"]["ipc"] == "service:mps" and services["mps"]["ipc"] == "shareable"
+    assert services["triton"]["user"] == services["mps"]["user"]
+    pipe = {v for v in services["mps"]["volumes"] if v.endswith("/tmp/nvidia-mps")}
+    assert pipe and pipe <= set(services["triton"]["volumes"])
+    assert all(p.startswith("${VLASERVE_BIND:-127.0.0.1}:") for p in services["triton"]["ports"])
+    assert services["loadtest"]["profiles"] == ["loadtest"]
+    for service in ("mps", "triton"):
+        assert (ROOT / services[service]["build"]["dockerfile"]).is_file()
+
+
+def test_a_broken_compose_file_is_caught():
+    import jsonschema
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    compose["services"]["triton"]["depends_on"]["mps"]["condition"] = "service_ready"  # not a compose condition
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(compose, compose_schema())
+
+
+def run_script(name: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(DEPLOY / "mps" / name)], capture_output=True, text=True, timeout=60, env={**os.environ, **env}
+    )
+
+
+@pytest.mark.skipif(HAS_MPS, reason="this host has MPS: the GPU verification covers the sidecar")
+def test_sidecar_fails_clearly_without_mps(tmp_path):
+    proc = run_script("entrypoint.sh", CUDA_MPS_PIPE_DIRECTORY=str(tmp_path / "pipe"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "mps: error: nvidia-cuda-mps-control not found: MPS needs an NVIDIA driver with MPS on this host "
+        "(is this a GPU host, and is the driver's bin directory on PATH?)"
+    )
+    health = run_script("healthcheck.sh")
+    assert health.returncode == 1 and "nvidia-cuda-mps-control not found" in health.stderr
+
+
+@pytest.mark.skipif(HAS_MPS, reason="this host has MPS")
+def test_serve_with_mps_fails_clearly_without_mps(tiny_repo, tmp_path):
+    from vlaserve.server import ServerOptions, TritonServer
+
+    server = TritonServer(ServerOptions(model_repository=tiny_repo, http_port=0, grpc_port=0, metrics_port=0,
+                                        workdir=tmp_path, mps=True))  # fmt: skip
+    with pytest.raises(RuntimeError, match="MPS sidecar did not start"):
+        server.start()
+    assert server.process is None  # tritonserver was never started
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"MPS_ACTIVE_THREAD_PERCENTAGE": "150"},
+            "MPS_ACTIVE_THREAD_PERCENTAGE: got '150', expected an integer in 1..100",
+        ),
+        (
+            {"MPS_PINNED_DEVICE_MEM_LIMIT": "40G"},
+            "MPS_PINNED_DEVICE_MEM_LIMIT: got '40G', expected <device>=<size>[M|G]",
+        ),
+    ],
+)
+def test_sidecar_rejects_bad_settings(env, message):
+    proc = run_script("entrypoint.sh", **env)  # checked before anything is started
+    assert proc.returncode == 1 and message in proc.stderr
+
+
+def test_mps_limits_reach_the_environment_and_the_status(monkeypatch):
+    from vlaserve.errors import VlaserveError
+    from vlaserve.runner import apply_mps_limits, expected_sm_count, instance_group_of
+
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    params = {"mps_thread_percentage.decoder_gpu": "40", "mps_pinned_memory_limit_mb.decoder_gpu": "2048"}
+    group = instance_group_of("decoder_gpu_0", ["encoder_gpu", "decoder_gpu"])
+    assert group == "decoder_gpu"
+    applied = apply_mps_limits(params, group, "decoder_gpu_0")
+    assert applied == {"mps_thread_percentage": 40, "mps_pinned_memory_limit_mb": 2048}
+    assert os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
+    assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2048M"
+    assert [expected_sm_count(p, 132) for p in (100, 80, 60, 50, 40, 25, 20, 10)] == [132, 104, 78, 66, 52, 32, 26, 12]
+    with pytest.raises(VlaserveError, match="decoder_gpu_0: mps_thread_percentage"):
+        apply_mps_limits({"mps_thread_percentage.decoder_gpu": "0"}, group, "decoder_gpu_0")
+
+
+def test_mps_percentages_reach_the_generated_config():
+    from tests.conftest import SPEC
+    from vlaserve import repository
+
+    spec = repository.load_spec(SPEC, "gpu")
+    spec["models"]["encoder"]["instance_groups"][0]["mps_thread_percentage"] = 60
+    config = repository.build_configs(spec)["encoder"]
+    assert config.parameters["mps_thread_percentage.encoder_gpu"].string_value == "60"
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
