@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 PRESET ?= tiny
 VIEWS ?= 2
 DTYPE ?= fp32
+VARIANT ?=
 REPO ?= model_repository
 HOST ?= 127.0.0.1
+MPS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -16,7 +18,7 @@ ARGS ?=
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: PRESET=$(PRESET) VIEWS=$(VIEWS) DTYPE=$(DTYPE) REPO=$(REPO) HOST=$(HOST) ARGS=..."
+	@echo "  variables: PRESET=$(PRESET) VIEWS=$(VIEWS) DTYPE=$(DTYPE) VARIANT=$(VARIANT) REPO=$(REPO) HOST=$(HOST) ARGS=..."
 
 venv: $(STAMP) ## make the virtualenv (.venv) with the pinned requirements
 
@@ -32,17 +34,26 @@ $(STAMP): requirements.txt
 $(REPO)/encoder/1/manifest.json:
 	$(MAKE) export
 
-export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE)
-	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(ARGS)
+export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE VARIANT)
+	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)
 
 configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
 	$(PY) -m vlaserve.repository --repository $(REPO)
 
-serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository
-	$(PY) -m vlaserve.server --model-repository $(REPO) --host $(HOST) $(ARGS)
+serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository; MPS=1 starts the MPS sidecar first
+	$(PY) -m vlaserve.server --model-repository $(REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
 
 infer: $(STAMP) ## send requests to a running server (ARGS="--requests 8 --concurrency 4 --protocol http")
 	$(PY) -m vlaserve.client $(ARGS)
+
+demo: $(STAMP) ## the main job: export tiny, serve, requests, a short load test and a compare, tables
+	$(PY) -m loadtest.demo --repository $(REPO) $(ARGS)
+
+loadtest: $(STAMP) ## Locust sweep against a running server (ARGS="--users 1,4,16 --duration 30")
+	$(PY) -m loadtest.sweep --host $(HOST):8000 --metrics-url http://$(HOST):8002/metrics $(ARGS)
+
+compare: $(STAMP) $(REPO)/encoder/1/manifest.json ## the sweep over spec variants, each on its own server, side by side
+	$(PY) -m loadtest.sweep --compare naive,batching,batching_multi --repository $(REPO) $(ARGS)
 
 test: $(STAMP) ## run the test suite (starts real tritonservers on free ports)
 	$(PY) -m pytest -q tests $(ARGS)
@@ -50,6 +61,15 @@ test: $(STAMP) ## run the test suite (starts real tritonservers on free ports)
 lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+mps-status: $(STAMP) ## every running instance: process, device, MPS percentage and the SMs it got
+	$(PY) -m vlaserve.status
+
+up: ## docker compose up: Triton beside the MPS sidecar (GPU host with the NVIDIA container toolkit)
+	docker compose -f deploy/docker-compose.yml up --build
+
+down: ## docker compose down
+	docker compose -f deploy/docker-compose.yml down
 
 clean: ## remove exported artifacts, logs and reports (keeps the virtualenv)
 	rm -rf .vlaserve reports $(REPO)/.staging-*

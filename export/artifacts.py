@@ -74,8 +74,8 @@ def run_onnx(out_dir: Path, inputs: dict[str, np.ndarray], threads: int = 0) -> 
 
 
 def run_torchscript(out_dir: Path, inputs: list[torch.Tensor]) -> tuple:
-    """Run the TorchScript artifact with torch on the CPU."""
-    module = torch.jit.load(str(out_dir / TORCHSCRIPT_FILE), map_location="cpu")
+    """Run the TorchScript artifact with torch, on the device of the inputs."""
+    module = torch.jit.load(str(out_dir / TORCHSCRIPT_FILE), map_location=inputs[0].device)
     with torch.no_grad():
         out = module(*inputs)
     return out if isinstance(out, tuple) else (out,)

@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="a .safetensors state dict in this project's layout")
     parser.add_argument("--repository", default="model_repository", help="model repository (default: model_repository)")
     parser.add_argument("--spec", help="repository spec (default: <repository>/spec.yaml)")
+    parser.add_argument("--variant", help="write the configs of this spec variant (e.g. gpu); default: the spec itself")
     parser.add_argument("--device", default="cpu", help="where PyTorch runs for tracing and parity: cpu or cuda")
     parser.add_argument("--parity-batches", default="1,4", help="batch sizes of the parity check (default: 1,4)")
     return parser.parse_args(argv)
@@ -146,16 +147,16 @@ def run(args: argparse.Namespace) -> Path:
     from vlaserve import repository  # the spec is read (and checked) before any model work starts
 
     repo = Path(args.repository)
-    spec = repository.load_spec(Path(args.spec) if args.spec else repo / repository.SPEC_FILE)
+    spec = repository.load_spec(Path(args.spec) if args.spec else repo / repository.SPEC_FILE, args.variant)
     formats = FORMATS_FOR_DTYPE[args.dtype]
     repository.check_runtimes(spec, formats)
     started = time.perf_counter()
     log(f"building the {cfg.name} policy ({cfg.views} views, {args.dtype}, seed {args.seed}) ...")
-    policy = build_policy(cfg, seed=args.seed)
+    policy = build_policy(cfg, seed=args.seed, device=str(device))
     if args.checkpoint:
         load_checkpoint(policy, args.checkpoint)
         log(f"loaded {args.checkpoint}")
-    policy = policy.to(device=device, dtype=dtype)
+    policy = policy.to(dtype=dtype)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"{n_params / 1e6:.1f} M parameters")
 
@@ -197,6 +198,7 @@ def run(args: argparse.Namespace) -> Path:
                 "views": cfg.views,
                 "dtype": args.dtype,
                 "seed": args.seed,
+                "init_device": device.type,  # random weights are drawn on this device's generator
                 "checkpoint": args.checkpoint,
                 "vocab_size": cfg.vocab_size,
                 "parameters": n_params,

@@ -12,6 +12,7 @@ sequence, recomputed at every step, as in training); tests check that the split 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -167,7 +168,7 @@ class Policy(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.image_proj.weight.dtype
+        return next(self.parameters()).dtype
 
     def init_weights(self, seed: int) -> Policy:
         """Seeded random weights at a scale that keeps activations of order one at any width."""
@@ -290,12 +291,25 @@ class Policy(nn.Module):
         return x_t
 
 
+ENCODER_PARTS = ("vision", "image_proj", "embed_tokens", "prefix_layers")
+DECODER_PARTS = ("expert_layers", "expert_norm", "state_proj", "action_in_proj", "action_time_mlp_in",
+                 "action_time_mlp_out", "action_out_proj")  # fmt: skip
+
+
+def part_of(policy: Policy, keep: tuple[str, ...]) -> Policy:
+    """A view of ``policy`` holding only the submodules in ``keep`` (weights shared, not copied), so that
+    an exported encoder carries no action-expert weights and a decoder no vision or prefix weights."""
+    part = copy.copy(policy)
+    part._modules = {name: (module if name in keep else None) for name, module in policy._modules.items()}
+    return part
+
+
 class Encoder(nn.Module):
     """The served encoder: (images uint8 [B,V,224,224,3], tokens int32 [B,48]) -> (prefix_kv, prefix_mask)."""
 
     def __init__(self, policy: Policy):
         super().__init__()
-        self.policy = policy
+        self.policy = part_of(policy, ENCODER_PARTS)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.policy.encode(images, tokens)
@@ -306,12 +320,14 @@ class Decoder(nn.Module):
 
     def __init__(self, policy: Policy):
         super().__init__()
-        self.policy = policy
+        self.policy = part_of(policy, DECODER_PARTS)
 
     def forward(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
         return self.policy.decode(prefix_kv, prefix_mask, state, noise)
 
 
-def build_policy(cfg: PolicyConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Policy:
-    """A policy with seeded random weights, in eval mode."""
-    return Policy(cfg).init_weights(seed).to(dtype).eval()
+def build_policy(cfg: PolicyConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Policy:
+    """A policy with seeded random weights (drawn on ``device``), in eval mode."""
+    with torch.device(device):
+        policy = Policy(cfg)
+    return policy.init_weights(seed).to(dtype).eval()

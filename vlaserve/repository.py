@@ -37,8 +37,9 @@ MODEL_KEYS = {
     "dynamic_batching",
     "instance_groups",
     "warmup_batch_sizes",
+    "warmup_count",
     "noise_seed",
-    "cuda_graphs",
+    "batch_buckets",
 }
 BATCHING_KEYS = {
     "preferred_batch_size",
@@ -84,7 +85,7 @@ def _positive_int(value, where: str, maximum: int | None = None) -> int:
 
 def validate_spec(spec: dict) -> dict:
     """Check the spec (after any variant is applied); every problem names its key path."""
-    _check_keys(spec, {"model", "models", "variants"}, "spec")
+    _check_keys({k: v for k, v in spec.items() if not k.startswith("x-")}, {"model", "models", "variants"}, "spec")
     model = spec.get("model", {})
     _check_keys(model, {"preset", "views", "dtype"}, "model")
     if model.get("dtype", "fp32") not in TYPE_OF_DTYPE:
@@ -128,8 +129,11 @@ def validate_spec(spec: dict) -> dict:
                 _positive_int(g["mps_thread_percentage"], f"{where}.mps_thread_percentage", 100)
             if "mps_pinned_memory_limit_mb" in g:
                 _positive_int(g["mps_pinned_memory_limit_mb"], f"{where}.mps_pinned_memory_limit_mb")
-        for size in m.get("warmup_batch_sizes", []):
-            _positive_int(size, f"models.{name}.warmup_batch_sizes", mbs)
+        for key in ("warmup_batch_sizes", "batch_buckets"):
+            for size in m.get(key, []):
+                _positive_int(size, f"models.{name}.{key}", mbs)
+        if "warmup_count" in m:
+            _positive_int(m["warmup_count"], f"models.{name}.warmup_count")
     policy = models.get(io.POLICY, {})
     _check_keys(policy, {"max_batch_size"}, f"models.{io.POLICY}")
     limit = min(models[n]["max_batch_size"] for n in RUNNER_MODELS)
@@ -196,8 +200,10 @@ MODEL_IO = {
 # Every input is declared optional: Triton's ensemble does not check for missing inputs (a request
 # without one would end in "unexpected deadlock"), so the runner checks them and names the missing
 # one. Only the noise may really be left out (the server then draws it).
-# Warm-up data per input: token ids of zero are padding (always valid); the noise is left to the server.
-WARMUP_DATA = {io.TOKENS: "zero_data", io.PREFIX_MASK: "zero_data", io.NOISE: None}
+# Warm-up data per input: random camera frames; zeros elsewhere (Triton's random_data for floats is
+# random bytes, NaN included, which the runner rightly rejects; token id 0 is padding). The noise is
+# left to the server.
+WARMUP_DATA = {io.IMAGES: "random_data", io.NOISE: None}
 
 
 def _io_entries(names, dims, optional: bool) -> list[dict]:
@@ -216,9 +222,11 @@ def runner_config(name: str, m: dict, dims) -> dict:
     """The ModelConfig (as a dict) of the encoder or the decoder."""
     inputs, outputs = MODEL_IO[name]
     params = {"runtime": m["runtime"], "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-    for key in ("cpu_threads", "noise_seed", "cuda_graphs"):
+    for key in ("cpu_threads", "noise_seed"):
         if key in m:
             params[key] = m[key]
+    if m.get("batch_buckets"):
+        params["batch_buckets"] = ",".join(str(b) for b in sorted(m["batch_buckets"]))
     groups = []
     for g in m["instance_groups"]:
         group = {"name": g["name"], "count": g["count"], "kind": KINDS[g.get("kind", "cpu")]}
@@ -258,11 +266,13 @@ def runner_config(name: str, m: dict, dims) -> dict:
     for size in m.get("warmup_batch_sizes", []):
         warm_inputs = {}
         for input_name in inputs:
-            kind = WARMUP_DATA.get(input_name, "random_data")
+            kind = WARMUP_DATA.get(input_name, "zero_data")
             if kind:
                 shape, dtype = dims[input_name]
                 warm_inputs[input_name] = {"data_type": dtype, "dims": shape, kind: True}
-        warmups.append({"name": f"batch_{size}", "batch_size": size, "inputs": warm_inputs})
+        warmups.append(
+            {"name": f"batch_{size}", "batch_size": size, "inputs": warm_inputs, "count": m.get("warmup_count", 1)}
+        )
     if warmups:
         config["model_warmup"] = warmups
     return config

@@ -26,7 +26,6 @@ except ImportError:  # imported outside Triton (unit tests, docs)
     pb_utils = None
 
 STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.json (see vlaserve.status)
-NUMPY_OF_TORCH = {"float32": "float32", "float16": "float16", "int32": "int32", "uint8": "uint8", "bool": "bool"}
 
 
 def instance_group_of(instance_name: str, group_names) -> str | None:
@@ -57,6 +56,24 @@ def apply_mps_limits(params: dict[str, str], group: str | None, instance: str) -
     return applied
 
 
+def _matmul_tflops(torch, size: int = 8192, repeats: int = 10) -> float:
+    """bf16 matmul rate this instance's CUDA context gets: its share of the GPU, measured at start."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    end.synchronize()
+    rate = 2 * size**3 * repeats / (start.elapsed_time(end) * 1e-3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return round(rate, 1)
+
+
 class TritonPythonModel:
     """One instance of the encoder or the decoder."""
 
@@ -79,12 +96,22 @@ class TritonPythonModel:
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         runtime_name = params.get("runtime", "onnxruntime")
+        traced_on = self.manifest.get("init_device", "cpu")
+        if runtime_name == "torchscript" and traced_on != device.split(":")[0]:
+            raise VlaserveError(
+                f"{self.instance}: instance kind",
+                args["model_instance_kind"],
+                f"{traced_on.upper()}: the TorchScript artifact was traced on {traced_on} (export with --device to match)",
+            )
         self.runtime = load_runtime(
             runtime_name, version_dir, self.output_names, device, int(params.get("cpu_threads", 0))
         )
         self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
         if self.runtime.device.startswith("cuda"):
             self.status.update(self._gpu_status())
+        # Batches are padded up to the next bucket so that only warmed-up shapes ever run (a new shape
+        # makes TorchScript's profiling executor re-optimize, seconds for pi0, while requests queue).
+        self.buckets = sorted(int(b) for b in params.get("batch_buckets", "").split(",") if b)
         seed = int(params.get("noise_seed", 0)) + int(args["model_instance_device_id"]) * 1000
         self.rng = np.random.default_rng([seed, sum(map(ord, self.instance))])
         self._write_status()
@@ -95,7 +122,7 @@ class TritonPythonModel:
 
         torch.cuda.init()
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        status = {"gpu": props.name, "sm_count": props.multi_processor_count}
+        status = {"gpu": props.name, "sm_count": props.multi_processor_count, "probe_tflops": _matmul_tflops(torch)}
         pct = self.status.get("mps_thread_percentage")
         total = os.environ.get("VLASERVE_GPU_SMS")
         if pct is not None and total:
@@ -173,6 +200,17 @@ class TritonPythonModel:
 
         return {k: torch.cat([p[k].to(self.runtime.device) for p in parts]) for k in parts[0]}
 
+    def _pad(self, inputs: dict, size: int) -> dict:
+        """Repeat the last item up to the smallest bucket that holds ``size`` (outputs are sliced back)."""
+        target = next((b for b in self.buckets if b >= size), size)
+        if target == size:
+            return inputs
+        if self.runtime.tensor_kind == "numpy":
+            return {k: np.concatenate([v, np.repeat(v[-1:], target - size, axis=0)]) for k, v in inputs.items()}
+        import torch
+
+        return {k: torch.cat([v, v[-1:].expand(target - size, *v.shape[1:])]) for k, v in inputs.items()}
+
     def _output_tensor(self, name: str, value):
         if isinstance(value, np.ndarray):
             return pb_utils.Tensor(name, np.ascontiguousarray(value))
@@ -195,7 +233,7 @@ class TritonPythonModel:
             return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
         try:
-            outputs = self.runtime.run(self._concat(parts))
+            outputs = self.runtime.run(self._pad(self._concat(parts), sum(sizes)))
         except Exception as exc:  # noqa: BLE001 - the runtime's failure goes back to each request it concerned
             for i in accepted:
                 responses[i] = pb_utils.InferenceResponse(

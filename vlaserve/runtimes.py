@@ -62,7 +62,9 @@ class TorchScriptRuntime:
         self.output_names = list(output_names)
 
     def run(self, inputs: dict) -> list:
-        with self.torch.inference_mode():
+        # Without the optimizing executor: it re-profiles and re-fuses every new input shape, which took
+        # long enough for pi0 on the H200 that queued requests timed out (docs/BENCHMARKS.md).
+        with self.torch.inference_mode(), self.torch.jit.optimized_execution(False):
             out = self.module(*(t.to(self.device, non_blocking=True) for t in inputs.values()))
         return list(out) if isinstance(out, tuple) else [out]
 

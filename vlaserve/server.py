@@ -29,15 +29,27 @@ from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.runner import STATUS_DIR_ENV
 
+# The Python backend's shared-memory region per stub: the default (1 MB, growing by 1 MB) is grown
+# under load many times a second with camera-sized requests, and Triton 2.51 then aborted with
+# boost::interprocess::lock_exception (seen here at 16 concurrent users). Start large, grow rarely.
+PYTHON_SHM_BYTES = 128 * 2**20
+PYTHON_SHM_GROWTH_BYTES = 64 * 2**20
 # Endpoints that can change or read the server's state; they need the admin key header.
 RESTRICTED = "model-repository,shared-memory,logging,trace"
 ADMIN_HEADER = "vlaserve-admin-key"
 
 
+def free_ports(count: int, host: str = io.DEFAULT_HOST) -> list[int]:
+    """``count`` distinct free ports (all held open while picking, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port(host: str = io.DEFAULT_HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def embedded_tritonserver() -> tuple[Path, Path, Path]:
@@ -86,6 +98,8 @@ class ServerOptions:
     admin_key: str | None = None  # default: $VLASERVE_ADMIN_KEY or a random one
     ready_timeout: float = 180.0
     log_verbose: int = 0
+    mps: bool = False  # start the MPS sidecar entrypoint natively first (GPU hosts)
+    cuda_memory_pool_mb: int = 0  # Triton's CUDA pool on GPU 0 for tensors between models (0 = Triton's 64 MB)
     extra_args: tuple[str, ...] = ()
 
 
@@ -94,14 +108,15 @@ class TritonServer:
 
     def __init__(self, options: ServerOptions):
         self.options = opts = dataclasses.replace(options)
-        for field in ("http_port", "grpc_port", "metrics_port"):
-            if getattr(opts, field) == 0:
-                setattr(opts, field, free_port(opts.host))
+        unset = [f for f in ("http_port", "grpc_port", "metrics_port") if getattr(opts, f) == 0]
+        for field, port in zip(unset, free_ports(len(unset), opts.host)):
+            setattr(opts, field, port)
         opts.workdir = Path(opts.workdir).resolve()
         opts.log_file = Path(opts.log_file or opts.workdir / "tritonserver.log").resolve()
         opts.admin_key = opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY") or secrets.token_hex(16)
         self.status_dir = opts.workdir / "instances"
         self.process: subprocess.Popen | None = None
+        self.sidecar: MpsSidecar | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -120,6 +135,8 @@ class TritonServer:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's Python (fact 7)
         env[STATUS_DIR_ENV] = str(self.status_dir)
+        if self.sidecar is not None:
+            env.update(self.sidecar.client_env())
         if opts.tritonserver:
             binary, backend_args = Path(opts.tritonserver), []
         else:
@@ -140,6 +157,13 @@ class TritonServer:
             f"--metrics-port={opts.metrics_port}",
             f"--http-restricted-api={restricted}",
             f"--grpc-restricted-protocol={restricted}",
+            f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_GROWTH_BYTES}",
+            *(
+                [f"--cuda-memory-pool-byte-size=0:{opts.cuda_memory_pool_mb * 2**20}"]
+                if opts.cuda_memory_pool_mb
+                else []
+            ),
             "--exit-timeout-secs=10",
             f"--log-verbose={opts.log_verbose}",
             *opts.extra_args,
@@ -154,6 +178,8 @@ class TritonServer:
             )
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.status_dir, ignore_errors=True)
+        if self.options.mps:
+            self.sidecar = MpsSidecar(self.options.workdir).start()
         cmd, env = self.command_and_env()
         self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.options.log_file, "wb") as log:
@@ -184,20 +210,77 @@ class TritonServer:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL of the process group after ``timeout``."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+        code = None if self.process is None else self.process.poll()
+        if self.process is not None and code is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                code = self.process.wait()
+        if self.sidecar is not None:  # after the server: its clients are gone by now
+            self.sidecar.stop()
+            self.sidecar = None
+        return code
 
     def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class MpsSidecar:
+    """The MPS sidecar's entrypoint (deploy/mps/entrypoint.sh) run natively, for ``--mps`` on a GPU host."""
+
+    ENTRYPOINT = Path(__file__).resolve().parents[1] / "deploy" / "mps" / "entrypoint.sh"
+
+    def __init__(self, workdir: Path):
+        self.pipe_dir = workdir / "mps-pipe"
+        self.log_dir = workdir / "mps-log"
+        self.process: subprocess.Popen | None = None
+        self.total_sms = None
+
+    def client_env(self) -> dict[str, str]:
+        env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        if self.total_sms:
+            env["VLASERVE_GPU_SMS"] = str(self.total_sms)  # lets each instance check the SMs it got
+        return env
+
+    def start(self, timeout: float = 30.0) -> MpsSidecar:
+        self.total_sms = _gpu_sm_count()  # before the daemon: the whole GPU
+        env = {**os.environ, **self.client_env()}
+        self.process = subprocess.Popen(
+            ["bash", str(self.ENTRYPOINT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        for line in self.process.stdout:
+            print(f"[serve] {line.rstrip()}", flush=True)
+            if line.startswith("mps: ready"):
+                return self
+            if line.startswith("mps: error") or time.monotonic() > deadline:
+                break
+        code = self.process.wait(5)
+        raise RuntimeError(f"the MPS sidecar did not start (exit code {code}); see the line above")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def _gpu_sm_count() -> int | None:
+    """The GPU's SM count, read in a short-lived process so that this one keeps no CUDA context."""
+    probe = "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return int(out) if out.isdigit() else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -225,6 +308,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness (default: 180)"
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument(
+        "--mps", action="store_true", help="start the MPS sidecar (deploy/mps/entrypoint.sh) natively first"
+    )
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Source this on the GPU machine (no network): a virtualenv with numpy 1.26 in front of the image's
+# own packages (torch with CUDA), the carried wheels (.carry/whl) and the trimmed tritonserver of the
+# nvidia-pytriton wheel (.carry/tritonserver-trim.tar.xz). DESIGN.md fact 7 says why numpy 1.26.
+# Idempotent: a second source on the same machine only sets the environment.
+set -e
+VENV=${VENV:-/tmp/venv}
+IMAGE_SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile .carry/whl/*.whl
+  tar -C "$SITE" --strip-components=1 -xJf .carry/tritonserver-trim.tar.xz
+  echo "$IMAGE_SITE" > "$SITE/zz_image_site.pth"   # after the venv's own numpy 1.26
+  echo "$PWD" > "$SITE/vlaserve.pth"
+fi
+export PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PATH="$PATH:/usr/local/nvidia/bin"
+set +e

@@ -1,0 +1,98 @@
+"""GPU check of the served policy: values against in-process PyTorch, and batch-1 latency (issues 3 and 6).
+
+    python benchmarks/serve_check.py --repository /tmp/pi0_repo --out $OUT/serve_check.json
+
+Starts the embedded server over an exported repository (GPU instances), sends requests with noise over
+gRPC and HTTP at batch 1 and 4, compares the actions with the same policy run in-process on the GPU
+(same preset, seed and dtype), and times batch-1 requests against in-process eager calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.policy import build_policy
+from export.presets import get_preset
+from vlaserve.client import PolicyClient, make_request
+from vlaserve.server import ServerOptions, TritonServer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repository", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    repo = Path(args.repository)
+    manifest = json.loads((repo / "encoder" / "1" / "manifest.json").read_text())
+    cfg = get_preset(manifest["preset"], manifest["views"])
+    policy = build_policy(cfg, manifest["seed"], DTYPES[manifest["dtype"]], device="cuda")
+    result = {"preset": cfg.name, "views": cfg.views, "dtype": manifest["dtype"], "gpu": torch.cuda.get_device_name()}
+
+    def local(request):
+        t = {k: torch.from_numpy(v).cuda() for k, v in request.items()}
+        with torch.inference_mode():
+            out = policy(t["images"], t["tokens"], t["state"], t["noise"])
+        return out.cpu().numpy()
+
+    options = ServerOptions(
+        model_repository=repo, http_port=0, grpc_port=0, metrics_port=0, workdir=Path("/tmp/serve_check")
+    )
+    start = time.perf_counter()
+    with TritonServer(options) as server:
+        result["server_ready_s"] = round(time.perf_counter() - start, 1)
+        print(f"server ready in {result['server_ready_s']} s", flush=True)
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            client = PolicyClient(url, protocol, timeout_s=300)
+            for batch in (1, 4):
+                request = make_request(batch, cfg.views, seed=batch, with_noise=True, vocab_size=cfg.vocab_size)
+                served, expected = client.infer(request), local(request)
+                err = float(np.linalg.norm(served - expected) / np.linalg.norm(expected))
+                result[f"rel_err_{protocol}_batch{batch}"] = err
+                print(
+                    f"{protocol} batch {batch}: rel err vs in-process {err:.2e}, |actions| mean {np.abs(served).mean():.3f}"
+                )
+        client = PolicyClient(server.grpc_url, "grpc", timeout_s=300)
+        request = make_request(1, cfg.views, seed=0, with_noise=True, vocab_size=cfg.vocab_size)
+        timed(lambda: client.infer(request), 5)
+        served_ms = timed(lambda: client.infer(request), args.repeats)
+        status = [json.loads(p.read_text()) for p in sorted(server.status_dir.glob("*.json"))]
+    local(request)
+
+    def local_sync():
+        local(request)
+        torch.cuda.synchronize()
+
+    local_ms = timed(local_sync, args.repeats)
+    result.update(
+        triton_batch1_p50_ms=statistics.median(served_ms),
+        triton_batch1_p99_ms=float(np.percentile(served_ms, 99)),
+        inprocess_eager_batch1_p50_ms=statistics.median(local_ms),
+        instances=status,
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "instances"}, indent=1))
+    for s in status:
+        print(s)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
