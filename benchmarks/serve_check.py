@@ -35,6 +35,27 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def inprocess_runtime_p50(repo: Path, request: dict, repeats: int) -> float:
+    """The served runtime (TorchScript on the GPU) called in-process: encoder, then decoder."""
+    from vlaserve.runtimes import load_runtime
+
+    def runtime(name, outputs):
+        return load_runtime("torchscript", repo / name / "1", outputs, "cuda:0")
+
+    encoder, decoder = runtime("encoder", ["prefix_kv", "prefix_mask"]), runtime("decoder", ["actions"])
+    tensors = {k: torch.from_numpy(v) for k, v in request.items()}
+
+    def once():
+        prefix_kv, mask = encoder.run({"images": tensors["images"], "tokens": tensors["tokens"]})
+        actions = decoder.run(
+            {"prefix_kv": prefix_kv, "prefix_mask": mask, "state": tensors["state"], "noise": tensors["noise"]}
+        )
+        actions[0].cpu()
+
+    timed(once, 5)
+    return statistics.median(timed(once, repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", required=True)
@@ -82,6 +103,7 @@ def main() -> None:
         torch.cuda.synchronize()
 
     local_ms = timed(local_sync, args.repeats)
+    result["inprocess_runtime_batch1_p50_ms"] = inprocess_runtime_p50(repo, request, args.repeats)
     result.update(
         triton_batch1_p50_ms=statistics.median(served_ms),
         triton_batch1_p99_ms=float(np.percentile(served_ms, 99)),

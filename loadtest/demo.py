@@ -35,7 +35,7 @@ def send_requests(server: TritonServer) -> None:
             again = client.infer(request)
             print(
                 f"  {protocol:4s} batch {batch}: actions {list(actions.shape)} in {ms:.1f} ms, "
-                f"first {np.round(actions[0, 0, :3], 3).tolist()}, same noise -> same actions: {np.array_equal(actions, again)}"
+                f"first {[round(float(x), 3) for x in actions[0, 0, :3]]}, same noise -> same actions: {np.array_equal(actions, again)}"
             )
 
 

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     actions = results[0][0]
     latencies = sorted(ms for _, ms in results)
     print(
-        f"actions: shape {list(actions.shape)} dtype {actions.dtype}, first values {np.round(actions[0, 0, :4], 4).tolist()}"
+        f"actions: shape {list(actions.shape)} dtype {actions.dtype}, first values {[round(float(x), 4) for x in actions[0, 0, :4]]}"
     )
     print(
         f"{len(results)} request(s) of batch {args.batch} over {args.protocol} to {client.url}: "

@@ -36,8 +36,6 @@ GRPC_PORT = 8001
 METRICS_PORT = 8002
 DEFAULT_HOST = "127.0.0.1"
 
-DTYPES = ("fp32", "fp16", "bf16")
-
 
 def request_shapes(views: int) -> dict[str, tuple[int, ...]]:
     """Per-item shapes (without the batch dimension) of the policy's request tensors."""
@@ -47,8 +45,3 @@ def request_shapes(views: int) -> dict[str, tuple[int, ...]]:
         STATE: (STATE_DIM,),
         NOISE: (ACTION_HORIZON, ACTION_DIM),
     }
-
-
-# numpy dtype names of the request tensors.
-REQUEST_NUMPY_DTYPES = {IMAGES: "uint8", TOKENS: "int32", STATE: "float32", NOISE: "float32"}
-ACTIONS_NUMPY_DTYPE = "float32"
