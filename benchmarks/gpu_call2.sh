@@ -18,4 +18,4 @@ cp model_repository/spec.yaml /tmp/pi0_repo/spec.yaml   # this checkout's varian
 timeout 420 python -m loadtest.sweep --compare gpu,gpu_split,gpu_split_mps --repository /tmp/pi0_repo \
   --users 1,8,32 --duration 12 --out /tmp/pi0_compare 2>&1 | tail -32
 cp /tmp/pi0_compare/results.json $OUT/pi0_compare_results.json; cp /tmp/pi0_compare/sweep.png $OUT/pi0_compare_sweep.png
-pgrep -af "nvidia-cuda-mps|tritonserver|triton_python_backend_stub" | grep -v pgrep || echo "no MPS daemon, server or stub left"
+pgrep -a "^(nvidia-cuda-mps|tritonserver|triton_python_b)" || echo "no MPS daemon, server or stub left"

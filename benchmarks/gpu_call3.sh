@@ -15,4 +15,4 @@ grep -vE "^\[serve\] \[" $OUT/sweep.log | tail -32
 cp /tmp/pi0_compare/results.json $OUT/pi0_compare_results.json; cp /tmp/pi0_compare/sweep.png $OUT/pi0_compare_sweep.png
 cat /tmp/pi0_compare/*failures.csv 2>/dev/null | sort | uniq -c | sort -rn | head -5 > $OUT/failures.txt
 for v in gpu gpu_split gpu_split_mps; do grep -E "^E|warmup|ready" /tmp/pi0_compare/servers/$v/tritonserver.log | tail -5 | cut -c1-300; done > $OUT/server_tails.txt
-pgrep -af "nvidia-cuda-mps|tritonserver|triton_python_backend_stub" | grep -v pgrep || echo "no MPS daemon, server or stub left"
+pgrep -a "^(nvidia-cuda-mps|tritonserver|triton_python_b)" || echo "no MPS daemon, server or stub left"

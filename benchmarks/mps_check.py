@@ -21,9 +21,10 @@ from vlaserve.client import PolicyClient, make_request
 from vlaserve.server import ServerOptions, TritonServer
 
 
-def processes(pattern: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+def processes(name_prefix: str) -> list[str]:
+    """Processes whose name (not command line: ours mentions these names) starts with ``name_prefix``."""
+    out = subprocess.run(["pgrep", "-a", f"^{name_prefix}"], capture_output=True, text=True).stdout
+    return out.splitlines()
 
 
 def main() -> None:

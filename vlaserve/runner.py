@@ -120,7 +120,7 @@ class TritonPythonModel:
     def _gpu_status(self) -> dict:
         import torch
 
-        torch.cuda.init()
+        torch.cuda.set_device(self.runtime.device)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         status = {"gpu": props.name, "sm_count": props.multi_processor_count, "probe_tflops": _matmul_tflops(torch)}
         pct = self.status.get("mps_thread_percentage")
@@ -133,6 +133,11 @@ class TritonPythonModel:
                     f"expected {status['expected_sm_count']} of {total}: is the MPS daemon running, and was "
                     "the CUDA context created before the limit was set?"
                 )
+        elif pct is not None:
+            self._log_warn(
+                f"{self.instance}: mps_thread_percentage {pct} set, {props.multi_processor_count} SMs visible, but "
+                "the GPU's full SM count is unknown here: start the server with --mps (make serve MPS=1) to check it"
+            )
         return status
 
     def _write_status(self) -> None:
