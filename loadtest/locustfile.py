@@ -18,7 +18,7 @@ from locust import User, constant_pacing, events, task
 from locust.exception import StopUser
 
 from vlaserve import interface as io
-from vlaserve.client import PolicyClient, error_line, make_request
+from vlaserve.client import PolicyClient, error_line, make_request, readiness_problem
 
 grpc_gevent.init_gevent()  # before any channel exists
 
@@ -45,12 +45,7 @@ def _check_server(environment, **_):
     opts = environment.parsed_options
     if opts is None or environment.host is None:
         return
-    try:
-        client = PolicyClient(environment.host, opts.vla_protocol, opts.vla_model, timeout_s=5)
-        ready = client.client.is_model_ready(opts.vla_model)
-        problem = None if ready else f"model '{opts.vla_model}' is not ready (or unknown) on {environment.host}"
-    except Exception as exc:  # noqa: BLE001 - connection errors come in several types
-        problem = f"cannot reach the server at {environment.host} ({opts.vla_protocol}): {error_line(exc)}"
+    problem = readiness_problem(environment.host, opts.vla_protocol, opts.vla_model)
     if problem:
         print(f"loadtest: error: {problem}", flush=True)
         environment.process_exit_code = 2

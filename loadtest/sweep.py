@@ -38,16 +38,11 @@ def _locust_bin() -> str:
 
 def check_target(host: str, protocol: str, model: str, metrics_url: str) -> None:
     """One clear error when the server is unreachable or the model is not there."""
-    from vlaserve.client import PolicyClient, error_line
+    from vlaserve.client import readiness_problem
 
-    try:
-        client = PolicyClient(host, protocol, model, timeout_s=5)
-        if not client.client.is_model_ready(model):
-            raise LoadtestError(f"model '{model}' is not ready (or unknown) on {host}")
-    except LoadtestError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tritonclient raises several types
-        raise LoadtestError(f"cannot reach the server at {host} ({protocol}): {error_line(exc)}") from None
+    problem = readiness_problem(host, protocol, model)
+    if problem:
+        raise LoadtestError(problem)
     try:
         metrics.scrape(metrics_url)
     except (urllib.error.URLError, OSError) as exc:

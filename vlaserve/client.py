@@ -127,6 +127,17 @@ class PolicyClient:
         }
 
 
+def readiness_problem(url: str, protocol: str, model: str) -> str | None:
+    """None when ``model`` is ready on the server at ``url``; else one line saying what is wrong."""
+    try:
+        client = PolicyClient(url, protocol, model, timeout_s=5)
+        if not client.client.is_model_ready(model):
+            return f"model '{model}' is not ready (or unknown) on {url}"
+    except Exception as exc:  # noqa: BLE001 - connection errors come in several types
+        return f"cannot reach the server at {url} ({protocol}): {error_line(exc)}"
+    return None
+
+
 def error_line(exc: Exception) -> str:
     """One clear line from a tritonclient exception (or any other)."""
     status = getattr(exc, "status", lambda: None)()
