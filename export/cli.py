@@ -104,7 +104,10 @@ def check_parity(name: str, fmt: str, produced, expected, dtype: str) -> dict:
 
 
 def export_model(name, module, make_inputs, input_names, output_names, formats, dtype, batches, out_dir: Path):
-    """Export one model in every format, check parity at each batch size, write its manifest."""
+    """Export one model in every format and check parity at each batch size.
+
+    Returns the files, parity figures and timings per format, and the tensor specs (names, dtypes,
+    per-item shapes) of the inputs and outputs as the parity run saw them, for the manifest."""
     out_dir.mkdir(parents=True)
     files, parity, timings = {}, {}, {}
     example = make_inputs(2, seed=0)
@@ -134,7 +137,7 @@ def export_model(name, module, make_inputs, input_names, output_names, formats, 
                 f"{k} max-abs {v['max_abs']:.2e} rel {v['rel']:.2e}" for k, v in figures.items() if "rel" in v
             )
             log(f"{name}: {fmt} parity at batch {batch}: {shown}")
-    return files, parity, timings
+    return files, parity, timings, {"inputs": tensor_spec(inputs), "outputs": tensor_spec(ref)}
 
 
 def tensor_spec(tensors: dict[str, torch.Tensor]) -> dict:
@@ -185,13 +188,9 @@ def run(args: argparse.Namespace) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo))
     try:
         for name, (module, make_inputs, input_names, output_names) in models.items():
-            files, parity, timings = export_model(
+            files, parity, timings, tensors = export_model(
                 name, module, make_inputs, input_names, output_names, formats, args.dtype, batches, staging / name
             )
-            example = make_inputs(1, seed=0)
-            with torch.no_grad():
-                outputs = module(*example.values())
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             manifest = {
                 "model": name,
                 "preset": cfg.name,
@@ -202,8 +201,7 @@ def run(args: argparse.Namespace) -> Path:
                 "checkpoint": args.checkpoint,
                 "vocab_size": cfg.vocab_size,
                 "parameters": n_params,
-                "inputs": tensor_spec(example),
-                "outputs": tensor_spec(dict(zip(output_names, outputs))),
+                **tensors,
                 "artifacts": {
                     fmt: {
                         f: {
