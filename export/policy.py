@@ -34,32 +34,57 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        x32, scale = x.float(), 1.0 + self.weight.float()
+        if torch.onnx.is_in_onnx_export():  # opset 17 has no RMSNormalization: spell it out
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+            return (normed * scale).to(x.dtype)
+        return F.rms_norm(x32, scale.shape, scale, RMS_EPS).to(x.dtype)  # one fused kernel where torch has one
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-valued rotary embedding tables for integer positions [B, T] -> cos, sin [B, 1, T, head_dim/2]."""
+def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-valued rotary tables for integer positions [B, T] -> cos, sin [B, T, 1, head_dim].
+
+    In the rotate-half form: rope(x) = x * cos + cat(x2, x1) * sin, with sin's first half negated
+    (Gemma's layout, without complex numbers, which break ONNX Runtime)."""
     inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1)[:, :, None].to(dtype), torch.cat([-sin, sin], -1)[:, :, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of the head dimension (Gemma's layout), without complex numbers."""
+    """Rotate the two halves of the head dimension of x [B, T, heads, D] (tables from :func:`rope_tables`)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention. q [B,H,T,D]; k, v [B,Hkv,S,D]; mask bool [B,T,S] (True = may attend)."""
-    b, h, _, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    if hkv != h:
-        k = k[:, :, None].expand(b, hkv, h // hkv, s, d).reshape(b, h, s, d)
-        v = v[:, :, None].expand(b, hkv, h // hkv, s, d).reshape(b, h, s, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias for :func:`attention` from a bool mask [B, T, S] (True = may attend), or [B, 1, S] for
+    a mask shared by every query: [B, 1, T * groups, S] (or [B, 1, 1, S]), 0 or -inf.
+
+    Made once per forward, not per layer: SDPA would otherwise convert a bool mask in every call. The
+    key dimension is stored padded to a multiple of 16 so that the memory-efficient kernel takes the
+    bias as it is instead of padding a copy each time."""
+    b, t, s = mask.shape
+    if t > 1:
+        mask = mask[:, :, None, :].expand(b, t, groups, s).reshape(b, t * groups, s)
+    mask = mask[:, None]
+    if torch.onnx.is_in_onnx_export():
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    padded = -(-s // 16) * 16
+    bias = torch.full((b, 1, mask.shape[2], padded), float("-inf"), dtype=dtype, device=mask.device)
+    return bias[..., :s].masked_fill_(mask, 0.0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with the query heads of each key/value head folded into the query axis, so
+    that keys and values are never copied per head. q [B,T,H,D]; k, v [B,Hkv,S,D]; bias from
+    :func:`attention_bias` with groups = H / Hkv. Returns [B, T, H * D]."""
+    b, t, h, d = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, t, hkv, h // hkv, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, t * (h // hkv), d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.reshape(b, hkv, t, h // hkv, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
 
 
 class GemmaBlock(nn.Module):
@@ -69,30 +94,26 @@ class GemmaBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.input_norm = RMSNorm(cfg.width)
-        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v in one matmul; gate and up in one matmul (fewer, larger kernels)
+        self.qkv_proj = nn.Linear(cfg.width, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
         self.mlp_norm = RMSNorm(cfg.width)
-        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.width, 2 * cfg.mlp_dim, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Queries [B,H,T,D] and keys/values [B,Hkv,T,D] of x [B,T,W], with RoPE on q and k."""
+        """Queries [B,T,H,D] and keys/values [B,Hkv,T,D] of x [B,T,W], with RoPE on q and k (one pass)."""
         b, t, _ = x.shape
-        h = self.input_norm(x)
-        q = self.q_proj(h).view(b, t, self.cfg.num_heads, self.cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, t, self.cfg.num_kv_heads, self.cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, t, self.cfg.num_kv_heads, self.cfg.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        h, hkv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        qkv = self.qkv_proj(self.input_norm(x)).view(b, t, h + 2 * hkv, d)
+        qk = apply_rope(qkv[:, :, : h + hkv], cos, sin)
+        return qk[:, :, :h], qk[:, :, h:].transpose(1, 2), qkv[:, :, h + hkv :].transpose(1, 2)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual attention output, then the GeGLU MLP (tanh GELU). attn is [B,H,T,D]."""
-        b, _, t, _ = attn.shape
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+        """Residual attention output, then the GeGLU MLP (tanh GELU). attn is [B, T, H * D]."""
+        x = x + self.o_proj(attn)
+        gate, up = self.gate_up_proj(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class SiglipBlock(nn.Module):
@@ -127,13 +148,17 @@ class VisionTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        dtype = self.patch_embed.weight.dtype
-        # Normalization lives in the model: uint8 [0, 255] -> [-1, 1], NHWC -> NCHW.
-        x = frames.permute(0, 3, 1, 2).to(dtype) * (2.0 / 255.0) - 1.0
+        dtype, p = self.patch_embed.weight.dtype, self.cfg.patch_size
+        # Normalization lives in the model: uint8 [0, 255] -> [-1, 1].
+        x = frames.to(dtype) * (2.0 / 255.0) - 1.0  # NHWC
         factor = IMAGE_SIZE // self.cfg.image_size
         if factor > 1:
-            x = F.avg_pool2d(x, factor)
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+            x = F.avg_pool2d(x.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
+        # The patch embedding as one matmul over non-overlapping patches (equal to the strided conv, whose
+        # weights it uses): no cuDNN call, which CUDA-graph capture does not survive.
+        n, hh, ww, c = x.shape
+        patches = x.reshape(n, hh // p, p, ww // p, p, c).permute(0, 1, 3, 5, 2, 4).reshape(n, -1, c * p * p)
+        x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -201,10 +226,11 @@ class Policy(nn.Module):
     def encode(self, images: torch.Tensor, tokens: torch.Tensor):
         """The encoder: -> prefix_kv [B, depth, 2, kv_heads, P, head_dim], prefix_mask [B, P]."""
         x, mask, positions = self.embed_prefix(images, tokens)
-        cos, sin = rope_cos_sin(positions, self.cfg.prefix.head_dim, x.dtype)
+        p = self.cfg.prefix
+        cos, sin = rope_tables(positions, p.head_dim, x.dtype)
         # Every prefix token attends to every valid prefix token (bidirectional); padded queries
         # attend too, so no row is empty, but nothing attends to them.
-        attn_mask = mask[:, None, :].expand(-1, mask.shape[1], -1)
+        bias = attention_bias(mask[:, None, :], p.num_heads // p.num_kv_heads, x.dtype)
         keys, values = [], []
         last = len(self.prefix_layers) - 1
         for i, layer in enumerate(self.prefix_layers):
@@ -212,7 +238,7 @@ class Policy(nn.Module):
             keys.append(k)
             values.append(v)
             if i < last:  # the last layer's output is never read: only its keys/values are
-                x = layer.finish(x, attention(q, k, v, attn_mask))
+                x = layer.finish(x, attention(q, k, v, bias))
         prefix_kv = torch.stack([torch.stack(keys, 1), torch.stack(values, 1)], dim=2)
         return prefix_kv, mask
 
@@ -231,7 +257,7 @@ class Policy(nn.Module):
         return n_valid + torch.arange(1 + ACTION_HORIZON, device=prefix_mask.device)[None]
 
     def embed_suffix(self, state: torch.Tensor, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """[state token; action tokens with the time embedding] -> [B, 1 + H, expert width]."""
+        """[state token; action tokens with the time embedding] -> [B, 1 + H, expert width] (reference form)."""
         dtype = self.dtype
         state_tok = self.state_proj(state.to(dtype))[:, None]
         act = self.action_in_proj(x_t.to(dtype))
@@ -240,27 +266,37 @@ class Policy(nn.Module):
         act = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([act, temb], dim=-1))))
         return torch.cat([state_tok, act], dim=1)
 
-    def velocity(self, prefix_kv, x_suffix, cos, sin, mask) -> torch.Tensor:
+    def velocity(self, prefix_kv, x_suffix, cos, sin, bias) -> torch.Tensor:
         """One expert pass over the suffix, attending to the prefix keys/values layer by layer."""
         x = x_suffix
         for i, layer in enumerate(self.expert_layers):
             q, k, v = layer.qkv(x, cos, sin)
             k = torch.cat([prefix_kv[:, i, 0], k], dim=2)
             v = torch.cat([prefix_kv[:, i, 1], v], dim=2)
-            x = layer.finish(x, attention(q, k, v, mask))
+            x = layer.finish(x, attention(q, k, v, bias))
         return self.action_out_proj(self.expert_norm(x)[:, 1:]).float()
 
     def decode(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
-        """The decoder: Euler integration of the flow from noise (t=1) to actions (t=0)."""
+        """The decoder: Euler integration of the flow from noise (t=1) to actions (t=0).
+
+        Equal to :meth:`embed_suffix` + :meth:`velocity` per step, with everything that does not change
+        between steps done once: the masks, RoPE tables, the state token, and the time embedding's
+        share of the action-time MLP (its input layer split into an action half and a time half)."""
+        e, dtype = self.cfg.expert, self.dtype
         positions = self.suffix_positions(prefix_mask)
-        cos, sin = rope_cos_sin(positions, self.cfg.expert.head_dim, self.dtype)
-        mask = self.suffix_mask(prefix_mask)
-        prefix_kv = prefix_kv.to(self.dtype)
-        x_t = noise.float()
+        cos, sin = rope_tables(positions, e.head_dim, dtype)
+        bias = attention_bias(self.suffix_mask(prefix_mask), e.num_heads // e.num_kv_heads, dtype)
+        prefix_kv = prefix_kv.to(dtype)
+        state_tok = self.state_proj(state.to(dtype))[:, None]
         dt = -1.0 / NUM_FLOW_STEPS
+        times = torch.tensor([1.0 + step * dt for step in range(NUM_FLOW_STEPS)], device=noise.device)
+        w_act, w_time = self.action_time_mlp_in.weight.chunk(2, dim=1)
+        time_in = F.linear(time_embedding(times, e.width).to(dtype), w_time, self.action_time_mlp_in.bias)
+        x_t = noise.float()
         for step in range(NUM_FLOW_STEPS):
-            x_suffix = self.embed_suffix(state, x_t, 1.0 + step * dt)
-            x_t = x_t + dt * self.velocity(prefix_kv, x_suffix, cos, sin, mask)
+            act = F.linear(self.action_in_proj(x_t.to(dtype)), w_act) + time_in[step]
+            act = self.action_time_mlp_out(F.silu(act))
+            x_t = x_t + dt * self.velocity(prefix_kv, torch.cat([state_tok, act], dim=1), cos, sin, bias)
         return x_t
 
     def forward(self, images, tokens, state, noise) -> torch.Tensor:
@@ -274,19 +310,20 @@ class Policy(nn.Module):
         b, p = prefix_mask.shape
         s = 1 + ACTION_HORIZON
         positions = torch.cat([prefix_pos, self.suffix_positions(prefix_mask)], dim=1)
-        cos, sin = rope_cos_sin(positions, self.cfg.prefix.head_dim, self.dtype)
+        cos, sin = rope_tables(positions, self.cfg.prefix.head_dim, self.dtype)
         full = torch.zeros(b, p + s, p + s, dtype=torch.bool)
         full[:, :p, :p] = prefix_mask[:, None, :]
         full[:, p:, :] = self.suffix_mask(prefix_mask)
+        bias = attention_bias(full, self.cfg.prefix.num_heads // self.cfg.prefix.num_kv_heads, self.dtype)
         x_t = noise.float()
         dt = -1.0 / NUM_FLOW_STEPS
         for step in range(NUM_FLOW_STEPS):
             xp, xs = prefix, self.embed_suffix(state, x_t, 1.0 + step * dt)
             for pre, exp in zip(self.prefix_layers, self.expert_layers):
-                qp, kp, vp = pre.qkv(xp, cos[:, :, :p], sin[:, :, :p])
-                qs, ks, vs = exp.qkv(xs, cos[:, :, p:], sin[:, :, p:])
-                out = attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), full)
-                xp, xs = pre.finish(xp, out[:, :, :p]), exp.finish(xs, out[:, :, p:])
+                qp, kp, vp = pre.qkv(xp, cos[:, :p], sin[:, :p])
+                qs, ks, vs = exp.qkv(xs, cos[:, p:], sin[:, p:])
+                out = attention(torch.cat([qp, qs], 1), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), bias)
+                xp, xs = pre.finish(xp, out[:, :p]), exp.finish(xs, out[:, p:])
             x_t = x_t + dt * self.action_out_proj(self.expert_norm(xs)[:, 1:]).float()
         return x_t
 

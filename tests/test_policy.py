@@ -61,3 +61,55 @@ def test_prefix_shapes(tiny_policy):
     assert prefix_kv.shape == (2, cfg.prefix.depth, 2, 1, cfg.prefix_len, cfg.prefix.head_dim)
     assert mask.dtype == torch.bool and mask[:, : 2 * cfg.vision.tokens_per_view].all()
     assert torch.equal(mask[:, -48:], req["tokens"] != 0)
+
+
+def naive_attention(q, k, v, mask):
+    """Softmax attention spelt out: heads of k/v repeated per query head, bool mask [B,T,S]."""
+    b, t, h, d = q.shape
+    k = k.repeat_interleave(h // k.shape[1], dim=1)
+    v = v.repeat_interleave(h // v.shape[1], dim=1)
+    scores = torch.einsum("bthd,bhsd->bhts", q, k) / d**0.5
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhts,bhsd->bthd", scores.softmax(-1), v).reshape(b, t, h * d)
+
+
+def test_attention_matches_naive_softmax():
+    from export.policy import attention, attention_bias
+
+    gen = torch.Generator().manual_seed(0)
+    for kv_heads in (1, 2):
+        q = torch.randn(2, 5, 4, 8, generator=gen)
+        k, v = torch.randn(2, kv_heads, 7, 8, generator=gen), torch.randn(2, kv_heads, 7, 8, generator=gen)
+        mask = torch.rand(2, 5, 7, generator=gen) > 0.4
+        mask[:, :, 0] = True  # no empty row
+        got = attention(q, k, v, attention_bias(mask, 4 // kv_heads, q.dtype))
+        assert torch.allclose(got, naive_attention(q, k, v, mask), atol=1e-5)
+        shared = mask[:, :1]  # one mask row for every query
+        got = attention(q, k, v, attention_bias(shared, 4 // kv_heads, q.dtype))
+        assert torch.allclose(got, naive_attention(q, k, v, shared.expand(-1, 5, -1)), atol=1e-5)
+
+
+def test_rope_matches_complex_rotation():
+    from export.policy import apply_rope, rope_tables
+
+    positions = torch.tensor([[0, 1, 2, 7, 30]])
+    x = torch.randn(1, 5, 3, 16, generator=torch.Generator().manual_seed(1))
+    cos, sin = rope_tables(positions, 16, torch.float32)
+    inv_freq = 10_000.0 ** (-torch.arange(0, 16, 2).float() / 16)
+    rot = torch.polar(torch.ones(1, 5, 8), positions[..., None].float() * inv_freq)[:, :, None]
+    z = torch.complex(x[..., :8], x[..., 8:]) * rot  # Gemma's half-split pairs (x_i, x_{i+D/2})
+    assert torch.allclose(apply_rope(x, cos, sin), torch.cat([z.real, z.imag], -1), atol=1e-5)
+
+
+def test_patch_embedding_equals_strided_conv(tiny_policy):
+    vision = tiny_policy.vision
+    frames = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = torch.nn.functional.avg_pool2d(frames.permute(0, 3, 1, 2).float() * (2 / 255) - 1, 224 // vision.cfg.image_size)
+    conv = vision.patch_embed(x).flatten(2).transpose(1, 2) + vision.pos_embed
+    blocks, vision.blocks = vision.blocks, torch.nn.ModuleList()
+    norm, vision.norm = vision.norm, torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            assert torch.allclose(vision(frames), conv, atol=1e-5)
+    finally:
+        vision.blocks, vision.norm = blocks, norm
