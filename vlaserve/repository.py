@@ -40,6 +40,7 @@ MODEL_KEYS = {
     "warmup_count",
     "noise_seed",
     "batch_buckets",
+    "cuda_graphs",
 }
 BATCHING_KEYS = {
     "preferred_batch_size",
@@ -132,6 +133,12 @@ def validate_spec(spec: dict) -> dict:
         for key in ("warmup_batch_sizes", "batch_buckets"):
             for size in m.get(key, []):
                 _positive_int(size, f"models.{name}.{key}", mbs)
+        if m.get("cuda_graphs") not in (None, True, False):
+            raise VlaserveError(f"models.{name}.cuda_graphs", m["cuda_graphs"], "true or false")
+        if m.get("cuda_graphs") and (m["runtime"] != "torchscript" or not m.get("batch_buckets")):
+            raise VlaserveError(
+                f"models.{name}.cuda_graphs", True, "runtime torchscript and batch_buckets (one graph per bucket)"
+            )
         if "warmup_count" in m:
             _positive_int(m["warmup_count"], f"models.{name}.warmup_count")
     policy = models.get(io.POLICY, {})
@@ -227,6 +234,8 @@ def runner_config(name: str, m: dict, dims) -> dict:
             params[key] = m[key]
     if m.get("batch_buckets"):
         params["batch_buckets"] = ",".join(str(b) for b in sorted(m["batch_buckets"]))
+    if m.get("cuda_graphs"):
+        params["cuda_graphs"] = "true"
     groups = []
     for g in m["instance_groups"]:
         group = {"name": g["name"], "count": g["count"], "kind": KINDS[g.get("kind", "cpu")]}

@@ -42,7 +42,7 @@ class OnnxRuntime:
 
 
 class TorchScriptRuntime:
-    """A TorchScript module run under ``torch.inference_mode``."""
+    """A TorchScript module run under ``torch.inference_mode``; on a GPU, optionally from CUDA graphs."""
 
     tensor_kind = "torch"
 
@@ -60,13 +60,80 @@ class TorchScriptRuntime:
         self.device = device
         self.module = torch.jit.load(str(path), map_location=device).eval()
         self.output_names = list(output_names)
+        self.graphs: CudaGraphs | None = None
 
-    def run(self, inputs: dict) -> list:
+    def _call(self, *tensors) -> list:
         # Without the optimizing executor: it re-profiles and re-fuses every new input shape, which took
         # long enough for pi0 on the H200 that queued requests timed out (docs/BENCHMARKS.md).
-        with self.torch.inference_mode(), self.torch.jit.optimized_execution(False):
-            out = self.module(*(t.to(self.device, non_blocking=True) for t in inputs.values()))
+        with self.torch.jit.optimized_execution(False):
+            out = self.module(*tensors)
         return list(out) if isinstance(out, tuple) else [out]
+
+    def capture_graphs(self, buckets, input_specs: dict) -> str:
+        """Capture one CUDA graph per batch size in ``buckets``; returns why not, or "" when captured.
+
+        ``input_specs`` is the manifest's {name: {dtype, shape}}; the graphs' static inputs are made from
+        it. On a CPU instance (or without CUDA) nothing is captured and every call runs the module."""
+        if not self.device.startswith("cuda"):
+            return f"no CUDA device here ({self.device} instance): running without CUDA graphs"
+        self.graphs = CudaGraphs(self.torch, self._call, self.device)
+        with self.torch.inference_mode():
+            for batch in sorted(buckets, reverse=True):  # the largest first: the smaller reuse its pool
+                self.graphs.capture(
+                    [static_input(self.torch, spec, batch, self.device) for spec in input_specs.values()]
+                )
+        return ""
+
+    def run(self, inputs: dict) -> list:
+        tensors = [t.to(self.device, non_blocking=True) for t in inputs.values()]
+        with self.torch.inference_mode():
+            if self.graphs is not None and self.graphs.has(len(tensors[0])):
+                return self.graphs.replay(tensors)
+            return self._call(*tensors)
+
+
+def static_input(torch, spec: dict, batch: int, device: str):
+    """A valid input of ``spec`` (manifest dtype and per-item shape) at ``batch``: ones for masks and token
+    ids (a valid token, an all-valid mask: no empty attention row), zeros for everything else."""
+    dtype = getattr(torch, spec["dtype"])
+    shape = (batch, *spec["shape"][1:])
+    if dtype in (torch.bool, torch.int32, torch.int64):
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+class CudaGraphs:
+    """One captured CUDA graph per batch size over ``fn`` (tensors -> list of tensors), sharing one memory
+    pool. A call copies its inputs into the graph's static inputs, replays it, and returns copies of the
+    static outputs (the next replay overwrites them)."""
+
+    def __init__(self, torch, fn, device: str):
+        self.torch, self.fn, self.device = torch, fn, device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple] = {}  # batch -> (graph, static inputs, static outputs)
+
+    def has(self, batch: int) -> bool:
+        return batch in self.graphs
+
+    def capture(self, static_inputs: list) -> None:
+        torch = self.torch
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up outside the capture (lazy inits, allocator, cuBLAS handles)
+            for _ in range(2):
+                self.fn(*static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_outputs = self.fn(*static_inputs)
+        self.graphs[len(static_inputs[0])] = (graph, static_inputs, static_outputs)
+
+    def replay(self, tensors: list) -> list:
+        graph, static_inputs, static_outputs = self.graphs[len(tensors[0])]
+        for static, tensor in zip(static_inputs, tensors):
+            static.copy_(tensor, non_blocking=True)
+        graph.replay()
+        return [out.clone() for out in static_outputs]
 
 
 RUNTIMES = {"onnxruntime": OnnxRuntime, "torchscript": TorchScriptRuntime}

@@ -1,0 +1,387 @@
+"""The served policy against its peers, in one run (issue 6).
+
+    python benchmarks/peers.py --out reports/peers          # a GPU machine: pi0, bf16, 2 views
+    python benchmarks/peers.py --preset tiny --dtype fp32 --device cpu --users 2 --duration 3 --out /tmp/peers
+
+Peers, each measured the same way (batch-1 requests one after another, inputs from host memory and
+actions back to it):
+
+- ``eager``: the PyTorch policy in-process (``export.policy``), no graphs;
+- ``graphs``: the served runtime in-process: the exported TorchScript encoder and decoder, one CUDA graph
+  per batch bucket (on a CPU the same runtime without graphs; the note says so);
+- ``triton_naive``, ``triton_tuned``, ``triton_tuned_mps``: the spec's variants ``gpu_naive``, ``gpu`` and
+  ``gpu_mps`` served by tritonserver: client batch-1 p50/p99 over gRPC and HTTP, then a Locust sweep over
+  ``--users``.
+
+Throughput at p99 <= ``--slo-ms``: for the Triton configs the best sweep step within it (no failures);
+for ``graphs`` the best batch bucket whose batch latency is within it (the runtime's ceiling, no
+queueing). The in-process peers run in a child process, so this process never holds a CUDA context
+while the servers (and the MPS daemon) run. Prints one table last and writes ``results.json``.
+Exports the model first unless ``--repository`` holds an export of the same preset, views and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest import report  # noqa: E402
+from loadtest import sweep as loadsweep  # noqa: E402
+from vlaserve import interface as io  # noqa: E402
+from vlaserve import repository  # noqa: E402
+
+TRITON_CONFIGS = {"triton_naive": "gpu_naive", "triton_tuned": "gpu", "triton_tuned_mps": "gpu_mps"}
+TARGETS = {"batch1_p50_ms": 15.0, "throughput": 200.0, "overhead": 1.25}
+
+
+def log(msg: str) -> None:
+    print(f"[peers] {msg}", flush=True)
+
+
+def latencies(fn, repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def summary(ms: list[float]) -> dict:
+    return {"p50_ms": round(statistics.median(ms), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
+
+
+# ---- in-process peers (child process) ---------------------------------------------------------------
+def inprocess(args) -> dict:
+    """Eager PyTorch and the served runtime with CUDA graphs, in this process."""
+    import torch
+
+    from export.cli import TORCH_DTYPES
+    from export.policy import build_policy
+    from export.presets import get_preset
+    from vlaserve.client import make_request
+    from vlaserve.runtimes import load_runtime
+
+    repo = Path(args.repository)
+    manifests = {m: json.loads((repo / m / "1" / "manifest.json").read_text()) for m in repository.RUNNER_MODELS}
+    cfg = get_preset(args.preset, args.views)
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    request = make_request(1, args.views, seed=0, with_noise=True, vocab_size=cfg.vocab_size)
+    host = {k: torch.from_numpy(v) for k, v in request.items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    results, actions = {}, {}
+
+    log(f"eager: building the {cfg.name} policy on {device} ...")
+    policy = build_policy(cfg, seed=manifests[io.ENCODER]["seed"], dtype=TORCH_DTYPES[args.dtype], device=device)
+
+    def eager(batch_inputs=host):
+        with torch.inference_mode():
+            t = {k: v.to(device) for k, v in batch_inputs.items()}
+            return policy(t[io.IMAGES], t[io.TOKENS], t[io.STATE], t[io.NOISE]).cpu()
+
+    actions["eager"] = eager().numpy()
+    results["eager"] = {"batch1": summary(latencies(eager, args.repeats))}
+    log(f"eager: batch-1 p50 {results['eager']['batch1']['p50_ms']} ms")
+    policy = None  # its memory back before the runtime loads
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    buckets = [int(b) for b in args.buckets.split(",")]
+    runtimes, notes = {}, []
+    for name in repository.RUNNER_MODELS:
+        outputs = list(manifests[name]["outputs"])
+        runtimes[name] = load_runtime("torchscript", repo / name / "1", outputs, device)
+        started = time.perf_counter()
+        why_not = runtimes[name].capture_graphs(buckets, manifests[name]["inputs"])
+        notes.append(why_not or f"{name}: {len(buckets)} graphs in {time.perf_counter() - started:.1f} s")
+    log("graphs: " + "; ".join(dict.fromkeys(notes)))
+
+    def served_runtime(batch_inputs=host):
+        prefix_kv, mask = runtimes[io.ENCODER].run(
+            {io.IMAGES: batch_inputs[io.IMAGES], io.TOKENS: batch_inputs[io.TOKENS]}
+        )
+        out = runtimes[io.DECODER].run(
+            {
+                io.PREFIX_KV: prefix_kv,
+                io.PREFIX_MASK: mask,
+                io.STATE: batch_inputs[io.STATE],
+                io.NOISE: batch_inputs[io.NOISE],
+            }
+        )
+        return out[0].cpu()
+
+    actions["graphs"] = served_runtime().numpy()
+    per_bucket = {}
+    for batch in buckets:
+        tensors = {
+            k: torch.from_numpy(v)
+            for k, v in make_request(batch, args.views, seed=batch, with_noise=True, vocab_size=cfg.vocab_size).items()
+        }
+        ms = latencies(lambda t=tensors: served_runtime(t), max(3, args.repeats // max(1, batch // 2)))
+        p50 = statistics.median(ms)
+        per_bucket[batch] = {
+            "p50_ms": round(p50, 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "throughput": round(batch / p50 * 1e3, 1),
+        }
+        log(f"graphs: batch {batch}: {p50:.1f} ms, {batch / p50 * 1e3:.1f} inf/s")
+    sync()
+    within = [b for b, r in per_bucket.items() if r["p99_ms"] <= args.slo_ms]
+    best = max(within, key=lambda b: per_bucket[b]["throughput"]) if within else None
+    results["graphs"] = {
+        "batch1": summary(latencies(served_runtime, args.repeats)),
+        "per_batch": per_bucket,
+        "best": {"at": f"batch {best}", **per_bucket[best]} if best else None,
+        "note": "; ".join(dict.fromkeys(notes)),
+    }
+    log(f"graphs: batch-1 p50 {results['graphs']['batch1']['p50_ms']} ms")
+    results["eager"]["vs_graphs_rel"] = rel(actions["eager"], actions["graphs"])
+    np.savez(Path(args.out) / "inprocess_actions.npz", **actions)
+    return results
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+# ---- Triton peers --------------------------------------------------------------------------------
+def variant_spec(variant: str, device: str) -> tuple[dict, str]:
+    """The spec of ``variant``; on a CPU run its GPU instance groups become CPU ones (MPS dropped, noted)."""
+    spec = repository.load_spec(
+        Path(__file__).resolve().parents[1] / "model_repository" / repository.SPEC_FILE, variant
+    )
+    note = ""
+    if device == "cpu":
+        for name in repository.RUNNER_MODELS:
+            for group in spec["models"][name]["instance_groups"]:
+                group["kind"] = "cpu"
+                group.pop("gpus", None)
+                if group.pop("mps_thread_percentage", None) is not None:
+                    note = "no GPU: MPS percentages dropped (the same config without MPS)"
+    return spec, note
+
+
+def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray) -> dict:
+    from vlaserve.client import PolicyClient, make_request
+    from vlaserve.server import ServerOptions, TritonServer
+
+    out = Path(args.out)
+    spec, note = variant_spec(variant, args.device)
+    settings = repository.read_manifest_settings(Path(args.repository))
+    variant_repo = repository.write_repository(
+        spec, out / "repos" / variant, settings, artifacts_from=Path(args.repository)
+    )
+    groups = [g for name in repository.RUNNER_MODELS for g in spec["models"][name]["instance_groups"]]
+    mps = any("mps_thread_percentage" in g for g in groups)
+    options = ServerOptions(
+        model_repository=variant_repo, http_port=0, grpc_port=0, metrics_port=0, workdir=out / "servers" / variant,
+        mps=mps, cuda_memory_pool_mb=args.cuda_memory_pool_mb if args.device == "cuda" else 0, ready_timeout=600,
+    )  # fmt: skip
+    log(f"{peer}: starting tritonserver over variant {variant}{' under MPS' if mps else ''} ...")
+    started = time.perf_counter()
+    result = {"variant": variant, "note": note}
+    with TritonServer(options) as server:
+        result["ready_s"] = round(time.perf_counter() - started, 1)
+        log(f"{peer}: ready in {result['ready_s']} s")
+        request = make_request(1, args.views, seed=0, with_noise=True, vocab_size=settings_vocab(args))
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            client = PolicyClient(url, protocol, timeout_s=300)
+            served = client.infer(request)
+            result[f"rel_vs_inprocess_{protocol}"] = rel(served, reference)
+            result[f"batch1_{protocol}"] = summary(latencies(lambda c=client: c.infer(request), args.repeats))
+            log(
+                f"{peer}: {protocol} batch-1 p50 {result[f'batch1_{protocol}']['p50_ms']} ms, rel vs in-process {result[f'rel_vs_inprocess_{protocol}']:.1e}"
+            )
+        best_protocol = min(("grpc", "http"), key=lambda p: result[f"batch1_{p}"]["p50_ms"])
+        result["batch1"] = {**result[f"batch1_{best_protocol}"], "protocol": best_protocol}
+        sweep_args = loadsweep.parse_args(
+            ["--users", args.users, "--duration", str(args.duration), "--protocol", "http"]
+        )
+        sweep_args.host, sweep_args.metrics_url = server.http_url, server.metrics_url
+        steps = loadsweep.sweep(sweep_args, out / "sweeps", peer)
+        result["sweep"] = steps
+        best = report.best_under_slo(steps, args.slo_ms)
+        result["best"] = (
+            {
+                "at": f"{best['users']} users",
+                "throughput": round(best["throughput"], 1),
+                "p50_ms": best["p50_ms"],
+                "p99_ms": best["p99_ms"],
+            }
+            if best
+            else None
+        )
+        result["instances"] = [json.loads(p.read_text()) for p in sorted(server.status_dir.glob("*.json"))]
+    return result
+
+
+def settings_vocab(args) -> int:
+    manifest = json.loads((Path(args.repository) / io.ENCODER / "1" / "manifest.json").read_text())
+    return manifest["vocab_size"]
+
+
+def gpu_name() -> str:
+    """The GPU and driver as nvidia-smi reports them (no CUDA context in this process)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def ensure_export(args) -> float | None:
+    """Export into --repository unless it already holds this preset/views/dtype; returns the seconds taken."""
+    repo = Path(args.repository)
+    settings = repository.read_manifest_settings(repo) if repo.is_dir() else None
+    if settings == repository.ModelSettings(args.preset, args.views, args.dtype):
+        log(f"using the export in {repo}")
+        return None
+    repo.mkdir(parents=True, exist_ok=True)
+    spec = Path(__file__).resolve().parents[1] / "model_repository" / repository.SPEC_FILE
+    (repo / repository.SPEC_FILE).write_text(spec.read_text())
+    cmd = [sys.executable, "-m", "export", "--preset", args.preset, "--views", str(args.views), "--dtype", args.dtype,
+           "--device", args.device, "--variant", "gpu", "--repository", str(repo)]  # fmt: skip
+    log("exporting: " + " ".join(cmd[1:]))
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return round(time.perf_counter() - started, 1)
+
+
+def row(peer: str, r: dict) -> dict:
+    best = r.get("best") or {}
+    return {
+        "peer": peer,
+        "p50": r["batch1"]["p50_ms"],
+        "p99": r["batch1"]["p99_ms"],
+        "tput": f"{best['throughput']:.1f}" if best else "-",
+        "at": best.get("at", "none within SLO" if "best" in r else "(batch 1 only)"),
+        "tput_p99": f"{best['p99_ms']:.1f}" if best else "-",
+    }
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target against the best Triton figure, with the miss as a factor."""
+    triton = {k: v for k, v in results.items() if k.startswith("triton_")}
+    if not triton:
+        return []
+    p50 = min(r["batch1"]["p50_ms"] for r in triton.values())
+    tput = max((r["best"] or {}).get("throughput", 0.0) for r in triton.values())
+    checks = [
+        {"target": "batch-1 client p50 through Triton", "goal": f"<= {TARGETS['batch1_p50_ms']:g} ms", "measured": f"{p50:.1f} ms", "met": p50 <= TARGETS["batch1_p50_ms"], "factor": round(p50 / TARGETS["batch1_p50_ms"], 2)},
+        {"target": "throughput with p99 <= SLO", "goal": f">= {TARGETS['throughput']:g} inf/s", "measured": f"{tput:.1f} inf/s", "met": tput >= TARGETS["throughput"], "factor": round(tput / TARGETS["throughput"], 2)},
+    ]  # fmt: skip
+    if "graphs" in results and "triton_tuned" in results:
+        ratio = results["triton_tuned"]["batch1"]["p50_ms"] / results["graphs"]["batch1"]["p50_ms"]
+        checks.append({"target": "Triton overhead (tuned p50 / in-process graphs p50)", "goal": f"<= {TARGETS['overhead']:g}x", "measured": f"{ratio:.2f}x", "met": ratio <= TARGETS["overhead"], "factor": round(ratio / TARGETS["overhead"], 2)})  # fmt: skip
+    return checks
+
+
+def render(results: dict, checks: list[dict], slo_ms: float) -> str:
+    rows = [row(peer, r) for peer, r in results.items()]
+    columns = [
+        ("peer", "peer", "{}"), ("p50", "batch-1 p50 ms", "{:.1f}"), ("p99", "batch-1 p99 ms", "{:.1f}"),
+        ("tput", f"inf/s (p99<={slo_ms:g} ms)", "{}"), ("at", "at", "{}"), ("tput_p99", "p99 there ms", "{}"),
+    ]  # fmt: skip
+    lines = [report.table(rows, columns)]
+    lines += [f"  {peer}: {r['note']}" for peer, r in results.items() if r.get("note")]
+    if checks:
+        lines.append("")
+        lines.append(report.table(
+            [{**c, "met": "yes" if c["met"] else f"no ({c['factor']:.2f}x of the goal)"} for c in checks],
+            [("target", "target", "{}"), ("goal", "goal", "{}"), ("measured", "measured", "{}"), ("met", "met", "{}")],
+        ))  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/peers.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="pi0", help="default: pi0")
+    parser.add_argument("--views", type=int, default=2, help="default: 2")
+    parser.add_argument("--dtype", default="bf16", help="default: bf16")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default: cuda")
+    parser.add_argument("--repository", help="an exported repository (default: <out>/repo, exported if needed)")
+    parser.add_argument(
+        "--triton", default=",".join(TRITON_CONFIGS), help="Triton peers to run (the in-process ones always run)"
+    )
+    parser.add_argument("--buckets", default="1,2,4,8,16", help="graph buckets of the in-process runtime")
+    parser.add_argument("--users", default="1,8,16,32,48", help="Locust user counts of each Triton sweep")
+    parser.add_argument("--duration", type=int, default=12, help="seconds per sweep step (default: 12)")
+    parser.add_argument("--repeats", type=int, default=50, help="batch-1 calls timed per peer (default: 50)")
+    parser.add_argument("--slo-ms", type=float, default=200.0, help="p99 SLO for throughput (default: 200)")
+    parser.add_argument("--cuda-memory-pool-mb", type=int, default=2048, help="Triton's CUDA pool (default: 2048)")
+    parser.add_argument("--out", default="reports/peers", help="results folder (default: reports/peers)")
+    parser.add_argument("--phase", choices=["all", "inprocess"], default="all", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.repository = args.repository or str(Path(args.out) / "repo")
+    args.triton = [p for p in args.triton.split(",") if p]
+    unknown = set(args.triton) - set(TRITON_CONFIGS)
+    if unknown:
+        parser.error(f"--triton: unknown {sorted(unknown)}; choose from {', '.join(TRITON_CONFIGS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.phase == "inprocess":
+        (out / "inprocess.json").write_text(json.dumps(inprocess(args), indent=2))
+        return 0
+    started = time.perf_counter()
+    export_s = ensure_export(args)
+    child = [
+        sys.executable, __file__, "--phase", "inprocess", "--preset", args.preset, "--views", str(args.views),
+        "--dtype", args.dtype, "--device", args.device, "--repository", args.repository, "--out", args.out,
+        "--buckets", args.buckets, "--repeats", str(args.repeats), "--slo-ms", str(args.slo_ms),
+    ]  # fmt: skip
+    log("in-process peers (child process) ...")
+    subprocess.run(child, check=True)
+    results = json.loads((out / "inprocess.json").read_text())
+    reference = np.load(out / "inprocess_actions.npz")["graphs"]
+    for peer in args.triton:
+        results[peer] = serve_and_measure(args, peer, TRITON_CONFIGS[peer], reference)
+    checks = targets(results)
+    import torch  # its version only: this process creates no CUDA context
+
+    summary_doc = {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "gpu": gpu_name() if args.device == "cuda" else None,
+        },
+        "model": {"preset": args.preset, "views": args.views, "dtype": args.dtype},
+        "export_s": export_s,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+        "slo_ms": args.slo_ms,
+        "results": results,
+        "targets": checks,
+    }
+    (out / "results.json").write_text(json.dumps(summary_doc, indent=2) + "\n")
+    print(f"\npeers: {args.preset}, {args.views} views, {args.dtype}, {args.device}; wall {summary_doc['wall_s']} s")
+    print(render(results, checks, args.slo_ms))
+    print(f"\nresults: {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

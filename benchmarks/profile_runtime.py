@@ -1,0 +1,81 @@
+"""Where the served runtime's time goes on the GPU: per model and batch bucket, the CUDA-graph replay time,
+the kernels in it (count, busy time, the gaps between them) and the kernels that take the most time.
+
+    python benchmarks/profile_runtime.py --repository /tmp/pi0_repo --buckets 1,16 --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlaserve import repository  # noqa: E402
+from vlaserve.runtimes import load_runtime, static_input  # noqa: E402
+
+
+def replay_ms(run, repeats: int = 20) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repository", required=True)
+    parser.add_argument("--buckets", default="1,16")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    repo, buckets = Path(args.repository), [int(b) for b in args.buckets.split(",")]
+    rows = []
+    for name in repository.RUNNER_MODELS:
+        manifest = json.loads((repo / name / "1" / "manifest.json").read_text())
+        runtime = load_runtime("torchscript", repo / name / "1", list(manifest["outputs"]), "cuda:0")
+        runtime.capture_graphs(buckets, manifest["inputs"])
+        for batch in buckets:
+            graph = runtime.graphs.graphs[batch][0]
+            inputs = [static_input(torch, spec, batch, "cuda:0") for spec in manifest["inputs"].values()]
+            with torch.inference_mode():
+                eager_ms = replay_ms(lambda i=inputs, r=runtime: r._call(*i), 5)
+            ms = replay_ms(graph.replay)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                graph.replay()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.device_time for e in kernels) / 1e3
+            by_name: dict[str, float] = {}
+            for e in kernels:
+                by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3
+            top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+            row = {
+                "model": name, "batch": batch, "eager_ms": round(eager_ms, 2), "graph_ms": round(ms, 2),
+                "kernels": len(kernels), "busy_ms": round(busy, 2), "gaps_ms": round(ms - busy, 2),
+                "top": [(n[:80], round(t, 2)) for n, t in top],
+            }  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        runtime = None
+        torch.cuda.empty_cache()
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(f"\n{'model':8} {'batch':>5} {'eager ms':>9} {'graph ms':>9} {'kernels':>8} {'busy ms':>8} {'gaps ms':>8}")
+    for r in rows:
+        print(
+            f"{r['model']:8} {r['batch']:5d} {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['kernels']:8d} "
+            f"{r['busy_ms']:8.2f} {r['gaps_ms']:8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
