@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlaserve.errors import VlaserveError
 from vlaserve.runtimes import ONNX_FILE, TORCHSCRIPT_FILE
 
 ONNX_DATA_FILE = "model.onnx.data"
@@ -54,11 +55,47 @@ def export_onnx(module: torch.nn.Module, example: tuple, input_names, output_nam
     return [ONNX_FILE, ONNX_DATA_FILE] if external else [ONNX_FILE]
 
 
+SCALAR_READS = {"aten::Int", "aten::Float", "aten::ScalarImplicit", "aten::FloatImplicit", "aten::item"}
+
+
+def capture_hazards(traced: torch.jit.ScriptModule) -> list[str]:
+    """Places where the trace reads a Python number out of a tensor that is not a traced size.
+
+    A size read from a tensor is traced as a small CPU tensor, and arithmetic with a Python constant
+    makes that constant a tensor too; loaded onto a GPU (``map_location``) such constants move there, and
+    reading the number back is a device sync: CUDA-graph capture fails on it, and every plain call waits.
+    """
+    hazards = []
+
+    def from_device(value, seen) -> bool:
+        node = value.node()
+        if node in seen:
+            return False
+        seen.add(node)
+        kind = node.kind()
+        if kind in ("prim::NumToTensor", "aten::size"):
+            return False
+        if kind in ("prim::Constant", "prim::GetAttr", "prim::Param"):
+            return isinstance(value.type(), torch._C.TensorType)
+        return any(from_device(v, seen) for v in node.inputs() if isinstance(v.type(), torch._C.TensorType))
+
+    for node in traced.inlined_graph.nodes():
+        if node.kind() in SCALAR_READS and from_device(next(node.inputs()), set()):
+            where = node.sourceRange().strip().splitlines()
+            hazards.append(f"{node.kind()} at {where[0] if where else node}")
+    return hazards
+
+
 def export_torchscript(module: torch.nn.Module, example: tuple, out_dir: Path) -> list[str]:
-    """Trace to ``out_dir/model.pt``; return the files written."""
+    """Trace to ``out_dir/model.pt``; return the files written. A trace with a capture hazard is an error."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
+    hazards = capture_hazards(traced)
+    if hazards:
+        raise VlaserveError(
+            "torchscript trace", "; ".join(hazards[:3]), "no number read back from a tensor (see capture_hazards)"
+        )
     traced.save(str(out_dir / TORCHSCRIPT_FILE))
     return [TORCHSCRIPT_FILE]
 

@@ -58,20 +58,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
-def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype, keys: int) -> torch.Tensor:
     """Additive bias for :func:`attention` from a bool mask [B, T, S] (True = may attend), or [B, 1, S] for
     a mask shared by every query: [B, 1, T * groups, S] (or [B, 1, 1, S]), 0 or -inf.
 
     Made once per forward, not per layer: SDPA would otherwise convert a bool mask in every call. The
     key dimension is stored padded to a multiple of 16 so that the memory-efficient kernel takes the
-    bias as it is instead of padding a copy each time."""
+    bias as it is instead of padding a copy each time. ``keys`` is S as a plain int: sizes read from
+    tensors are traced, and arithmetic on them in a trace runs on tensors (a device sync inside CUDA-graph
+    capture), so no size below is computed from a tensor's shape."""
     b, t, s = mask.shape
     if t > 1:
-        mask = mask[:, :, None, :].expand(b, t, groups, s).reshape(b, t * groups, s)
+        mask = mask[:, :, None, :].expand(-1, -1, groups, -1).reshape(b, -1, s)
     mask = mask[:, None]
     if torch.onnx.is_in_onnx_export():
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
-    padded = -(-s // 16) * 16
+    padded = -(-keys // 16) * 16
     bias = torch.full((b, 1, mask.shape[2], padded), float("-inf"), dtype=dtype, device=mask.device)
     return bias[..., :s].masked_fill_(mask, 0.0)
 
@@ -82,9 +84,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     :func:`attention_bias` with groups = H / Hkv. Returns [B, T, H * D]."""
     b, t, h, d = q.shape
     hkv = k.shape[1]
-    q = q.reshape(b, t, hkv, h // hkv, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, t * (h // hkv), d)
+    q = q.reshape(b, t, hkv, -1, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return out.reshape(b, hkv, t, h // hkv, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
+    return out.reshape(b, hkv, t, -1, d).permute(0, 2, 1, 3, 4).reshape(b, t, -1)
 
 
 class GemmaBlock(nn.Module):
@@ -131,7 +133,7 @@ class SiglipBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, w // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, w))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
@@ -156,8 +158,8 @@ class VisionTower(nn.Module):
             x = F.avg_pool2d(x.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1)
         # The patch embedding as one matmul over non-overlapping patches (equal to the strided conv, whose
         # weights it uses): no cuDNN call, which CUDA-graph capture does not survive.
-        n, hh, ww, c = x.shape
-        patches = x.reshape(n, hh // p, p, ww // p, p, c).permute(0, 1, 3, 5, 2, 4).reshape(n, -1, c * p * p)
+        g = self.cfg.image_size // p  # patches per side (config ints: no arithmetic on traced sizes)
+        patches = x.reshape(-1, g, p, g, p, 3).permute(0, 1, 3, 5, 2, 4).reshape(-1, g * g, 3 * p * p)
         x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias) + self.pos_embed
         for block in self.blocks:
             x = block(x)
@@ -230,7 +232,7 @@ class Policy(nn.Module):
         cos, sin = rope_tables(positions, p.head_dim, x.dtype)
         # Every prefix token attends to every valid prefix token (bidirectional); padded queries
         # attend too, so no row is empty, but nothing attends to them.
-        bias = attention_bias(mask[:, None, :], p.num_heads // p.num_kv_heads, x.dtype)
+        bias = attention_bias(mask[:, None, :], p.num_heads // p.num_kv_heads, x.dtype, self.cfg.prefix_len)
         keys, values = [], []
         last = len(self.prefix_layers) - 1
         for i, layer in enumerate(self.prefix_layers):
@@ -285,7 +287,8 @@ class Policy(nn.Module):
         e, dtype = self.cfg.expert, self.dtype
         positions = self.suffix_positions(prefix_mask)
         cos, sin = rope_tables(positions, e.head_dim, dtype)
-        bias = attention_bias(self.suffix_mask(prefix_mask), e.num_heads // e.num_kv_heads, dtype)
+        keys = self.cfg.prefix_len + 1 + ACTION_HORIZON
+        bias = attention_bias(self.suffix_mask(prefix_mask), e.num_heads // e.num_kv_heads, dtype, keys)
         prefix_kv = prefix_kv.to(dtype)
         state_tok = self.state_proj(state.to(dtype))[:, None]
         dt = -1.0 / NUM_FLOW_STEPS
@@ -314,7 +317,7 @@ class Policy(nn.Module):
         full = torch.zeros(b, p + s, p + s, dtype=torch.bool)
         full[:, :p, :p] = prefix_mask[:, None, :]
         full[:, p:, :] = self.suffix_mask(prefix_mask)
-        bias = attention_bias(full, self.cfg.prefix.num_heads // self.cfg.prefix.num_kv_heads, self.dtype)
+        bias = attention_bias(full, self.cfg.prefix.num_heads // self.cfg.prefix.num_kv_heads, self.dtype, p + s)
         x_t = noise.float()
         dt = -1.0 / NUM_FLOW_STEPS
         for step in range(NUM_FLOW_STEPS):

@@ -118,3 +118,18 @@ def test_checkpoint_is_loaded(tmp_path):
         prefix_kv, _ = policy.encode(req["images"], req["tokens"])
     (ts_kv, _) = artifacts.run_torchscript(repo / "encoder" / "1", [req["images"], req["tokens"]])
     assert compare(ts_kv, prefix_kv)["rel"] < TOL  # the checkpoint's weights (seed 5), not the seed-9 init
+
+
+def test_traces_read_no_numbers_back_from_tensors(tiny_repo):
+    """Sizes computed from tensor constants become device syncs on a GPU, and CUDA-graph capture fails."""
+    import torch
+
+    from export.artifacts import capture_hazards
+
+    class SizeArithmetic(torch.nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0] // 2, -1)
+
+    assert capture_hazards(torch.jit.trace(SizeArithmetic(), (torch.zeros(4, 3),)))  # the check can fail
+    for name in ("encoder", "decoder"):
+        assert capture_hazards(torch.jit.load(str(tiny_repo / name / "1" / "model.pt"))) == [], name

@@ -82,10 +82,10 @@ def test_attention_matches_naive_softmax():
         k, v = torch.randn(2, kv_heads, 7, 8, generator=gen), torch.randn(2, kv_heads, 7, 8, generator=gen)
         mask = torch.rand(2, 5, 7, generator=gen) > 0.4
         mask[:, :, 0] = True  # no empty row
-        got = attention(q, k, v, attention_bias(mask, 4 // kv_heads, q.dtype))
+        got = attention(q, k, v, attention_bias(mask, 4 // kv_heads, q.dtype, 7))
         assert torch.allclose(got, naive_attention(q, k, v, mask), atol=1e-5)
         shared = mask[:, :1]  # one mask row for every query
-        got = attention(q, k, v, attention_bias(shared, 4 // kv_heads, q.dtype))
+        got = attention(q, k, v, attention_bias(shared, 4 // kv_heads, q.dtype, 7))
         assert torch.allclose(got, naive_attention(q, k, v, shared.expand(-1, 5, -1)), atol=1e-5)
 
 

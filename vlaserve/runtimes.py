@@ -76,12 +76,17 @@ class TorchScriptRuntime:
         it. On a CPU instance (or without CUDA) nothing is captured and every call runs the module."""
         if not self.device.startswith("cuda"):
             return f"no CUDA device here ({self.device} instance): running without CUDA graphs"
-        self.graphs = CudaGraphs(self.torch, self._call, self.device)
-        with self.torch.inference_mode():
-            for batch in sorted(buckets, reverse=True):  # the largest first: the smaller reuse its pool
-                self.graphs.capture(
-                    [static_input(self.torch, spec, batch, self.device) for spec in input_specs.values()]
-                )
+        graphs = CudaGraphs(self.torch, self._call, self.device)
+        try:
+            with self.torch.inference_mode():
+                for batch in sorted(buckets, reverse=True):  # the largest first: the smaller reuse its pool
+                    graphs.capture(
+                        [static_input(self.torch, spec, batch, self.device) for spec in input_specs.values()]
+                    )
+        except RuntimeError as exc:  # the module is still usable without graphs; the status says why
+            self.torch.cuda.synchronize(self.device)
+            return f"CUDA-graph capture failed at batch {batch}, running without graphs: {str(exc).splitlines()[0]}"
+        self.graphs = graphs
         return ""
 
     def run(self, inputs: dict) -> list:
