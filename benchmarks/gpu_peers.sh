@@ -10,6 +10,6 @@ if [ "${PROFILE:-1}" = 1 ]; then
   python benchmarks/profile_runtime.py --repository /tmp/pi0_repo --buckets 1,16 --out $OUT/profile.json > $OUT/profile.log 2>&1
   tail -5 $OUT/profile.log
 fi
-python benchmarks/peers.py --repository /tmp/pi0_repo --out /tmp/peers ${PEERS_ARGS:---users 1,16,32,48 --duration 10 --repeats 40} > $OUT/peers.log 2>&1
+python benchmarks/peers.py --repository /tmp/pi0_repo --out /tmp/peers ${PEERS_ARGS:---users 1,4,8,16,32 --duration 10 --repeats 40} > $OUT/peers.log 2>&1
 cp /tmp/peers/results*.json $OUT/ 2>/dev/null
 grep -v "^\[serve\] \[" $OUT/peers.log | tail -30

@@ -107,7 +107,11 @@ def inprocess(args) -> dict:
         runtimes[name] = load_runtime("torchscript", repo / name / "1", outputs, device)
         started = time.perf_counter()
         why_not = runtimes[name].capture_graphs(buckets, manifests[name]["inputs"])
-        notes.append(why_not or f"{name}: {len(buckets)} graphs in {time.perf_counter() - started:.1f} s")
+        graphs = runtimes[name].graphs
+        chosen = ", ".join(f"{b}: {graphs.chosen[b]}" for b in buckets) if graphs else ""
+        notes.append(
+            why_not or f"{name}: {len(buckets)} graphs in {time.perf_counter() - started:.1f} s (sdpa {chosen})"
+        )
     log("graphs: " + "; ".join(dict.fromkeys(notes)))
 
     def served_runtime(batch_inputs=host):
@@ -321,7 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--triton", default=",".join(TRITON_CONFIGS), help="Triton peers to run (the in-process ones always run)"
     )
     parser.add_argument("--buckets", default="1,2,4,8,16", help="graph buckets of the in-process runtime")
-    parser.add_argument("--users", default="1,8,16,32,48", help="Locust user counts of each Triton sweep")
+    parser.add_argument("--users", default="1,4,8,16,32", help="Locust user counts of each Triton sweep")
     parser.add_argument("--duration", type=int, default=12, help="seconds per sweep step (default: 12)")
     parser.add_argument("--repeats", type=int, default=50, help="batch-1 calls timed per peer (default: 50)")
     parser.add_argument("--slo-ms", type=float, default=200.0, help="p99 SLO for throughput (default: 200)")

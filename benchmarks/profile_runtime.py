@@ -63,6 +63,7 @@ def main() -> None:
                 "model": name, "batch": batch, "eager_ms": round(eager_ms, 2), "graph_ms": round(ms, 2),
                 "kernels": len(kernels), "busy_ms": round(busy, 2), "gaps_ms": round(ms - busy, 2),
                 "top": [(n[:80], round(t, 2)) for n, t in top],
+                "sdpa": runtime.graphs.chosen[batch], "sdpa_replay_ms": runtime.graphs.timings[batch],
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -73,7 +74,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['model']:8} {r['batch']:5d} {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['kernels']:8d} "
-            f"{r['busy_ms']:8.2f} {r['gaps_ms']:8.2f}"
+            f"{r['busy_ms']:8.2f} {r['gaps_ms']:8.2f}  sdpa {r['sdpa']} {r['sdpa_replay_ms']}"
         )
 
 

@@ -268,13 +268,21 @@ class Policy(nn.Module):
         act = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([act, temb], dim=-1))))
         return torch.cat([state_tok, act], dim=1)
 
-    def velocity(self, prefix_kv, x_suffix, cos, sin, bias) -> torch.Tensor:
-        """One expert pass over the suffix, attending to the prefix keys/values layer by layer."""
-        x = x_suffix
+    def velocity(self, kv, x_suffix, cos, sin, bias) -> torch.Tensor:
+        """One expert pass over the suffix, attending to the prefix keys/values layer by layer.
+
+        ``kv`` is [B, depth, 2, Hkv, P + S, D] with the prefix part filled: each layer writes its suffix
+        keys/values into the tail, instead of concatenating the whole prefix again at every step (in an
+        ONNX export, where in-place writes do not translate, ``kv`` is the prefix alone and is concatenated)."""
+        x, p = x_suffix, self.cfg.prefix_len
         for i, layer in enumerate(self.expert_layers):
             q, k, v = layer.qkv(x, cos, sin)
-            k = torch.cat([prefix_kv[:, i, 0], k], dim=2)
-            v = torch.cat([prefix_kv[:, i, 1], v], dim=2)
+            if torch.onnx.is_in_onnx_export():
+                k, v = torch.cat([kv[:, i, 0], k], dim=2), torch.cat([kv[:, i, 1], v], dim=2)
+            else:
+                kv[:, i, 0, :, p:] = k
+                kv[:, i, 1, :, p:] = v
+                k, v = kv[:, i, 0], kv[:, i, 1]
             x = layer.finish(x, attention(q, k, v, bias))
         return self.action_out_proj(self.expert_norm(x)[:, 1:]).float()
 
@@ -289,7 +297,12 @@ class Policy(nn.Module):
         cos, sin = rope_tables(positions, e.head_dim, dtype)
         keys = self.cfg.prefix_len + 1 + ACTION_HORIZON
         bias = attention_bias(self.suffix_mask(prefix_mask), e.num_heads // e.num_kv_heads, dtype, keys)
-        prefix_kv = prefix_kv.to(dtype)
+        if torch.onnx.is_in_onnx_export():
+            kv = prefix_kv.to(dtype)
+        else:
+            b, depth, _, hkv, p, d = prefix_kv.shape
+            kv = prefix_kv.new_empty((b, depth, 2, hkv, keys, d), dtype=dtype)
+            kv[:, :, :, :, :p] = prefix_kv
         state_tok = self.state_proj(state.to(dtype))[:, None]
         dt = -1.0 / NUM_FLOW_STEPS
         times = torch.tensor([1.0 + step * dt for step in range(NUM_FLOW_STEPS)], device=noise.device)
@@ -299,7 +312,7 @@ class Policy(nn.Module):
         for step in range(NUM_FLOW_STEPS):
             act = F.linear(self.action_in_proj(x_t.to(dtype)), w_act) + time_in[step]
             act = self.action_time_mlp_out(F.silu(act))
-            x_t = x_t + dt * self.velocity(prefix_kv, torch.cat([state_tok, act], dim=1), cos, sin, bias)
+            x_t = x_t + dt * self.velocity(kv, torch.cat([state_tok, act], dim=1), cos, sin, bias)
         return x_t
 
     def forward(self, images, tokens, state, noise) -> torch.Tensor:

@@ -153,7 +153,13 @@ class TritonPythonModel:
         if why_not:
             self._log_warn(f"{self.instance}: cuda_graphs requested, {why_not}")
             return {"cuda_graphs": [], "cuda_graphs_note": why_not}
-        return {"cuda_graphs": self.buckets, "capture_s": round(time.perf_counter() - started, 2)}
+        graphs = self.runtime.graphs
+        return {
+            "cuda_graphs": self.buckets,
+            "capture_s": round(time.perf_counter() - started, 2),
+            "sdpa": {str(b): graphs.chosen[b] for b in self.buckets},
+            "replay_ms": {str(b): graphs.timings[b] for b in self.buckets},
+        }
 
     def _write_status(self) -> None:
         message = ", ".join(f"{k}={v}" for k, v in self.status.items())
@@ -260,6 +266,12 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(f"{self.model_name}: the {self.status['runtime']} runtime failed: {exc}")
                 )
             return responses
+        if self.runtime.device.startswith("cuda"):
+            # The outputs leave this process by pointer (DLPack, CUDA IPC): they must be complete first.
+            # Under MPS the next model's kernels run alongside ours and read them early otherwise.
+            import torch
+
+            torch.cuda.current_stream(self.runtime.device).synchronize()
         offset = 0
         for i, size in zip(accepted, sizes):
             tensors = [

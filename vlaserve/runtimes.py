@@ -107,20 +107,42 @@ def static_input(torch, spec: dict, batch: int, device: str):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+# Attention kernels a graph may be captured with (torch.backends.cuda flags); the first is torch's own
+# choice. For pi0's decoder (a few hundred queries, head_dim 256, an additive mask) torch's first choice,
+# cuDNN, took 54 us per call on the H200 (docs/BENCHMARKS.md), so each bucket keeps the fastest.
+SDPA_CHOICES = {
+    "default": {},
+    "efficient": {"cudnn": False, "flash": False, "math": False},
+    "math": {"cudnn": False, "flash": False, "mem_efficient": False},
+}
+
+
 class CudaGraphs:
     """One captured CUDA graph per batch size over ``fn`` (tensors -> list of tensors), sharing one memory
-    pool. A call copies its inputs into the graph's static inputs, replays it, and returns copies of the
-    static outputs (the next replay overwrites them)."""
+    pool. Each batch size is captured once per attention-kernel choice (SDPA_CHOICES), and the fastest
+    replay is kept. A call copies its inputs into the graph's static inputs, replays it, and returns
+    copies of the static outputs (the next replay overwrites them)."""
 
-    def __init__(self, torch, fn, device: str):
-        self.torch, self.fn, self.device = torch, fn, device
+    def __init__(self, torch, fn, device: str, choices=tuple(SDPA_CHOICES)):
+        self.torch, self.fn, self.device, self.choices = torch, fn, device, choices
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple] = {}  # batch -> (graph, static inputs, static outputs)
+        self.timings: dict[int, dict[str, float]] = {}  # batch -> {choice: replay ms}
+        self.chosen: dict[int, str] = {}
 
     def has(self, batch: int) -> bool:
         return batch in self.graphs
 
-    def capture(self, static_inputs: list) -> None:
+    def _flags(self, choice: str) -> dict:
+        backends = self.torch.backends.cuda
+        getters = {"cudnn": backends.cudnn_sdp_enabled, "flash": backends.flash_sdp_enabled,
+                   "mem_efficient": backends.mem_efficient_sdp_enabled, "math": backends.math_sdp_enabled}  # fmt: skip
+        before = {name: get() for name, get in getters.items()}
+        for name, on in {**{n: True for n in getters}, **SDPA_CHOICES[choice]}.items():
+            getattr(backends, f"enable_{name}_sdp")(on)
+        return before
+
+    def _capture_one(self, static_inputs: list):
         torch = self.torch
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -131,7 +153,42 @@ class CudaGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             static_outputs = self.fn(*static_inputs)
-        self.graphs[len(static_inputs[0])] = (graph, static_inputs, static_outputs)
+        return graph, static_outputs
+
+    def _replay_ms(self, graph, repeats: int = 3) -> float:
+        start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
+
+    def capture(self, static_inputs: list) -> None:
+        batch = len(static_inputs[0])
+        best = None
+        for choice in self.choices:
+            before = self._flags(choice)
+            try:
+                graph, outputs = self._capture_one(static_inputs)
+            except RuntimeError:
+                if choice == self.choices[0]:
+                    raise  # torch's own choice must capture; the others may not apply to this model
+                self.torch.cuda.synchronize(self.device)
+                continue
+            finally:
+                self._flags_restore(before)
+            ms = self._replay_ms(graph)
+            self.timings.setdefault(batch, {})[choice] = round(ms, 3)
+            if best is None or ms < best[0]:
+                best = (ms, choice, graph, outputs)
+        _, self.chosen[batch], graph, outputs = best
+        self.graphs[batch] = (graph, static_inputs, outputs)
+
+    def _flags_restore(self, before: dict) -> None:
+        for name, on in before.items():
+            getattr(self.torch.backends.cuda, f"enable_{name}_sdp")(on)
 
     def replay(self, tensors: list) -> list:
         graph, static_inputs, static_outputs = self.graphs[len(tensors[0])]
