@@ -27,20 +27,32 @@ def main() -> None:
     parser.add_argument("--reference", required=True, help="inprocess_actions.npz of benchmarks/peers.py")
     parser.add_argument("--variant", default="gpu_mps")
     parser.add_argument("--out", default="/tmp/mps_values")
+    parser.add_argument(
+        "--percentages", help="encoder:decoder MPS percentages to try with graphs on both, e.g. 100:100,60:40"
+    )
     args = parser.parse_args()
     repo, out = Path(args.repository), Path(args.out)
     reference = np.load(args.reference)["graphs"]
     settings = repository.read_manifest_settings(repo)
     base = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
     rows = []
-    for graphs in ({"encoder": False, "decoder": False}, {"encoder": True, "decoder": False},
-                   {"encoder": False, "decoder": True}, {"encoder": True, "decoder": True}):  # fmt: skip
+    cases = [({"encoder": e, "decoder": d}, None) for e in (False, True) for d in (False, True)]
+    if args.percentages:
+        cases = [
+            ({"encoder": True, "decoder": True}, tuple(map(int, p.split(":")))) for p in args.percentages.split(",")
+        ]
+    for graphs, percentages in cases:
         spec = copy.deepcopy(base)
         for name, on in graphs.items():
             spec["models"][name]["cuda_graphs"] = on
         label = "graphs:" + ("+".join(n for n, on in graphs.items() if on) or "none")
+        if percentages:
+            for name, pct in zip(repository.RUNNER_MODELS, percentages):
+                for group in spec["models"][name]["instance_groups"]:
+                    group["mps_thread_percentage"] = pct
+            label += f",mps:{percentages[0]}:{percentages[1]}"
         variant_repo = repository.write_repository(
-            spec, out / label.replace(":", "_").replace("+", "_"), settings, artifacts_from=repo
+            spec, out / label.replace(":", "_").replace("+", "_").replace(",", "_"), settings, artifacts_from=repo
         )
         mps = any(
             "mps_thread_percentage" in g for n in repository.RUNNER_MODELS for g in spec["models"][n]["instance_groups"]
