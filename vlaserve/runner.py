@@ -267,8 +267,8 @@ class TritonPythonModel:
                 )
             return responses
         if self.runtime.device.startswith("cuda"):
-            # The outputs leave this process by pointer (DLPack, CUDA IPC): they must be complete first.
-            # Under MPS the next model's kernels run alongside ours and read them early otherwise.
+            # The outputs leave this process by pointer (DLPack, CUDA IPC), to a process that does not
+            # wait on our stream: they must be complete before they are handed over.
             import torch
 
             torch.cuda.current_stream(self.runtime.device).synchronize()
