@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import latencies  # benchmarks/ is on the path when this script runs
 
 from export.policy import build_policy
 from export.presets import get_preset
@@ -24,15 +25,6 @@ from vlaserve.client import PolicyClient, make_request
 from vlaserve.server import ServerOptions, TritonServer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
 
 
 def inprocess_runtime_p50(repo: Path, request: dict, repeats: int) -> float:
@@ -52,8 +44,7 @@ def inprocess_runtime_p50(repo: Path, request: dict, repeats: int) -> float:
         )
         actions[0].cpu()
 
-    timed(once, 5)
-    return statistics.median(timed(once, repeats))
+    return statistics.median(latencies(once, repeats, warmup=5))
 
 
 def main() -> None:
@@ -93,8 +84,7 @@ def main() -> None:
                 )
         client = PolicyClient(server.grpc_url, "grpc", timeout_s=300)
         request = make_request(1, cfg.views, seed=0, with_noise=True, vocab_size=cfg.vocab_size)
-        timed(lambda: client.infer(request), 5)
-        served_ms = timed(lambda: client.infer(request), args.repeats)
+        served_ms = latencies(lambda: client.infer(request), args.repeats, warmup=5)
         status = [json.loads(p.read_text()) for p in sorted(server.status_dir.glob("*.json"))]
     local(request)
 
@@ -102,7 +92,7 @@ def main() -> None:
         local(request)
         torch.cuda.synchronize()
 
-    local_ms = timed(local_sync, args.repeats)
+    local_ms = latencies(local_sync, args.repeats, warmup=0)
     result["inprocess_runtime_batch1_p50_ms"] = inprocess_runtime_p50(repo, request, args.repeats)
     result.update(
         triton_batch1_p50_ms=statistics.median(served_ms),

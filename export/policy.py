@@ -82,7 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     """Grouped-query attention with the query heads of each key/value head folded into the query axis, so
     that keys and values are never copied per head. q [B,T,H,D]; k, v [B,Hkv,S,D]; bias from
     :func:`attention_bias` with groups = H / Hkv. Returns [B, T, H * D]."""
-    b, t, h, d = q.shape
+    b, t, _, d = q.shape
     hkv = k.shape[1]
     q = q.reshape(b, t, hkv, -1, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -90,11 +90,11 @@ class TorchScriptRuntime:
         return ""
 
     def run(self, inputs: dict) -> list:
-        tensors = [t.to(self.device, non_blocking=True) for t in inputs.values()]
+        tensors = list(inputs.values())
         with self.torch.inference_mode():
             if self.graphs is not None and self.graphs.has(len(tensors[0])):
-                return self.graphs.replay(tensors)
-            return self._call(*tensors)
+                return self.graphs.replay(tensors)  # copies host inputs straight into the static ones
+            return self._call(*(t.to(self.device, non_blocking=True) for t in tensors))
 
 
 def static_input(torch, spec: dict, batch: int, device: str):
