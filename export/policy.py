@@ -12,6 +12,7 @@ sequence, recomputed at every step, as in training); tests check that the split 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -81,12 +82,42 @@ def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype, keys: in
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Grouped-query attention with the query heads of each key/value head folded into the query axis, so
     that keys and values are never copied per head. q [B,T,H,D]; k, v [B,Hkv,S,D]; bias from
-    :func:`attention_bias` with groups = H / Hkv. Returns [B, T, H * D]."""
+    :func:`attention_bias` with groups = H / Hkv. Returns [B, T, H * D].
+
+    SDPA, unless :func:`attention_override` has put another implementation in place."""
+    if _attention_impl is not None:
+        return _attention_impl(q, k, v, bias)
     b, t, _, d = q.shape
     hkv = k.shape[1]
     q = q.reshape(b, t, hkv, -1, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return out.reshape(b, hkv, t, -1, d).permute(0, 2, 1, 3, 4).reshape(b, t, -1)
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` written out: two batched matmuls and a float32 softmax. Compiled (Inductor fuses
+    the scale, the bias and the softmax into one kernel) it beats every SDPA kernel for pi0's decoder at
+    small batches, where a few hundred queries leave those kernels a dozen thread blocks on the H200."""
+    b, t, _, d = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, t, hkv, -1, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)
+    scores = (q @ k.transpose(-1, -2)).float() * d**-0.5 + bias.float()
+    out = scores.softmax(-1).to(v.dtype) @ v
+    return out.reshape(b, hkv, t, -1, d).permute(0, 2, 1, 3, 4).reshape(b, t, -1)
+
+
+_attention_impl = None  # set only inside attention_override(); tracing and export always see SDPA
+
+
+@contextlib.contextmanager
+def attention_override(impl):
+    """Within the block, :func:`attention` calls ``impl`` (same arguments) instead of SDPA."""
+    global _attention_impl
+    before, _attention_impl = _attention_impl, impl
+    try:
+        yield
+    finally:
+        _attention_impl = before
 
 
 class GemmaBlock(nn.Module):
@@ -305,7 +336,8 @@ class Policy(nn.Module):
             kv[:, :, :, :, :p] = prefix_kv
         state_tok = self.state_proj(state.to(dtype))[:, None]
         dt = -1.0 / NUM_FLOW_STEPS
-        times = torch.tensor([1.0 + step * dt for step in range(NUM_FLOW_STEPS)], device=noise.device)
+        # 1 + step * dt as Python computes it (float64, then float32), made on the device: no host copy
+        times = (1.0 + dt * torch.arange(NUM_FLOW_STEPS, dtype=torch.float64, device=noise.device)).float()
         w_act, w_time = self.action_time_mlp_in.weight.chunk(2, dim=1)
         time_in = F.linear(time_embedding(times, e.width).to(dtype), w_time, self.action_time_mlp_in.bias)
         x_t = noise.float()
