@@ -1,4 +1,5 @@
-"""The fast GPU path on a machine without a GPU: CUDA graphs fall back, and the peers benchmark runs (tiny)."""
+"""The fast GPU path on a machine without a GPU: CUDA graphs and compiling fall back, the compiled model's
+parts are checked with TorchDynamo alone, and the peers benchmark runs (tiny)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from vlaserve import repository
 from vlaserve.errors import VlaserveError
-from vlaserve.runtimes import load_runtime
+from vlaserve.runtimes import load_runtime, python_module, random_input
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,56 @@ def test_cuda_graphs_fall_back_to_the_module_on_cpu(tiny_repo):
     inputs = {k: torch.from_numpy(request[k]) for k in manifest["inputs"]}
     for got, want in zip(graphed.run(inputs), plain.run(inputs)):
         assert torch.equal(got, want)
+
+
+def _runtime(repo, name, device="cpu"):
+    manifest = json.loads((repo / name / "1" / "manifest.json").read_text())
+    return manifest, load_runtime("torchscript", repo / name / "1", list(manifest["outputs"]), device)
+
+
+def test_compile_falls_back_to_the_torchscript_module_on_cpu(tiny_repo):
+    manifest, runtime = _runtime(tiny_repo, "decoder", "cuda:0")
+    why_not = runtime.compile(manifest)
+    assert "no CUDA device" in why_not and runtime.compiled is None
+    assert list(runtime.attention_choices()) == ["default", "efficient", "math"]
+
+
+@pytest.mark.parametrize("name", ["encoder", "decoder"])
+def test_compiled_path_computes_what_the_artifact_does(tiny_repo, name):
+    """The Python model rebuilt around the artifact's weights, traced by TorchDynamo layer by layer (backend
+    eager: Inductor itself is for the GPU), with SDPA and with the written-out attention."""
+    manifest, runtime = _runtime(tiny_repo, name)
+    assert runtime.compile(manifest, batch=2, backend="eager") == ""
+    assert set(runtime.compiled_rel) == {"default", "compiled_math"}
+    assert all(r < 1e-5 for r in runtime.compiled_rel.values()), runtime.compiled_rel
+    assert set(runtime.attention_choices()) == {"default", "efficient", "math", "compiled_math"}
+    _, plain = _runtime(tiny_repo, name)
+    inputs = {k: random_input(torch, spec, 3, "cpu", manifest["vocab_size"], seed=5) for k, spec in manifest["inputs"].items()}  # fmt: skip
+    for got, want in zip(runtime.run(inputs), plain.run(inputs)):
+        assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_refuses_a_model_that_differs_from_the_artifact(tiny_repo, monkeypatch):
+    manifest, runtime = _runtime(tiny_repo, "encoder")
+    state = runtime.module.state_dict()
+    with pytest.raises(VlaserveError, match="1 missing"):
+        python_module(torch, manifest, {k: v for k, v in state.items() if k != "policy.vision.norm.weight"})
+    import export.policy
+
+    monkeypatch.setattr(export.policy, "RMS_EPS", 0.5)  # as if the model code had changed since the export
+    why_not = runtime.compile(manifest, backend="eager")
+    assert "differs from the TorchScript artifact" in why_not and runtime.compiled is None
+
+
+def test_compile_needs_torchscript():
+    spec = repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu")
+    spec["models"]["decoder"].update(runtime="onnxruntime", cuda_graphs=False)
+    with pytest.raises(VlaserveError, match="compile"):
+        repository.validate_spec(spec)
+    spec = repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu")
+    assert repository.build_configs(spec)["decoder"].parameters["compile"].string_value == "true"
+    naive = repository.build_configs(repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu_naive"))
+    assert "compile" not in naive["decoder"].parameters
 
 
 def test_cuda_graphs_need_torchscript_and_buckets():
@@ -58,11 +109,11 @@ def test_peers_benchmark_produces_table_and_results_on_cpu(tiny_repo, tmp_path, 
     printed = capsys.readouterr().out
     doc = json.loads((out / "results.json").read_text())
     results = doc["results"]
-    assert list(results) == ["eager", "graphs", "triton_naive", "triton_tuned", "triton_tuned_mps"]
+    assert list(results) == ["eager", "graphs", "compiled", "triton_naive", "triton_tuned", "triton_tuned_mps"]
     for peer, r in results.items():
         assert r["batch1"]["p50_ms"] > 0 and r["batch1"]["n"] == 5, peer
         assert f"\n{peer.rjust(16)}" in printed or f"\n{peer}" in printed
-    assert "no CUDA device" in results["graphs"]["note"]
+    assert "no CUDA device" in results["graphs"]["note"] and "no CUDA device" in results["compiled"]["note"]
     assert results["eager"]["vs_graphs_rel"] < 1e-5  # the served runtime computes what PyTorch does
     for peer in ("triton_naive", "triton_tuned", "triton_tuned_mps"):
         r = results[peer]
@@ -72,7 +123,9 @@ def test_peers_benchmark_produces_table_and_results_on_cpu(tiny_repo, tmp_path, 
         assert r["best"] is not None and r["best"]["throughput"] > 0, peer
     tuned = {s["model"]: s for s in results["triton_tuned"]["instances"]}
     assert tuned["encoder"]["cuda_graphs"] == [] and "no CUDA device" in tuned["encoder"]["cuda_graphs_note"]
-    assert "cuda_graphs" not in {s["model"]: s for s in results["triton_naive"]["instances"]}["encoder"]
+    assert tuned["decoder"]["compiled"] is False and "no CUDA device" in tuned["decoder"]["compile_note"]
+    naive = {s["model"]: s for s in results["triton_naive"]["instances"]}["encoder"]
+    assert "cuda_graphs" not in naive and "compiled" not in naive
     assert "MPS percentages dropped" in results["triton_tuned_mps"]["note"]
     assert {c["target"].split(" ")[0] for c in doc["targets"]} == {"batch-1", "throughput", "Triton"}
     assert "target" in printed and "results.json" in printed

@@ -41,6 +41,7 @@ MODEL_KEYS = {
     "noise_seed",
     "batch_buckets",
     "cuda_graphs",
+    "compile",
 }
 BATCHING_KEYS = {
     "preferred_batch_size",
@@ -139,6 +140,10 @@ def validate_spec(spec: dict) -> dict:
             raise VlaserveError(
                 f"models.{name}.cuda_graphs", True, "runtime torchscript and batch_buckets (one graph per bucket)"
             )
+        if m.get("compile") not in (None, True, False):
+            raise VlaserveError(f"models.{name}.compile", m["compile"], "true or false")
+        if m.get("compile") and m["runtime"] != "torchscript":
+            raise VlaserveError(f"models.{name}.compile", True, "runtime torchscript (it compiles the traced model)")
         if "warmup_count" in m:
             _positive_int(m["warmup_count"], f"models.{name}.warmup_count")
     policy = models.get(io.POLICY, {})
@@ -234,8 +239,9 @@ def runner_config(name: str, m: dict, dims) -> dict:
             params[key] = m[key]
     if m.get("batch_buckets"):
         params["batch_buckets"] = ",".join(str(b) for b in sorted(m["batch_buckets"]))
-    if m.get("cuda_graphs"):
-        params["cuda_graphs"] = "true"
+    for key in ("cuda_graphs", "compile"):
+        if m.get(key):
+            params[key] = "true"
     groups = []
     for g in m["instance_groups"]:
         group = {"name": g["name"], "count": g["count"], "kind": KINDS[g.get("kind", "cpu")]}

@@ -113,6 +113,8 @@ class TritonPythonModel:
         # makes TorchScript's profiling executor re-optimize, seconds for pi0, while requests queue),
         # and, with cuda_graphs, only shapes that have a captured graph.
         self.buckets = sorted(int(b) for b in params.get("batch_buckets", "").split(",") if b)
+        if params.get("compile", "false") == "true":
+            self.status.update(self._compile())
         if params.get("cuda_graphs", "false") == "true":
             self.status.update(self._capture_graphs())
         seed = int(params.get("noise_seed", 0)) + int(args["model_instance_device_id"]) * 1000
@@ -143,6 +145,26 @@ class TritonPythonModel:
             )
         return status
 
+    def _compile(self) -> dict:
+        """The traced model as Python with Inductor-compiled layers, checked against the artifact at the
+        smallest bucket (vlaserve.runtimes.TorchScriptRuntime.compile); otherwise a warning, and the
+        TorchScript module serves."""
+        import time
+
+        started = time.perf_counter()
+        if not hasattr(self.runtime, "compile"):
+            why_not = f"the {self.status['runtime']} runtime has no compiled path: running it as it is"
+        else:
+            why_not = self.runtime.compile(self.manifest, batch=self.buckets[0] if self.buckets else 1)
+        if why_not:
+            self._log_warn(f"{self.instance}: compile requested, {why_not}")
+            return {"compiled": False, "compile_note": why_not}
+        return {
+            "compiled": True,
+            "compile_s": round(time.perf_counter() - started, 2),
+            "compiled_rel": self.runtime.compiled_rel,
+        }
+
     def _capture_graphs(self) -> dict:
         """One CUDA graph per bucket, captured before the model reports ready (Triton's warm-up then
         replays them); on a CPU instance a warning, and the module runs as it is."""
@@ -157,7 +179,7 @@ class TritonPythonModel:
         return {
             "cuda_graphs": self.buckets,
             "capture_s": round(time.perf_counter() - started, 2),
-            "sdpa": {str(b): graphs.chosen[b] for b in self.buckets},
+            "attention": {str(b): graphs.chosen[b] for b in self.buckets},
             "replay_ms": {str(b): graphs.timings[b] for b in self.buckets},
         }
 

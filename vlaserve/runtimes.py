@@ -6,6 +6,8 @@ Runtime works on numpy arrays; TorchScript on torch tensors, on the CPU or a CUD
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,8 @@ class OnnxRuntime:
 
 
 class TorchScriptRuntime:
-    """A TorchScript module run under ``torch.inference_mode``; on a GPU, optionally from CUDA graphs."""
+    """A TorchScript module run under ``torch.inference_mode``; on a GPU, optionally from CUDA graphs, and
+    optionally as the Python model it was traced from with its layers compiled by Inductor (:meth:`compile`)."""
 
     tensor_kind = "torch"
 
@@ -61,13 +64,84 @@ class TorchScriptRuntime:
         self.module = torch.jit.load(str(path), map_location=device).eval()
         self.output_names = list(output_names)
         self.graphs: CudaGraphs | None = None
+        self.compiled = None  # the Python module with compiled layers, once compile() succeeded
+        self.compiled_rel: dict[str, float] = {}  # attention choice -> rel error against the TorchScript module
+        self.compile_backend = ""
 
     def _call(self, *tensors) -> list:
-        # Without the optimizing executor: it re-profiles and re-fuses every new input shape, which took
-        # long enough for pi0 on the H200 that queued requests timed out (docs/BENCHMARKS.md).
-        with self.torch.jit.optimized_execution(False):
-            out = self.module(*tensors)
+        if self.compiled is not None:
+            out = self.compiled(*tensors)
+        else:
+            # Without the optimizing executor: it re-profiles and re-fuses every new input shape, which took
+            # long enough for pi0 on the H200 that queued requests timed out (docs/BENCHMARKS.md).
+            with self.torch.jit.optimized_execution(False):
+                out = self.module(*tensors)
         return list(out) if isinstance(out, tuple) else [out]
+
+    def attention_choices(self) -> dict:
+        """The attention implementations a CUDA graph may be captured with: {name: context manager factory}."""
+        choices = sdpa_choices(self.torch)
+        if self.compiled is not None:
+            choices.update(self._compiled_choices(self.compile_backend))
+        return choices
+
+    def _compiled_choices(self, backend: str) -> dict:
+        """SDPA as it comes, and :func:`export.policy.attention_math` compiled: what :meth:`compile` checks."""
+        from export.policy import attention_override
+
+        impl = _compiled_attention_math(self.torch, backend)
+        return {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
+
+    def compile(self, manifest: dict, batch: int = 1, backend: str = "inductor") -> str:
+        """Run the Python model the artifact was traced from (``manifest``'s preset and views, the artifact's
+        own weights) with each layer compiled by ``torch.compile`` (fused elementwise kernels, a few seconds
+        per layer kind and batch size); returns why not, or "" when in use.
+
+        Checked before use: at ``batch`` on random inputs, with every attention choice, the compiled model
+        must match the TorchScript module within the export's parity tolerance for the dtype, or the
+        TorchScript module stays in use. Compilation happens per input shape, on first use (the CUDA-graph
+        warm-up does it for every bucket). Inductor is for CUDA here; ``backend="eager"`` (any device)
+        traces with TorchDynamo but compiles nothing, for tests."""
+        torch = self.torch
+        if backend == "inductor" and not self.device.startswith("cuda"):
+            return f"no CUDA device here ({self.device} instance): running the TorchScript module uncompiled"
+        from export.parity import REL_TOLERANCE, compare
+
+        if not Path(sys.executable).name.startswith("python"):
+            # In Triton's Python-backend stub, sys.executable is not a Python that could run Inductor's
+            # compile workers: compile in this process.
+            import torch._inductor.config
+
+            torch._inductor.config.compile_threads = 1
+        try:
+            module = python_module(torch, manifest, self.module.state_dict())
+            compile_layers(torch, module, manifest["model"], backend)
+            inputs = [random_input(torch, spec, batch, self.device, manifest["vocab_size"], seed=i)
+                      for i, spec in enumerate(manifest["inputs"].values())]  # fmt: skip
+            rel = {}
+            with torch.inference_mode():
+                with torch.jit.optimized_execution(False):
+                    ref = self.module(*inputs)
+                ref = ref[0] if isinstance(ref, tuple) else ref
+                for name, context in self._compiled_choices(backend).items():
+                    with context():
+                        out = module(*inputs)
+                    rel[name] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]
+        except Exception as exc:  # noqa: BLE001 - the TorchScript module still serves; the status says why
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+            return f"compiling failed, running the TorchScript module: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        tolerance = REL_TOLERANCE[manifest["dtype"]]
+        bad = {name: r for name, r in rel.items() if not r <= tolerance}  # NaN is bad too
+        if bad:
+            name, r = next(iter(bad.items()))
+            return (
+                f"the compiled model differs from the TorchScript artifact with {name} attention (rel {r:.2g} > "
+                f"{tolerance:g}; was export/policy.py changed since the export?): running the TorchScript module"
+            )
+        self.compiled, self.compile_backend = module, backend
+        self.compiled_rel = {k: float(f"{v:.3g}") for k, v in rel.items()}
+        return ""
 
     def capture_graphs(self, buckets, input_specs: dict) -> str:
         """Capture one CUDA graph per batch size in ``buckets``; returns why not, or "" when captured.
@@ -76,7 +150,7 @@ class TorchScriptRuntime:
         it. On a CPU instance (or without CUDA) nothing is captured and every call runs the module."""
         if not self.device.startswith("cuda"):
             return f"no CUDA device here ({self.device} instance): running without CUDA graphs"
-        graphs = CudaGraphs(self.torch, self._call, self.device)
+        graphs = CudaGraphs(self.torch, self._call, self.device, self.attention_choices())
         try:
             with self.torch.inference_mode():
                 for batch in sorted(buckets, reverse=True):  # the largest first: the smaller reuse its pool
@@ -107,23 +181,92 @@ def static_input(torch, spec: dict, batch: int, device: str):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-# Attention kernels a graph may be captured with (torch.backends.cuda flags); the first is torch's own
-# choice. For pi0's decoder (a few hundred queries, head_dim 256, an additive mask) torch's first choice,
-# cuDNN, took 54 us per call on the H200 (docs/BENCHMARKS.md), so each bucket keeps the fastest.
-SDPA_CHOICES = {
-    "default": {},
-    "efficient": {"cudnn": False, "flash": False, "math": False},
-    "math": {"cudnn": False, "flash": False, "mem_efficient": False},
-}
+def random_input(torch, spec: dict, batch: int, device: str, vocab_size: int, seed: int):
+    """A random valid input of ``spec``: frames in 0..255, token ids in 1..vocab-1, masks valid at the first
+    position and random after it, normal values for floating tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, spec["dtype"])
+    shape = (batch, *spec["shape"][1:])
+    if dtype == torch.uint8:
+        value = torch.randint(0, 256, shape, generator=gen, dtype=dtype)
+    elif dtype in (torch.int32, torch.int64):
+        value = torch.randint(1, vocab_size, shape, generator=gen, dtype=dtype)
+    elif dtype == torch.bool:
+        value = torch.rand(shape, generator=gen) < 0.8
+        value[:, 0] = True
+    else:
+        value = torch.randn(shape, generator=gen).to(dtype)
+    return value.to(device)
+
+
+def python_module(torch, manifest: dict, state_dict: dict):
+    """The ``export.policy`` Encoder or Decoder of ``manifest`` (preset, views), holding ``state_dict``'s
+    tensors themselves (no copy: built on the meta device, then assigned)."""
+    from export.policy import Decoder, Encoder, Policy
+    from export.presets import get_preset
+
+    with torch.device("meta"):
+        policy = Policy(get_preset(manifest["preset"], manifest["views"]))
+    module = {"encoder": Encoder, "decoder": Decoder}[manifest["model"]](policy)
+    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    if missing or unexpected:
+        raise VlaserveError(
+            f"{manifest['model']} artifact weights",
+            f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})",
+            "the parameter layout of export/policy.py (re-export: make export)",
+        )
+    return module.eval()
+
+
+def compile_layers(torch, module, model: str, backend: str = "inductor") -> None:
+    """Replace each layer's methods by ``torch.compile``'d ones (static shapes). One layer at a time rather
+    than the whole model: every layer of a kind shares one compiled graph (its weights are inputs), so
+    compiling takes seconds, not the minutes a whole unrolled pi0 takes (DESIGN.md fact 9)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x kinds
+
+    def compiled(fn):
+        return torch.compile(fn, dynamic=False, backend=backend)
+
+    policy = module.policy
+    if model == "encoder":
+        for block in policy.vision.blocks:
+            block.forward = compiled(block.forward)
+    for layer in policy.prefix_layers if model == "encoder" else policy.expert_layers:
+        layer.qkv, layer.finish = compiled(layer.qkv), compiled(layer.finish)
+
+
+_COMPILED_ATTENTION: dict[str, object] = {}
+
+
+def _compiled_attention_math(torch, backend: str = "inductor"):
+    """``export.policy.attention_math`` compiled once per process and backend."""
+    if backend not in _COMPILED_ATTENTION:
+        from export.policy import attention_math
+
+        _COMPILED_ATTENTION[backend] = torch.compile(attention_math, dynamic=False, backend=backend)
+    return _COMPILED_ATTENTION[backend]
+
+
+def sdpa_choices(torch) -> dict:
+    """SDPA kernels a graph may be captured with: {name: context manager factory}; the first is torch's own
+    choice. For pi0's decoder (a few hundred queries, head_dim 256, an additive mask) torch's first choice,
+    cuDNN, took 54 us per call on the H200 (docs/BENCHMARKS.md), so each bucket keeps the fastest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return {
+        "default": contextlib.nullcontext,
+        "efficient": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
+        "math": lambda: sdpa_kernel([SDPBackend.MATH]),
+    }
 
 
 class CudaGraphs:
     """One captured CUDA graph per batch size over ``fn`` (tensors -> list of tensors), sharing one memory
-    pool. Each batch size is captured once per attention-kernel choice (SDPA_CHOICES), and the fastest
-    replay is kept. A call copies its inputs into the graph's static inputs, replays it, and returns
-    copies of the static outputs (the next replay overwrites them)."""
+    pool. Each batch size is captured once per attention choice ({name: context manager factory}, the
+    first being the default), and the fastest replay is kept. A call copies its inputs into the graph's
+    static inputs, replays it, and returns copies of the static outputs (the next replay overwrites them)."""
 
-    def __init__(self, torch, fn, device: str, choices=tuple(SDPA_CHOICES)):
+    def __init__(self, torch, fn, device: str, choices: dict):
         self.torch, self.fn, self.device, self.choices = torch, fn, device, choices
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple] = {}  # batch -> (graph, static inputs, static outputs)
@@ -133,20 +276,11 @@ class CudaGraphs:
     def has(self, batch: int) -> bool:
         return batch in self.graphs
 
-    def _flags(self, choice: str) -> dict:
-        backends = self.torch.backends.cuda
-        getters = {"cudnn": backends.cudnn_sdp_enabled, "flash": backends.flash_sdp_enabled,
-                   "mem_efficient": backends.mem_efficient_sdp_enabled, "math": backends.math_sdp_enabled}  # fmt: skip
-        before = {name: get() for name, get in getters.items()}
-        for name, on in {**{n: True for n in getters}, **SDPA_CHOICES[choice]}.items():
-            getattr(backends, f"enable_{name}_sdp")(on)
-        return before
-
     def _capture_one(self, static_inputs: list):
         torch = self.torch
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm up outside the capture (lazy inits, allocator, cuBLAS handles)
+        with torch.cuda.stream(side):  # warm up outside the capture (lazy inits, compiles, cuBLAS handles)
             for _ in range(2):
                 self.fn(*static_inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -168,27 +302,21 @@ class CudaGraphs:
     def capture(self, static_inputs: list) -> None:
         batch = len(static_inputs[0])
         best = None
-        for choice in self.choices:
-            before = self._flags(choice)
+        for i, (choice, context) in enumerate(self.choices.items()):
             try:
-                graph, outputs = self._capture_one(static_inputs)
+                with context():
+                    graph, outputs = self._capture_one(static_inputs)
             except RuntimeError:
-                if choice == self.choices[0]:
-                    raise  # torch's own choice must capture; the others may not apply to this model
+                if i == 0:
+                    raise  # the default must capture; the others may not apply to this model
                 self.torch.cuda.synchronize(self.device)
                 continue
-            finally:
-                self._flags_restore(before)
             ms = self._replay_ms(graph)
             self.timings.setdefault(batch, {})[choice] = round(ms, 3)
             if best is None or ms < best[0]:
                 best = (ms, choice, graph, outputs)
         _, self.chosen[batch], graph, outputs = best
         self.graphs[batch] = (graph, static_inputs, outputs)
-
-    def _flags_restore(self, before: dict) -> None:
-        for name, on in before.items():
-            getattr(self.torch.backends.cuda, f"enable_{name}_sdp")(on)
 
     def replay(self, tensors: list) -> list:
         graph, static_inputs, static_outputs = self.graphs[len(tensors[0])]
