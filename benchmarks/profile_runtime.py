@@ -1,7 +1,7 @@
 """Where the served runtime's time goes on the GPU: per model and batch bucket, the CUDA-graph replay time,
 the kernels in it (count, busy time, the gaps between them) and the kernels that take the most time.
 
-    python benchmarks/profile_runtime.py --repository /tmp/pi0_repo --buckets 1,16 --out $OUT/profile.json
+    python benchmarks/profile_runtime.py --repository /tmp/pi0_repo --buckets 1,16 [--compile] --out $OUT/profile.json
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", required=True)
     parser.add_argument("--buckets", default="1,16")
+    parser.add_argument("--compile", action="store_true", help="compile the layers first (the tuned configs' runtime)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     repo, buckets = Path(args.repository), [int(b) for b in args.buckets.split(",")]
@@ -43,6 +44,8 @@ def main() -> None:
     for name in repository.RUNNER_MODELS:
         manifest = json.loads((repo / name / "1" / "manifest.json").read_text())
         runtime = load_runtime("torchscript", repo / name / "1", list(manifest["outputs"]), "cuda:0")
+        if args.compile:
+            print(f"{name}: compile: {runtime.compile(manifest, batch=buckets[0]) or 'ok'}", flush=True)
         runtime.capture_graphs(buckets, manifest["inputs"])
         for batch in buckets:
             graph = runtime.graphs.graphs[batch][0]
@@ -63,7 +66,7 @@ def main() -> None:
                 "model": name, "batch": batch, "eager_ms": round(eager_ms, 2), "graph_ms": round(ms, 2),
                 "kernels": len(kernels), "busy_ms": round(busy, 2), "gaps_ms": round(ms - busy, 2),
                 "top": [(n[:80], round(t, 2)) for n, t in top],
-                "sdpa": runtime.graphs.chosen[batch], "sdpa_replay_ms": runtime.graphs.timings[batch],
+                "attention": runtime.graphs.chosen[batch], "attention_replay_ms": runtime.graphs.timings[batch],
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -74,7 +77,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['model']:8} {r['batch']:5d} {r['eager_ms']:9.2f} {r['graph_ms']:9.2f} {r['kernels']:8d} "
-            f"{r['busy_ms']:8.2f} {r['gaps_ms']:8.2f}  sdpa {r['sdpa']} {r['sdpa_replay_ms']}"
+            f"{r['busy_ms']:8.2f} {r['gaps_ms']:8.2f}  attention {r['attention']} {r['attention_replay_ms']}"
         )
 
 
