@@ -63,7 +63,7 @@ lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff format --check .
 
 mps-status: $(STAMP) ## every running instance: process, device, MPS percentage and the SMs it got
-	$(PY) -m vlaserve.status
+	$(PY) -m vlaserve.status $(ARGS)
 
 up: ## docker compose up: Triton beside the MPS sidecar (GPU host with the NVIDIA container toolkit)
 	docker compose -f deploy/docker-compose.yml up --build

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ("model", "instance", "pid", "alive", "kind", "device", "runtime", "mps_thread_percentage", "sm_count",
-           "expected_sm_count", "probe_tflops")  # fmt: skip
+           "expected_sm_count", "probe_tflops", "compiled", "cuda_graphs")  # fmt: skip
 
 
 def read_status(workdir: Path) -> list[dict]:
