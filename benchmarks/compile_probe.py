@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from profile_runtime import kernel_times, replay_ms  # noqa: E402  (this folder: the script's own)
 
 from export.parity import compare, random_request  # noqa: E402
 from export.policy import Decoder, Encoder, attention_math, attention_override, build_policy  # noqa: E402
@@ -33,18 +34,6 @@ from vlaserve.runtimes import CudaGraphs, sdpa_choices  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[probe] {msg}", flush=True)
-
-
-def median_ms(run, repeats: int = 20) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 VARIANTS = {  # name: (model, what is compiled)
@@ -121,7 +110,7 @@ def main() -> None:
                     graphs.capture(inputs(model, batch, seed=batch))
                     capture_s = time.perf_counter() - t0
                     got = graphs.replay(fresh[batch])[0].float()
-                    ms = median_ms(graphs.graphs[batch][0].replay)
+                    ms = replay_ms(graphs.graphs[batch][0].replay)
                     row = {"variant": variant, "batch": batch, "graph_ms": round(ms, 2),
                            "rel_vs_eager": compare(got, refs[(model, batch)])["rel"],
                            "capture_s": round(capture_s, 1), "attention": graphs.chosen[batch]}  # fmt: skip
@@ -143,18 +132,9 @@ def main() -> None:
 
 
 def profile(graph) -> dict:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list] = {}
-    for e in kernels:
-        entry = by_name.setdefault(e.name[:70], [0, 0.0])
-        entry[0] += 1
-        entry[1] += e.device_time / 1e3
+    count, busy, by_name = kernel_times(graph, name_chars=70)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:8]
-    return {"kernels": len(kernels), "busy_ms": round(sum(e.device_time for e in kernels) / 1e3, 2),
-            "top": [(n, c, round(t, 2)) for n, (c, t) in top]}  # fmt: skip
+    return {"kernels": count, "busy_ms": round(busy, 2), "top": [(n, c, round(t, 2)) for n, (c, t) in top]}
 
 
 def _tuple(out):

@@ -108,7 +108,7 @@ def inprocess(args) -> dict:
 
     buckets = [int(b) for b in args.buckets.split(",")]
     for peer in ("graphs", "compiled"):
-        results[peer], actions[peer] = served_inprocess(args, peer, manifests, buckets, cfg.vocab_size, device)
+        results[peer], actions[peer] = served_inprocess(args, peer, manifests, buckets, host, cfg.vocab_size, device)
         sync()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -118,17 +118,16 @@ def inprocess(args) -> dict:
     return results
 
 
-def served_inprocess(args, peer: str, manifests: dict, buckets: list, vocab_size: int, device: str):
+def served_inprocess(args, peer: str, manifests: dict, buckets: list, host: dict, vocab_size: int, device: str):
     """The served runtime in this process: TorchScript under CUDA graphs (``graphs``), or with its layers
-    compiled as well (``compiled``, what the tuned configs serve). Returns (results, batch-1 actions)."""
+    compiled as well (``compiled``, what the tuned configs serve). ``host`` is the batch-1 request (torch, on
+    the host) that the eager peer was timed on. Returns (results, batch-1 actions)."""
     import torch
 
     from vlaserve.client import make_request
     from vlaserve.runtimes import load_runtime
 
     repo = Path(args.repository)
-    request = make_request(1, args.views, seed=0, with_noise=True, vocab_size=vocab_size)
-    host = {k: torch.from_numpy(v) for k, v in request.items()}
     runtimes, notes = {}, []
     for name in repository.RUNNER_MODELS:
         outputs = list(manifests[name]["outputs"])

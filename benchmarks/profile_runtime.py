@@ -32,6 +32,21 @@ def replay_ms(run, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def kernel_times(graph, name_chars: int | None = None) -> tuple[int, float, dict[str, list]]:
+    """One profiled replay of ``graph``: kernel count, GPU busy ms, and {kernel name (cut to ``name_chars``):
+    [calls, ms]}."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:name_chars], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time / 1e3
+    return len(kernels), sum(e.device_time for e in kernels) / 1e3, by_name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", required=True)
@@ -53,19 +68,12 @@ def main() -> None:
             with torch.inference_mode():
                 eager_ms = replay_ms(lambda i=inputs, r=runtime: r._call(*i), 5)
             ms = replay_ms(graph.replay)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                graph.replay()
-                torch.cuda.synchronize()
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy = sum(e.device_time for e in kernels) / 1e3
-            by_name: dict[str, float] = {}
-            for e in kernels:
-                by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3
-            top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+            count, busy, by_name = kernel_times(graph)
+            top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:6]
             row = {
                 "model": name, "batch": batch, "eager_ms": round(eager_ms, 2), "graph_ms": round(ms, 2),
-                "kernels": len(kernels), "busy_ms": round(busy, 2), "gaps_ms": round(ms - busy, 2),
-                "top": [(n[:80], round(t, 2)) for n, t in top],
+                "kernels": count, "busy_ms": round(busy, 2), "gaps_ms": round(ms - busy, 2),
+                "top": [(n[:80], round(t, 2)) for n, (_, t) in top],
                 "attention": runtime.graphs.chosen[batch], "attention_replay_ms": runtime.graphs.timings[batch],
             }  # fmt: skip
             rows.append(row)
