@@ -23,12 +23,15 @@ from export.parity import REL_TOLERANCE, compare, random_request
 from export.policy import Decoder, Encoder, build_policy
 from export.presets import PRESETS, get_preset
 from vlaserve import interface as io
+from vlaserve import value_check
 from vlaserve.errors import VlaserveError
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, dtype) for name, dtype in value_check.TORCH_DTYPE.items()}
 # ONNX Runtime has no bf16 kernels for most operators: bf16 ships as TorchScript only.
 FORMATS_FOR_DTYPE = {"fp32": ("onnx", "torchscript"), "fp16": ("onnx", "torchscript"), "bf16": ("torchscript",)}
-ARTIFACT_FILES = (artifacts.ONNX_FILE, artifacts.ONNX_DATA_FILE, artifacts.TORCHSCRIPT_FILE, "manifest.json")
+ARTIFACT_FILES = (
+    artifacts.ONNX_FILE, artifacts.ONNX_DATA_FILE, artifacts.TORCHSCRIPT_FILE, value_check.GOLDEN_FILE, "manifest.json",
+)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -137,6 +140,12 @@ def export_model(name, module, make_inputs, input_names, output_names, formats, 
                 f"{k} max-abs {v['max_abs']:.2e} rel {v['rel']:.2e}" for k, v in figures.items() if "rel" in v
             )
             log(f"{name}: {fmt} parity at batch {batch}: {shown}")
+    golden_inputs = make_inputs(value_check.GOLDEN_ITEMS, seed=value_check.GOLDEN_SEED)
+    with torch.no_grad():
+        golden_out = module(*golden_inputs.values())
+    golden_out = dict(zip(output_names, golden_out if isinstance(golden_out, tuple) else (golden_out,)))
+    value_check.write_golden(out_dir, golden_inputs, golden_out)
+    log(f"{name}: golden sample ({value_check.GOLDEN_ITEMS} requests) written for the serving-time value check")
     return files, parity, timings, {"inputs": tensor_spec(inputs), "outputs": tensor_spec(ref)}
 
 
@@ -211,6 +220,11 @@ def run(args: argparse.Namespace) -> Path:
                         for f in fs
                     }
                     for fmt, fs in files.items()
+                },
+                "golden": {
+                    "file": value_check.GOLDEN_FILE,
+                    "items": value_check.GOLDEN_ITEMS,
+                    "sha256": artifacts.sha256(staging / name / value_check.GOLDEN_FILE),
                 },
                 "parity": parity,
                 "export_seconds": timings,

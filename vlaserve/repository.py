@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2
 
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
+from vlaserve.value_check import VALUE_CHECK_MODES
 
 SPEC_FILE = "spec.yaml"
 CONFIG_FILE = "config.pbtxt"
@@ -42,6 +43,7 @@ MODEL_KEYS = {
     "batch_buckets",
     "cuda_graphs",
     "compile",
+    "value_check",
 }
 BATCHING_KEYS = {
     "preferred_batch_size",
@@ -144,6 +146,8 @@ def validate_spec(spec: dict) -> dict:
             raise VlaserveError(f"models.{name}.compile", m["compile"], "true or false")
         if m.get("compile") and m["runtime"] != "torchscript":
             raise VlaserveError(f"models.{name}.compile", True, "runtime torchscript (it compiles the traced model)")
+        if m.get("value_check", "refuse") not in VALUE_CHECK_MODES:
+            raise VlaserveError(f"models.{name}.value_check", m["value_check"], f"one of {list(VALUE_CHECK_MODES)}")
         if "warmup_count" in m:
             _positive_int(m["warmup_count"], f"models.{name}.warmup_count")
     policy = models.get(io.POLICY, {})
@@ -234,7 +238,7 @@ def runner_config(name: str, m: dict, dims) -> dict:
     """The ModelConfig (as a dict) of the encoder or the decoder."""
     inputs, outputs = MODEL_IO[name]
     params = {"runtime": m["runtime"], "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-    for key in ("cpu_threads", "noise_seed"):
+    for key in ("cpu_threads", "noise_seed", "value_check"):
         if key in m:
             params[key] = m[key]
     if m.get("batch_buckets"):

@@ -1,10 +1,12 @@
 """The Triton Python-backend runner that serves both the encoder and the decoder.
 
-Each model instance is its own stub process (DESIGN.md fact 3), so each can have its own MPS thread
-percentage: :func:`apply_mps_limits` sets it in ``initialize()`` before anything creates a CUDA
-context. The runner reads its model's ``manifest.json`` (written by ``make export``), loads the
-artifact with the runtime the config names, and in ``execute()`` checks every request on its own:
-a bad request gets an error response naming the tensor, and the rest of the batch is served.
+Each model instance is its own stub process, so each can have its own MPS thread percentage:
+:func:`apply_mps_limits` sets it in ``initialize()`` before anything creates a CUDA context (a limit
+set later is ignored). The runner reads its model's ``manifest.json`` (written by ``make export``),
+screens the model's matrix products on its device and share, loads the artifact with the runtime the
+config names, and runs the export's golden samples through the serving path before it reports ready
+(:mod:`vlaserve.value_check`). In ``execute()`` it checks every request on its own: a bad request gets
+an error response naming the tensor, and the rest of the batch is served.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlaserve import interface as io
-from vlaserve import validation
+from vlaserve import validation, value_check
 from vlaserve.errors import VlaserveError
 from vlaserve.runtimes import load_runtime
 
@@ -56,24 +58,6 @@ def apply_mps_limits(params: dict[str, str], group: str | None, instance: str) -
     return applied
 
 
-def _matmul_tflops(torch, size: int = 8192, repeats: int = 10) -> float:
-    """bf16 matmul rate this instance's CUDA context gets: its share of the GPU, measured at start."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(2):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        a @ b
-    end.record()
-    end.synchronize()
-    rate = 2 * size**3 * repeats / (start.elapsed_time(end) * 1e-3) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
-    return round(rate, 1)
-
-
 class TritonPythonModel:
     """One instance of the encoder or the decoder."""
 
@@ -103,31 +87,86 @@ class TritonPythonModel:
                 args["model_instance_kind"],
                 f"{traced_on.upper()}: the TorchScript artifact was traced on {traced_on} (export with --device to match)",
             )
-        self.runtime = load_runtime(
-            runtime_name, version_dir, self.output_names, device, int(params.get("cpu_threads", 0))
-        )
-        self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
-        if self.runtime.device.startswith("cuda"):
-            self.status.update(self._gpu_status())
         # Batches are padded up to the next bucket so that only warmed-up shapes ever run (a new shape
         # makes TorchScript's profiling executor re-optimize, seconds for pi0, while requests queue),
         # and, with cuda_graphs, only shapes that have a captured graph.
         self.buckets = sorted(int(b) for b in params.get("batch_buckets", "").split(",") if b)
+        self.value_check = params.get("value_check", "refuse")
+        if self.value_check not in value_check.VALUE_CHECK_MODES:
+            raise VlaserveError(
+                f"{self.instance}: value_check", self.value_check, f"one of {value_check.VALUE_CHECK_MODES}"
+            )
+        checked_batches = self.buckets or sorted({1, int(config.get("max_batch_size") or 1)})
+        if on_gpu:
+            self.status.update(self._gpu_status(device))  # creates the CUDA context, under the MPS limit
+        if self.value_check != "off":  # before the model loads: a bad share is refused in seconds
+            products = value_check.record_products(self.manifest, checked_batches)
+            self._judge("products", value_check.screen_products(products, self.manifest["dtype"], device))
+        self.runtime = load_runtime(
+            runtime_name, version_dir, self.output_names, device, int(params.get("cpu_threads", 0))
+        )
+        self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
         if params.get("compile", "false") == "true":
             self.status.update(self._compile())
         if params.get("cuda_graphs", "false") == "true":
             self.status.update(self._capture_graphs())
+        if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
+            golden = value_check.load_golden(version_dir)
+            as_numpy = self.runtime.tensor_kind == "numpy"
+            result = value_check.check_golden(
+                self._run_synced, golden, checked_batches, self.manifest["dtype"], as_numpy
+            )
+            self._judge("golden", result)
+        self.status.setdefault("value_check", "off" if self.value_check == "off" else "pass")
         seed = int(params.get("noise_seed", 0)) + int(args["model_instance_device_id"]) * 1000
         self.rng = np.random.default_rng([seed, sum(map(ord, self.instance))])
         self._write_status()
 
+    # ---- value checks -----------------------------------------------------------------------------
+    def _run_synced(self, inputs: dict) -> list:
+        outputs = self.runtime.run(inputs)
+        if self.runtime.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.runtime.device)
+        return outputs
+
+    def _share(self) -> str:
+        """The device and share this instance runs on, in words."""
+        if "sm_count" not in self.status:
+            return "the CPU"
+        limit = self.status.get("mps_thread_percentage")
+        limit = f"mps_thread_percentage {limit}" if limit is not None else "no MPS thread limit"
+        return f"{self.status['gpu']}, {limit} ({self.status['sm_count']} SMs)"
+
+    def _judge(self, check: str, result: dict) -> None:
+        """Record a check's result; on a failure refuse to load (value_check: refuse) or warn (warn)."""
+        self.status[f"{check}_check"] = result
+        if value_check.passed(result):
+            return
+        safe = value_check.safe_percentages(self.status.get("gpu", ""))
+        label = {"products": f"{self.manifest['dtype']} matrix products", "golden": "golden-sample outputs"}[check]
+        line = value_check.refusal_line(self.instance, self._share(), label, result, "sm_count" in self.status, safe)
+        if self.value_check == "warn":
+            self.status["value_check"] = f"FAILED {check}, serving anyway (warn)"
+            self._log_warn(line + " (value_check: warn, so serving anyway)")
+            return
+        self.status["value_check"] = f"FAILED {check}, refused"
+        self._write_status()
+        if pb_utils is not None:
+            pb_utils.Logger.log_error(line)
+        raise value_check.ValueCheckError(line + " (value_check: refuse)")
+
     # ---- status -----------------------------------------------------------------------------------
-    def _gpu_status(self) -> dict:
+    def _gpu_status(self, device: str) -> dict:
         import torch
 
-        torch.cuda.set_device(self.runtime.device)
+        if not torch.cuda.is_available():
+            return {}
+        torch.cuda.set_device(device)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        status = {"gpu": props.name, "sm_count": props.multi_processor_count, "probe_tflops": _matmul_tflops(torch)}
+        status = {"gpu": props.name, "sm_count": props.multi_processor_count,
+                  "probe_tflops": value_check.matmul_tflops(torch, device)}  # fmt: skip
         pct = self.status.get("mps_thread_percentage")
         total = os.environ.get("VLASERVE_GPU_SMS")
         if pct is not None and total:

@@ -202,12 +202,9 @@ def random_input(torch, spec: dict, batch: int, device: str, vocab_size: int, se
 def python_module(torch, manifest: dict, state_dict: dict):
     """The ``export.policy`` Encoder or Decoder of ``manifest`` (preset, views), holding ``state_dict``'s
     tensors themselves (no copy: built on the meta device, then assigned)."""
-    from export.policy import Decoder, Encoder, Policy
-    from export.presets import get_preset
+    from vlaserve.value_check import meta_module
 
-    with torch.device("meta"):
-        policy = Policy(get_preset(manifest["preset"], manifest["views"]))
-    module = {"encoder": Encoder, "decoder": Decoder}[manifest["model"]](policy)
+    module = meta_module(torch, manifest)
     missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
         raise VlaserveError(

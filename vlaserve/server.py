@@ -28,6 +28,7 @@ from pathlib import Path
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.runner import STATUS_DIR_ENV
+from vlaserve.value_check import MPS_CHECK_ENV, MPS_CHECK_FILE
 
 # The Python backend's shared-memory region per stub: the default (1 MB, growing by 1 MB) is grown
 # under load many times a second with camera-sized requests, and Triton 2.51 then aborted with
@@ -135,6 +136,7 @@ class TritonServer:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's Python (fact 7)
         env[STATUS_DIR_ENV] = str(self.status_dir)
+        env.setdefault(MPS_CHECK_ENV, str(opts.workdir / MPS_CHECK_FILE))  # what `make mps-check` found safe
         if self.sidecar is not None:
             env.update(self.sidecar.client_env())
         if opts.tritonserver:
@@ -192,7 +194,10 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                refused = "".join(f"{line}\n" for line in self.refusals())
+                raise RuntimeError(
+                    f"{refused}tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:
@@ -200,6 +205,20 @@ class TritonServer:
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {self.options.ready_timeout:.0f} s:\n{self.log_tail()}")
+
+    def refusals(self) -> list[str]:
+        """The value-check lines of instances that refused to load (vlaserve.value_check), each once."""
+        try:
+            text = self.options.log_file.read_text(errors="replace")
+        except OSError:
+            return []
+        marker = "vlaserve value check failed:"
+        found = (
+            line[line.index(marker) :].split(" (value_check:")[0].rstrip('" ')
+            for line in text.splitlines()
+            if marker in line
+        )
+        return list(dict.fromkeys(found))
 
     def log_tail(self, lines: int = 25) -> str:
         try:

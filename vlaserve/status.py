@@ -1,8 +1,9 @@
 """``python -m vlaserve.status`` (``make mps-status``): every model instance's process, device and SM count.
 
-Each runner instance writes ``<workdir>/instances/<instance>.json`` when it is ready (see
-:mod:`vlaserve.runner`): its PID, device, runtime, MPS thread percentage, the SM count its CUDA
-context actually got, and the count that percentage should give.
+Each runner instance writes ``<workdir>/instances/<instance>.json`` when it is ready, or when it refuses
+to load (see :mod:`vlaserve.runner`): its PID, device, runtime, MPS thread percentage, the SM count its
+CUDA context actually got, the count that percentage should give, and its value checks (``pass``, or
+which check failed; the worst error of the product screen and of the golden samples, with the tolerance).
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ import sys
 from pathlib import Path
 
 COLUMNS = ("model", "instance", "pid", "alive", "kind", "device", "runtime", "mps_thread_percentage", "sm_count",
-           "expected_sm_count", "probe_tflops", "compiled", "cuda_graphs")  # fmt: skip
+           "expected_sm_count", "probe_tflops", "compiled", "cuda_graphs", "value_check", "products_err",
+           "golden_err")  # fmt: skip
+
+
+def _flatten(row: dict) -> dict:
+    """The value checks' worst errors as columns (the full results stay in the JSON)."""
+    for check in ("products", "golden"):
+        result = row.get(f"{check}_check")
+        if result:
+            row[f"{check}_err"] = f"{result['worst']:.2g} (<= {result['tolerance']:g})"
+    return row
 
 
 def read_status(workdir: Path) -> list[dict]:
@@ -26,7 +37,7 @@ def read_status(workdir: Path) -> list[dict]:
             row["alive"] = "yes"
         except (OSError, KeyError, ValueError):
             row["alive"] = "no"
-        rows.append(row)
+        rows.append(_flatten(row))
     return rows
 
 
