@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Source this on the GPU machine (no network): a virtualenv with numpy 1.26 in front of the image's
-# own packages (torch with CUDA), the carried wheels (.carry/whl) and the trimmed tritonserver of the
-# nvidia-pytriton wheel (.carry/tritonserver-trim.tar.xz). DESIGN.md fact 7 says why numpy 1.26.
+# own packages (torch with CUDA), the carried packages (.carry/site-packages.tar.xz) and the trimmed
+# tritonserver of the nvidia-pytriton wheel (.carry/tritonserver-trim.tar.xz), both made here by
+# benchmarks/build_carry.sh. numpy 1.26 because the Python-backend stub of nvidia-pytriton 0.7.0
+# silently zeroes every tensor under numpy 2 (deploy/README.md).
 # Idempotent: a second source on the same machine only sets the environment.
 set -e
 VENV=${VENV:-/tmp/venv}
@@ -9,8 +11,9 @@ IMAGE_SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile .carry/whl/*.whl
+  tar -C "$SITE" --strip-components=1 -xJf .carry/site-packages.tar.xz
   tar -C "$SITE" --strip-components=1 -xJf .carry/tritonserver-trim.tar.xz
+  printf '#!/bin/sh\nexec "%s" -m locust "$@"\n' "$VENV/bin/python" > "$VENV/bin/locust" && chmod +x "$VENV/bin/locust"
   echo "$IMAGE_SITE" > "$SITE/zz_image_site.pth"   # after the venv's own numpy 1.26
   echo "$PWD" > "$SITE/vlaserve.pth"
 fi

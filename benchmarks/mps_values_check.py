@@ -1,81 +1,96 @@
-"""Are the served actions right under MPS? The tuned MPS variant with CUDA graphs on neither, one or both
-models, each against the in-process runtime (rel error at batch 1 and 4, several requests).
+"""Does an MPS share serve right actions, or refuse to load? One server start per encoder:decoder split.
 
-    python benchmarks/mps_values_check.py --repository /tmp/pi0_repo --reference /tmp/peers/inprocess_actions.npz
+    python benchmarks/mps_values_check.py --repository /tmp/pi0_repo --splits 40:40,50:50 --out $OUT/values.json
+
+For each split, the spec's ``gpu_mps`` variant (one instance per model, compiled layers and CUDA graphs)
+with the encoder's and the decoder's instance at those MPS thread percentages is served with ``--mps``.
+Every instance screens its products and checks the golden samples at start (vlaserve.value_check): at a
+share that computes wrong products the server must fail to start with the instance's one-line reason;
+at a right one it must serve, and the served actions of the golden request (batch 1, over gRPC and HTTP)
+are compared with the actions the export computed for it. Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peers import GOLDEN_TOLERANCE, golden_reference  # noqa: E402
 from vlaserve import repository  # noqa: E402
-from vlaserve.client import PolicyClient, make_request  # noqa: E402
+from vlaserve.client import PolicyClient  # noqa: E402
 from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
+from vlaserve.status import format_table, read_status  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repository", required=True)
-    parser.add_argument("--reference", required=True, help="inprocess_actions.npz of benchmarks/peers.py")
-    parser.add_argument("--variant", default="gpu_mps")
-    parser.add_argument("--out", default="/tmp/mps_values")
-    parser.add_argument(
-        "--percentages", help="encoder:decoder MPS percentages to try with graphs on both, e.g. 100:100,60:40"
+def check_split(args, encoder_pct: int, decoder_pct: int) -> dict:
+    repo, workdir = Path(args.repository), Path(args.workdir)
+    spec = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
+    for name, pct in zip(repository.RUNNER_MODELS, (encoder_pct, decoder_pct)):
+        for group in spec["models"][name]["instance_groups"]:
+            group["mps_thread_percentage"] = pct
+    label = f"{encoder_pct}:{decoder_pct}"
+    variant_repo = repository.write_repository(
+        spec, workdir / f"repo_{encoder_pct}_{decoder_pct}", repository.read_manifest_settings(repo), repo
     )
-    args = parser.parse_args()
-    repo, out = Path(args.repository), Path(args.out)
-    reference = np.load(args.reference)["graphs"]
-    settings = repository.read_manifest_settings(repo)
-    base = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
-    rows = []
-    cases = [({"encoder": e, "decoder": d}, None) for e in (False, True) for d in (False, True)]
-    if args.percentages:
-        cases = [
-            ({"encoder": True, "decoder": True}, tuple(map(int, p.split(":")))) for p in args.percentages.split(",")
-        ]
-    for graphs, percentages in cases:
-        spec = copy.deepcopy(base)
-        for name, on in graphs.items():
-            spec["models"][name]["cuda_graphs"] = on
-        label = "graphs:" + ("+".join(n for n, on in graphs.items() if on) or "none")
-        if percentages:
-            for name, pct in zip(repository.RUNNER_MODELS, percentages):
-                for group in spec["models"][name]["instance_groups"]:
-                    group["mps_thread_percentage"] = pct
-            label += f",mps:{percentages[0]}:{percentages[1]}"
-        variant_repo = repository.write_repository(
-            spec, out / label.replace(":", "_").replace("+", "_").replace(",", "_"), settings, artifacts_from=repo
-        )
-        mps = any(
-            "mps_thread_percentage" in g for n in repository.RUNNER_MODELS for g in spec["models"][n]["instance_groups"]
-        )
-        options = ServerOptions(model_repository=variant_repo, http_port=0, grpc_port=0, metrics_port=0,
-                                workdir=out / "server", mps=mps, cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip
-        with TritonServer(options) as server:
-            client = PolicyClient(server.grpc_url, "grpc", timeout_s=300)
-            request = make_request(1, settings.views, seed=0, with_noise=True, vocab_size=257152)
-            rels = []
-            for _ in range(5):
+    options = ServerOptions(model_repository=variant_repo, http_port=0, grpc_port=0, metrics_port=0,
+                            workdir=workdir, mps=True, cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip
+    row = {"split": label}
+    started = time.perf_counter()
+    server = TritonServer(options)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        row.update(loaded=False, seconds=round(time.perf_counter() - started, 1), refusals=server.refusals())
+        row["error"] = str(exc).splitlines()[0]
+        row["instances"] = read_status(workdir)
+        print(f"[values] {label}: refused in {row['seconds']} s:\n  " + "\n  ".join(row["refusals"] or [row["error"]]))
+        return row
+    try:
+        row.update(loaded=True, seconds=round(time.perf_counter() - started, 1))
+        request, expected = golden_reference(repo)
+        rels = []
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            client = PolicyClient(url, protocol, timeout_s=300)
+            for _ in range(3):
                 served = client.infer(request)
-                rels.append(float(np.linalg.norm(served - reference) / np.linalg.norm(reference)))
-            again = make_request(4, settings.views, seed=4, with_noise=True, vocab_size=257152)
-            first, second = client.infer(again), client.infer(again)
-            rows.append({"config": label, "mps": mps, "rel_batch1": [round(r, 4) for r in rels],
-                         "batch4_repeat_rel": float(np.linalg.norm(first - second) / np.linalg.norm(second))})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-    (out / "mps_values.json").write_text(json.dumps(rows, indent=2))
-    print("\nconfig                     rel vs in-process (5 calls)          batch-4 repeat rel")
+                rels.append(float(np.linalg.norm(served - expected) / np.linalg.norm(expected)))
+        row["rel_vs_export"] = [float(f"{r:.3g}") for r in rels]
+        row["right"] = all(r <= GOLDEN_TOLERANCE[args.dtype] for r in rels)
+        rows = read_status(workdir)
+        row["instances"] = rows
+        print(f"[values] {label}: ready in {row['seconds']} s, served actions rel vs export {row['rel_vs_export']}")
+        print(format_table(rows))
+    finally:
+        server.stop()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/mps_values_check.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", required=True, help="an exported repository (make export ... VARIANT=gpu)")
+    parser.add_argument("--splits", default="40:40,50:50", help="encoder:decoder percentages (default: 40:40,50:50)")
+    parser.add_argument("--variant", default="gpu_mps", help="the spec variant to set the percentages in")
+    parser.add_argument("--dtype", default="bf16", help="the export's dtype, for the tolerance (default: bf16)")
+    parser.add_argument("--workdir", default="/tmp/mps_values", help="server workdir (its mps-check.json is read)")
+    parser.add_argument("--out", default="/tmp/mps_values/values.json")
+    args = parser.parse_args()
+    rows = [check_split(args, *map(int, split.split(":"))) for split in args.splits.split(",")]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    print("\nsplit (enc:dec)  loaded  seconds  served actions vs export (rel)   refusal")
     for r in rows:
-        print(f"{r['config']:26} {str(r['rel_batch1']):36} {r['batch4_repeat_rel']:.2e}")
+        verdict = str(r.get("rel_vs_export", "-"))
+        reason = (r.get("refusals") or [r.get("error", "")])[0][:150] if not r["loaded"] else ""
+        print(f"{r['split']:>15}  {str(r['loaded']):6}  {r['seconds']:7}  {verdict:31}  {reason}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,11 +45,16 @@ from loadtest import sweep as loadsweep  # noqa: E402
 from vlaserve import interface as io  # noqa: E402
 from vlaserve import repository  # noqa: E402
 
-TRITON_CONFIGS = {"triton_naive": "gpu_naive", "triton_tuned": "gpu", "triton_tuned_mps": "gpu_mps"}
+TRITON_CONFIGS = {
+    "triton_naive": "gpu_naive", "triton_tuned": "gpu", "triton_tuned_mps": "gpu_mps",
+    # sharing the GPU between two instances per model: time-sliced, MPS without limits, MPS at 50 % each
+    "triton_split": "gpu_split", "triton_split_mps100": "gpu_split_mps100", "triton_split_mps": "gpu_split_mps",
+}  # fmt: skip
 # The in-process peer running the same runtime as each Triton peer: its actions are the reference, and the
 # overhead target compares against its batch-1 time.
-SAME_RUNTIME = {"triton_naive": "graphs", "triton_tuned": "compiled", "triton_tuned_mps": "compiled"}
+SAME_RUNTIME = {peer: "graphs" if peer == "triton_naive" else "compiled" for peer in TRITON_CONFIGS}
 VALUE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}  # served vs in-process, same runtime
+GOLDEN_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}  # served vs the export's eager run (export.parity)
 TARGETS = {"batch1_p50_ms": 15.0, "throughput": 200.0, "overhead": 1.25}
 
 
@@ -206,7 +211,19 @@ def variant_spec(variant: str, device: str) -> tuple[dict, str]:
     return spec, note
 
 
-def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray) -> dict:
+def golden_reference(repo: Path) -> tuple[dict, np.ndarray]:
+    """A batch-1 policy request made of the export's golden samples (item 0) and the actions the export
+    computed for it in-process (eager PyTorch on the export's device): a reference that needs no
+    in-process run here."""
+    from vlaserve.value_check import load_golden
+
+    encoder, decoder = (load_golden(repo / name / "1") for name in repository.RUNNER_MODELS)
+    request = {k: encoder["inputs"][k][:1].numpy() for k in (io.IMAGES, io.TOKENS)}
+    request.update({k: decoder["inputs"][k][:1].float().numpy() for k in (io.STATE, io.NOISE)})
+    return request, decoder["outputs"][io.ACTIONS][:1].float().numpy()
+
+
+def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray, request: dict | None = None) -> dict:
     from vlaserve.client import PolicyClient, make_request
     from vlaserve.server import ServerOptions, TritonServer
 
@@ -228,7 +245,8 @@ def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray) -> d
     with TritonServer(options) as server:
         result["ready_s"] = round(time.perf_counter() - started, 1)
         log(f"{peer}: ready in {result['ready_s']} s")
-        request = make_request(1, args.views, seed=0, with_noise=True, vocab_size=settings_vocab(args))
+        if request is None:
+            request = make_request(1, args.views, seed=0, with_noise=True, vocab_size=settings_vocab(args))
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             client = PolicyClient(url, protocol, timeout_s=300)
             served = client.infer(request)
@@ -244,7 +262,8 @@ def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray) -> d
                 f"{peer}: {protocol} batch-1 p50 {result[f'batch1_{protocol}']['p50_ms']} ms, rel vs in-process {result[f'rel_vs_inprocess_{protocol}']:.1e}"
             )
         worst = max(result["rel_vs_inprocess_grpc"], result["rel_vs_inprocess_http"])
-        if not worst <= VALUE_TOLERANCE[args.dtype]:  # NaN fails too
+        tolerance = GOLDEN_TOLERANCE[args.dtype] if args.reference == "golden" else VALUE_TOLERANCE[args.dtype]
+        if not worst <= tolerance:  # NaN fails too
             result["wrong_values"] = True
             result["note"] = (note + "; " if note else "") + (
                 f"WRONG VALUES: served actions differ from in-process (rel {worst:.2g}); not counted for the targets"
@@ -317,6 +336,9 @@ def row(peer: str, r: dict) -> dict:
         "tput": f"{best['throughput']:.1f}" if best else "-",
         "at": best.get("at", "none within SLO" if "best" in r else "(batch 1 only)"),
         "tput_p99": f"{best['p99_ms']:.1f}" if best else "-",
+        "rel": f"{max(r['rel_vs_inprocess_grpc'], r['rel_vs_inprocess_http']):.2g}"
+        if "rel_vs_inprocess_grpc" in r
+        else "-",
     }
 
 
@@ -342,6 +364,7 @@ def render(results: dict, checks: list[dict], slo_ms: float) -> str:
     columns = [
         ("peer", "peer", "{}"), ("p50", "batch-1 p50 ms", "{:.1f}"), ("p99", "batch-1 p99 ms", "{:.1f}"),
         ("tput", f"inf/s (p99<={slo_ms:g} ms)", "{}"), ("at", "at", "{}"), ("tput_p99", "p99 there ms", "{}"),
+        ("rel", "actions rel vs reference", "{}"),
     ]  # fmt: skip
     lines = [report.table(rows, columns)]
     lines += [f"  {peer}: {r['note']}" for peer, r in results.items() if r.get("note")]
@@ -371,6 +394,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slo-ms", type=float, default=200.0, help="p99 SLO for throughput (default: 200)")
     parser.add_argument("--cuda-memory-pool-mb", type=int, default=2048, help="Triton's CUDA pool (default: 2048)")
     parser.add_argument("--out", default="reports/peers", help="results folder (default: reports/peers)")
+    parser.add_argument(
+        "--reference", choices=["inprocess", "golden"], default="inprocess",
+        help="what served actions are checked against: the in-process peers run here (default), or the export's "
+        "golden samples (eager PyTorch at export; no in-process peers run, so no overhead figure)",
+    )  # fmt: skip
     parser.add_argument("--phase", choices=["all", "inprocess"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.repository = args.repository or str(Path(args.out) / "repo")
@@ -395,12 +423,19 @@ def main(argv=None) -> int:
         "--dtype", args.dtype, "--device", args.device, "--repository", args.repository, "--out", args.out,
         "--buckets", args.buckets, "--repeats", str(args.repeats), "--slo-ms", str(args.slo_ms),
     ]  # fmt: skip
-    log("in-process peers (child process) ...")
-    subprocess.run(child, check=True)
-    results = json.loads((out / "inprocess.json").read_text())
-    references = np.load(out / "inprocess_actions.npz")
+    if args.reference == "golden":
+        results = {}
+        request, golden = golden_reference(Path(args.repository))
+        references = {name: golden for name in SAME_RUNTIME.values()}
+        log("served actions are checked against the export's golden samples (no in-process peers)")
+    else:
+        log("in-process peers (child process) ...")
+        subprocess.run(child, check=True)
+        results, request = json.loads((out / "inprocess.json").read_text()), None
+        references = np.load(out / "inprocess_actions.npz")
     for peer in args.triton:
-        results[peer] = serve_and_measure(args, peer, TRITON_CONFIGS[peer], references[SAME_RUNTIME[peer]])
+        results[peer] = serve_and_measure(args, peer, TRITON_CONFIGS[peer], references[SAME_RUNTIME[peer]], request)
+        (out / "results-partial.json").write_text(json.dumps(results, indent=2) + "\n")
     checks = targets(results)
     import torch  # its version only: this process creates no CUDA context
 
