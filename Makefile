@@ -14,7 +14,7 @@ MPS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve infer loadtest compare demo test lint up down mps-status clean
+.PHONY: help venv export configs serve infer loadtest compare demo test lint up down mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,8 +62,11 @@ lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-mps-status: $(STAMP) ## every running instance: process, device, MPS percentage and the SMs it got
+mps-status: $(STAMP) ## every running instance: process, device, MPS percentage, SMs, and its value checks
 	$(PY) -m vlaserve.status $(ARGS)
+
+mps-check: $(STAMP) ## on a GPU: which MPS thread percentages give right answers here (ARGS="--percentages 25,50")
+	$(PY) -m vlaserve.mps_check --repository $(REPO) $(ARGS)
 
 up: ## docker compose up: Triton beside the MPS sidecar (GPU host with the NVIDIA container toolkit)
 	docker compose -f deploy/docker-compose.yml up --build

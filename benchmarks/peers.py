@@ -385,7 +385,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default: cuda")
     parser.add_argument("--repository", help="an exported repository (default: <out>/repo, exported if needed)")
     parser.add_argument(
-        "--triton", default=",".join(TRITON_CONFIGS), help="Triton peers to run (the in-process ones always run)"
+        "--triton",
+        default="triton_naive,triton_tuned,triton_tuned_mps",
+        help=f"Triton peers to run, of {', '.join(TRITON_CONFIGS)} (default: %(default)s)",
     )
     parser.add_argument("--buckets", default="1,2,4,8,16", help="graph buckets of the in-process runtime")
     parser.add_argument("--users", default="1,4,8,16,32", help="Locust user counts of each Triton sweep")
