@@ -58,12 +58,14 @@ def child(triton: bool) -> dict:
     refs = [F.linear(x, w) for x, w in data]
 
     def measure(fn, cast):
-        worst, seconds, flops = 0.0, 0.0, 0.0
+        worst, seconds, flops, per_shape = 0.0, 0.0, 0.0, {}
         for (x, w), ref, (m, k, n) in zip(data, refs, SHAPES):
             a, b = cast(x), cast(w)
             out = fn(a, b)
             err = float(((out.float() - ref).abs().max() / ref.abs().max()).nan_to_num(float("inf")))
             worst = max(worst, err)
+            per_shape[f"{m}x{k}x{n}"] = {"error": float(f"{err:.3g}"),
+                                         "wrong_fraction": float(f"{float(((out.float() - ref).abs() > 0.05 * ref.abs().max()).float().mean()):.3g}")}  # fmt: skip
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(5):
@@ -71,7 +73,8 @@ def child(triton: bool) -> dict:
             torch.cuda.synchronize()
             seconds += (time.perf_counter() - start) / 5
             flops += 2 * m * k * n
-        return {"right": worst <= TOLERANCE, "worst": float(f"{worst:.3g}"), "tflops": round(flops / seconds / 1e12, 1)}
+        return {"right": worst <= TOLERANCE, "worst": float(f"{worst:.3g}"), "tflops": round(flops / seconds / 1e12, 1),
+                "shapes": per_shape}  # fmt: skip
 
     bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
     ways = {"cublas": measure(F.linear, bf16)}
@@ -140,7 +143,10 @@ def main() -> int:
                          for k, v in r["ways"].items())  # fmt: skip
         print(f"{pct:3d} % ({r['sm_count']} SMs)  {ways}", flush=True)
         for shape, names in r["kernels"].items():
-            print(f"      {shape}: {', '.join(n[:90] for n in names)}", flush=True)
+            check = r["ways"]["cublas"]["shapes"][shape]
+            verdict = "right" if check["error"] <= TOLERANCE else f"WRONG ({check['wrong_fraction']:.0%} of outputs)"
+            gemm = [n for n in names if "Memset" not in n]
+            print(f"      {shape}: {verdict:26} {', '.join(n[:90] for n in gemm)}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
