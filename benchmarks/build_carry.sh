@@ -12,7 +12,7 @@ PY=.venv/bin/python
 pin() { grep -i -E "^$1(\[[^]]*\])?==" requirements.txt | sed 's/\[.*\]//'; }
 # Pinned by requirements.txt, then what tritonclient and Locust need there, at the versions `make venv`
 # resolved (read from .venv); packages the GPU image already has (requests, psutil, msgpack, jinja2,
-# click, pyyaml, ...) stay out to keep the carry under the device tool's 64 MiB.
+# click, pyyaml, ...) stay out, to keep the carry under 64 MiB, the most a copy to that machine may take.
 PACKAGES="$(pin numpy) $(pin tritonclient) $(pin protobuf) $(pin python-rapidjson) $(pin locust)"
 for dep in grpcio ml_dtypes gevent geventhttpclient greenlet zope.event zope.interface flask flask-cors flask-login \
            werkzeug itsdangerous blinker configargparse pyzmq python-socketio python-engineio bidict \

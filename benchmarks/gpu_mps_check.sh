@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One device call: export pi0 (bf16, 2 views, with golden samples), `make mps-check` on the H200 (the
-# product screen at 21 percentages, then products + golden samples at a few), the refusal / right-answer
-# check of a wrong and a right split (benchmarks/mps_values_check.py), and the self-contained cuBLAS repro
-# with the workarounds it tries. Needs .carry/ (bash benchmarks/build_carry.sh). Logs land in $OUT.
+# One run on a GPU machine, output under $OUT (default reports/gpu): export pi0 (bf16, 2 views, with
+# golden samples), `make mps-check` (the product screen at 21 percentages, then products and golden
+# samples at a few), the refusal / right-answer check of a wrong and a right split
+# (benchmarks/mps_values_check.py), and the self-contained cuBLAS repro with the workarounds it tries.
+# Needs .carry/ (bash benchmarks/build_carry.sh, here).
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
+OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
 W=/tmp/mpsw && mkdir -p $W /tmp/pi0_repo && cp model_repository/spec.yaml /tmp/pi0_repo/
 if [ ! -f /tmp/pi0_repo/decoder/1/golden.pt ]; then
   python -m export --preset pi0 --views 2 --dtype bf16 --variant gpu --device cuda --repository /tmp/pi0_repo > $OUT/export.log 2>&1 || { tail -20 $OUT/export.log; exit 1; }

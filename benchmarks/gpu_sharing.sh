@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One device call: is sharing the GPU worth it, with every answer checked? pi0 (bf16, 2 views) served by
-# the spec variants named in PEERS (benchmarks/peers.py names) under the same Locust sweep; each peer's
-# batch-1 actions are checked against the export's golden samples, and every instance checked its own
-# products and golden samples at start. Needs .carry/ (bash benchmarks/build_carry.sh). Results in $OUT.
+# One run on a GPU machine, output under $OUT (default reports/gpu): is sharing the GPU worth it, with
+# every answer checked? pi0 (bf16, 2 views) served by the spec variants of the benchmarks/peers.py peers
+# named in PEERS, under the same Locust sweep. Each peer's batch-1 actions are checked against the
+# export's golden samples, and every instance checked its own products and golden samples at start.
+# Needs .carry/ (bash benchmarks/build_carry.sh, here).
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
+OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
 mkdir -p /tmp/pi0_repo && cp model_repository/spec.yaml /tmp/pi0_repo/
 if [ ! -f /tmp/pi0_repo/decoder/1/golden.pt ]; then
   python -m export --preset pi0 --views 2 --dtype bf16 --variant gpu --device cuda --repository /tmp/pi0_repo > $OUT/export.log 2>&1 || { tail -20 $OUT/export.log; exit 1; }

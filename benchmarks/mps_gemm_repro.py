@@ -45,6 +45,11 @@ SHAPES = [
 TOLERANCE = 2e-2
 
 
+def wrong_fraction(out, ref) -> float:
+    """Share of outputs more than 5 % of max|ref| off; NaN and inf count as wrong."""
+    return float((~((out.float() - ref).abs() <= 0.05 * ref.abs().max())).float().mean())
+
+
 def child(triton: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -65,7 +70,7 @@ def child(triton: bool) -> dict:
             err = float(((out.float() - ref).abs().max() / ref.abs().max()).nan_to_num(float("inf")))
             worst = max(worst, err)
             per_shape[f"{m}x{k}x{n}"] = {"error": float(f"{err:.3g}"),
-                                         "wrong_fraction": float(f"{float(((out.float() - ref).abs() > 0.05 * ref.abs().max()).float().mean()):.3g}")}  # fmt: skip
+                                         "wrong_fraction": float(f"{wrong_fraction(out, ref):.3g}")}  # fmt: skip
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(5):

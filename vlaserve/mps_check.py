@@ -162,7 +162,7 @@ class MpsDaemon:
             self.sidecar.stop()
 
 
-def preflight(repo: Path) -> int:
+def preflight(repo: Path, golden: bool = True) -> int:
     """Every reason this cannot run, as one VlaserveError; returns the GPU's full SM count."""
     for model in repository.RUNNER_MODELS:
         if not (repo / model / "1" / "manifest.json").is_file():
@@ -182,6 +182,12 @@ def preflight(repo: Path) -> int:
         )  # fmt: skip
     if os.geteuid() != 0:
         raise VlaserveError("user", f"uid {os.geteuid()}", "root: the MPS control daemon is run as root here")
+    traced = json.loads((repo / repository.RUNNER_MODELS[0] / "1" / "manifest.json").read_text()).get("init_device")
+    if golden and traced != "cuda":
+        raise VlaserveError(
+            "--repository", f"{repo} (exported on {traced})",
+            "an export for the GPU (make export ... VARIANT=gpu ARGS=\"--device cuda\"), or --no-golden",
+        )  # fmt: skip
     return total
 
 
@@ -192,7 +198,10 @@ def run_share(args, daemon: MpsDaemon, percentage: int, products_file: Path) -> 
         cmd.append("--no-golden")
     env = {**os.environ, **daemon.env(), "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percentage)}
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"percentage": percentage, "right": False, "error": f"no answer within --timeout {args.timeout:g} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -222,7 +231,7 @@ def sweep(args) -> dict:
     from vlaserve.runner import expected_sm_count
 
     repo = Path(args.repository)
-    total = preflight(repo)
+    total = preflight(repo, golden=not args.no_golden)
     percentages = sorted(set(args.percentages) | spec_percentages(repo / repository.SPEC_FILE))
     workdir = Path(args.workdir).resolve()
     log(f"recording the products of the {' and '.join(repository.RUNNER_MODELS)} at their configured batch sizes ...")
@@ -232,9 +241,9 @@ def sweep(args) -> dict:
     products_file.write_text(json.dumps(products))
     log(f"{sum(map(len, products.values()))} products; percentages {', '.join(map(str, percentages))}")
     daemon = MpsDaemon(workdir)
-    log(daemon.start())
     rows = []
     try:
+        log(daemon.start())
         for pct in percentages:
             row = run_share(args, daemon, pct, products_file)
             row["expected_sm_count"] = expected_sm_count(pct, total)
@@ -247,11 +256,13 @@ def sweep(args) -> dict:
     finally:
         daemon.stop()
     gpu = next((r["gpu"] for r in rows if "gpu" in r), "unknown")
+    manifest = json.loads((repo / repository.RUNNER_MODELS[0] / "1" / "manifest.json").read_text())
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
         "total_sms": total,
         "repository": str(repo.resolve()),
+        "model": value_check.model_key(manifest),
         "golden": not args.no_golden,
         "safe": sorted(r["percentage"] for r in rows if r.get("right")),
         "rows": rows,
@@ -302,7 +313,7 @@ def main(argv=None) -> int:
         return 0
     try:
         report = sweep(args)
-    except VlaserveError as exc:
+    except (VlaserveError, RuntimeError) as exc:  # RuntimeError: the MPS daemon did not start (the line above)
         print(f"mps-check: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or Path(args.workdir) / value_check.MPS_CHECK_FILE)

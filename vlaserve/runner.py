@@ -99,8 +99,12 @@ class TritonPythonModel:
         checked_batches = self.buckets or sorted({1, int(config.get("max_batch_size") or 1)})
         if on_gpu:
             self.status.update(self._gpu_status(device))  # creates the CUDA context, under the MPS limit
+            if "sm_count" not in self.status:
+                device = "cpu"  # this torch has no CUDA: the runtime falls back to the CPU as well
         if self.value_check != "off":  # before the model loads: a bad share is refused in seconds
-            products = value_check.record_products(self.manifest, checked_batches)
+            status_dir = os.environ.get(STATUS_DIR_ENV)
+            cache = Path(status_dir).parent / "products" if status_dir else None
+            products = value_check.cached_products(self.manifest, checked_batches, cache)
             self._judge("products", value_check.screen_products(products, self.manifest["dtype"], device))
         self.runtime = load_runtime(
             runtime_name, version_dir, self.output_names, device, int(params.get("cpu_threads", 0))
@@ -144,7 +148,7 @@ class TritonPythonModel:
         self.status[f"{check}_check"] = result
         if value_check.passed(result):
             return
-        safe = value_check.safe_percentages(self.status.get("gpu", ""))
+        safe = value_check.safe_percentages(self.status.get("gpu", ""), self.manifest)
         label = {"products": f"{self.manifest['dtype']} matrix products", "golden": "golden-sample outputs"}[check]
         line = value_check.refusal_line(self.instance, self._share(), label, result, "sm_count" in self.status, safe)
         if self.value_check == "warn":

@@ -180,13 +180,20 @@ class TritonServer:
             )
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.status_dir, ignore_errors=True)
-        if self.options.mps:
-            self.sidecar = MpsSidecar(self.options.workdir).start()
-        cmd, env = self.command_and_env()
-        self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.options.log_file, "wb") as log:
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready()
+        try:
+            if self.options.mps:
+                self.sidecar = MpsSidecar(self.options.workdir)
+                self.sidecar.start()
+            cmd, env = self.command_and_env()
+            self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.options.log_file, "wb") as log:
+                self.process = subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # the MPS sidecar too: nothing is left running after a failed start
+            raise
         return self
 
     def wait_ready(self) -> None:
