@@ -2,7 +2,8 @@
 
 The per-model figures of a load step come from the difference of two scrapes: request counts,
 inference and execution counts (their ratio is the average batch size), and the cumulative queue,
-compute and request durations (per request: divided by the successful request count).
+compute and request durations (per request: divided by the successful request count), failures per
+reason, and the encoder inferences that got no decoder answer (wasted work).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ GPU_GAUGES = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_t
 def parse(text: str) -> dict:
     """{'models': {model: {counter: value}}, 'gpus': {gpu uuid: {gauge: value}}} from a metrics page."""
     models: dict[str, dict[str, float]] = {}
+    failures: dict[str, dict[str, float]] = {}
     gpus: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -35,9 +37,13 @@ def parse(text: str) -> dict:
             if name in COUNTERS and "model" in sample.labels:
                 per_model = models.setdefault(sample.labels["model"], {})
                 per_model[name] = per_model.get(name, 0.0) + sample.value
+                if name == "nv_inference_request_failure":
+                    reason = sample.labels.get("reason", "OTHER")
+                    by_reason = failures.setdefault(sample.labels["model"], {})
+                    by_reason[reason] = by_reason.get(reason, 0.0) + sample.value
             elif name in GPU_GAUGES:
                 gpus.setdefault(sample.labels.get("gpu_uuid", "gpu"), {})[name] = sample.value
-    return {"models": models, "gpus": gpus}
+    return {"models": models, "failures": failures, "gpus": gpus}
 
 
 def scrape(url: str, timeout: float = 5.0) -> dict:
@@ -54,9 +60,14 @@ def deltas(before: dict, after: dict) -> dict:
         requests = d["nv_inference_request_success"]
         executions = d["nv_inference_exec_count"]
         ms = {k: d[k] / requests / 1000.0 if requests else 0.0 for k in COUNTERS if k.endswith("_us")}  # per request
+        failed = {r: int(n - before.get("failures", {}).get(model, {}).get(r, 0))
+                  for r, n in after.get("failures", {}).get(model, {}).items()}  # fmt: skip
         out[model] = {
             "requests": int(requests),
-            "failures": int(d["nv_inference_request_failure"]),
+            # Triton's own count, by reason. Not summed into one figure: an ensemble counts a failed
+            # step twice (reason OTHER), and a request rejected by a composing model's full queue
+            # appears only there. The step's failures are the clients' count.
+            "failures_by_reason": {r: n for r, n in failed.items() if n},
             "inferences": int(d["nv_inference_count"]),
             "executions": int(executions),
             "avg_batch_size": d["nv_inference_count"] / executions if executions else 0.0,
@@ -73,4 +84,9 @@ def deltas(before: dict, after: dict) -> dict:
         }
         for uuid, g in after["gpus"].items()
     }
-    return {"models": out, "gpus": gpus}
+    enc, dec = out.get("encoder", {}), out.get("decoder", {})
+    wasted = max(0, enc.get("inferences", 0) - dec.get("inferences", 0))
+    return {"models": out, "gpus": gpus,
+            # encoder inferences whose request got no decoder answer: work thrown away under overload
+            "wasted_encoder_inferences": wasted,
+            "wasted_pct": 100.0 * wasted / enc["inferences"] if enc.get("inferences") else 0.0}  # fmt: skip

@@ -37,6 +37,7 @@ def test_locust_counts_match_the_server(sweep_result):
     summary, _ = sweep_result
     for step in summary["results"]["sweep"]:
         assert step["failures"] == 0 and step["requests"] > 0 and step["throughput"] > 0
+        assert step["server"]["wasted_pct"] < 5.0  # no failures: what the encoder computed was answered
         served = step["server"]["models"]["policy"]["inferences"]
         assert abs(served - step["requests"] * step["batch"]) <= max(2, 0.03 * served), (served, step["requests"])
 
@@ -86,6 +87,21 @@ def test_metrics_parser_reads_triton_text():
         10 / 3
     )
     assert d["gpus"]["GPU-1"]["utilization"] == 0.5
+
+
+def test_failures_are_kept_by_reason_and_wasted_encoder_work_is_counted():
+    def page(enc, dec, other):
+        return (
+            f'nv_inference_count{{model="encoder",version="1"}} {enc}\n'
+            f'nv_inference_count{{model="decoder",version="1"}} {dec}\n'
+            f'nv_inference_request_failure{{model="policy",reason="OTHER",version="1"}} {other}\n'
+            'nv_inference_request_failure{model="policy",reason="REJECTED",version="1"} 0\n'
+        )
+
+    d = metrics.deltas(metrics.parse(page(18, 18, 0)), metrics.parse(page(118, 98, 40)))
+    # an ensemble counts a failed step twice under OTHER: kept as Triton says, never summed into one figure
+    assert d["models"]["policy"]["failures_by_reason"] == {"OTHER": 40} and "failures" not in d["models"]["policy"]
+    assert d["wasted_encoder_inferences"] == 20 and d["wasted_pct"] == pytest.approx(20.0)
 
 
 def run_cli(argv, timeout=60):
