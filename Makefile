@@ -14,7 +14,7 @@ MPS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve infer loadtest compare demo test lint up down mps-status mps-check clean
+.PHONY: help venv export configs serve health infer loadtest compare demo test lint up down mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
 
 serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository; MPS=1 starts the MPS sidecar first
 	$(PY) -m vlaserve.server --model-repository $(REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
+
+health: $(STAMP) ## is the running server healthy (ready, and every model instance process alive)? exit 0 or 1
+	$(PY) -m vlaserve.health --url http://$(HOST):8000 $(ARGS)
 
 infer: $(STAMP) ## send requests to a running server (ARGS="--requests 8 --concurrency 4 --protocol http")
 	$(PY) -m vlaserve.client $(ARGS)

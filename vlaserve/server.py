@@ -28,6 +28,7 @@ from pathlib import Path
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.runner import STATUS_DIR_ENV
+from vlaserve.supervisor import Supervisor
 from vlaserve.value_check import MPS_CHECK_ENV, MPS_CHECK_FILE
 
 # The Python backend's shared-memory region per stub: the default (1 MB, growing by 1 MB) is grown
@@ -337,6 +338,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--mps", action="store_true", help="start the MPS sidecar (deploy/mps/entrypoint.sh) natively first"
     )
+    parser.add_argument(
+        "--health-interval", type=float, default=2.0,
+        help="seconds between the supervisor's checks of the server and its instance processes (default: 2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-restart", action="store_true", help="stop instead of restarting a server that died or lost an instance"
+    )
     return parser.parse_args(argv)
 
 
@@ -365,11 +373,19 @@ def main(argv=None) -> int:
     except (VlaserveError, RuntimeError, TimeoutError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # start() has stopped what it started
+        print("[serve] interrupted while starting; stopped", flush=True)
+        return 130
     print(f"[serve] ready: grpc {server.grpc_url}  http {server.http_url}  metrics {server.metrics_url}", flush=True)
-    print("[serve] Ctrl-C or SIGTERM stops it", flush=True)
+    print("[serve] Ctrl-C or SIGTERM stops it; `python -m vlaserve.health` tells whether it is healthy", flush=True)
     try:
-        while not stopping and server.process.poll() is None:
-            time.sleep(0.5)
+        if args.no_restart:
+            while not stopping and not Supervisor(server).problem():
+                time.sleep(args.health_interval)
+        else:
+            Supervisor(server, interval=args.health_interval, log=lambda m: print(m, flush=True)).run(
+                lambda: bool(stopping)
+            )
     except KeyboardInterrupt:
         pass
     code = server.stop()
