@@ -167,3 +167,26 @@ def test_overload_is_shed_fast(tiny_repo, tiny_policy, tmp_path):
             np.testing.assert_allclose(actions, expected, atol=1e-4)
     finally:
         srv.stop()
+
+
+def test_generated_admin_key_is_for_its_owner_and_opens_the_restricted_endpoints(server):
+    import stat
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+
+    key = server.admin_key_file.read_text().strip()
+    assert key == server.options.admin_key and stat.S_IMODE(server.admin_key_file.stat().st_mode) == 0o600
+    index = f"http://{server.http_url}/v2/repository/index"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.request.Request(index, data=b"{}", method="POST"), timeout=10)
+    with urllib.request.urlopen(
+        urllib.request.Request(index, data=b"{}", method="POST", headers={"vlaserve-admin-key": key}), timeout=10
+    ) as resp:
+        assert resp.status == 200 and b"policy" in resp.read()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException):
+        client.get_model_repository_index()
+    models = client.get_model_repository_index(headers={"triton-grpc-protocol-vlaserve-admin-key": key}).models
+    assert {m.name for m in models} == {"encoder", "decoder", "policy"}

@@ -38,7 +38,8 @@ PYTHON_SHM_BYTES = 128 * 2**20
 PYTHON_SHM_GROWTH_BYTES = 64 * 2**20
 # Endpoints that can change or read the server's state; they need the admin key header.
 RESTRICTED = "model-repository,shared-memory,logging,trace"
-ADMIN_HEADER = "vlaserve-admin-key"
+ADMIN_HEADER = "vlaserve-admin-key"  # over gRPC the metadata key is triton-grpc-protocol-vlaserve-admin-key
+ADMIN_KEY_FILE = "admin-key"  # <workdir>/admin-key, mode 0600, when the key was generated
 
 
 def free_ports(count: int, host: str = io.DEFAULT_HOST) -> list[int]:
@@ -115,7 +116,9 @@ class TritonServer:
             setattr(opts, field, port)
         opts.workdir = Path(opts.workdir).resolve()
         opts.log_file = Path(opts.log_file or opts.workdir / "tritonserver.log").resolve()
+        self.generated_key = not (opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY"))
         opts.admin_key = opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY") or secrets.token_hex(16)
+        self.admin_key_file = opts.workdir / ADMIN_KEY_FILE if self.generated_key else None
         self.status_dir = opts.workdir / "instances"
         self.process: subprocess.Popen | None = None
         self.sidecar: MpsSidecar | None = None
@@ -181,6 +184,11 @@ class TritonServer:
             )
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.status_dir, ignore_errors=True)
+        if self.admin_key_file is not None:  # shown to its owner only: a file of mode 0600
+            self.admin_key_file.unlink(missing_ok=True)
+            fd = os.open(self.admin_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.options.admin_key + "\n")
         try:
             if self.options.mps:
                 self.sidecar = MpsSidecar(self.options.workdir)
@@ -377,6 +385,11 @@ def main(argv=None) -> int:
         print("[serve] interrupted while starting; stopped", flush=True)
         return 130
     print(f"[serve] ready: grpc {server.grpc_url}  http {server.http_url}  metrics {server.metrics_url}", flush=True)
+    if server.admin_key_file is not None:
+        print(
+            f"[serve] admin key (header {ADMIN_HEADER}) generated for this start, in {server.admin_key_file}",
+            flush=True,
+        )
     print("[serve] Ctrl-C or SIGTERM stops it; `python -m vlaserve.health` tells whether it is healthy", flush=True)
     try:
         if args.no_restart:
