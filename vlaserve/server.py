@@ -103,6 +103,7 @@ class ServerOptions:
     log_verbose: int = 0
     mps: bool = False  # start the MPS sidecar entrypoint natively first (GPU hosts)
     cuda_memory_pool_mb: int = 0  # Triton's CUDA pool on GPU 0 for tensors between models (0 = Triton's 64 MB)
+    http_guard: bool = True  # clients' HTTP goes through vlaserve.guard; Triton's own HTTP stays on loopback
     extra_args: tuple[str, ...] = ()
 
 
@@ -120,7 +121,10 @@ class TritonServer:
         opts.admin_key = opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY") or secrets.token_hex(16)
         self.admin_key_file = opts.workdir / ADMIN_KEY_FILE if self.generated_key else None
         self.status_dir = opts.workdir / "instances"
+        # Triton's own HTTP: behind the guard on a loopback port, else where clients connect
+        self.triton_http = f"{io.DEFAULT_HOST}:{free_port()}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
+        self.guard: subprocess.Popen | None = None
         self.sidecar: MpsSidecar | None = None
 
     @property
@@ -155,8 +159,8 @@ class TritonServer:
             f"--model-repository={Path(opts.model_repository).resolve()}",
             *backend_args,
             "--model-control-mode=none",
-            f"--http-address={opts.host}",
-            f"--http-port={opts.http_port}",
+            f"--http-address={self.triton_http.rpartition(':')[0]}",
+            f"--http-port={self.triton_http.rpartition(':')[2]}",
             f"--grpc-address={opts.host}",
             f"--grpc-port={opts.grpc_port}",
             f"--metrics-address={opts.host}",
@@ -199,16 +203,32 @@ class TritonServer:
                 self.process = subprocess.Popen(
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
-            self.wait_ready()
+            self.wait_ready(self.triton_http)
+            if self.options.http_guard:
+                guard = [
+                    sys.executable,
+                    "-m",
+                    "vlaserve.guard",
+                    "--listen",
+                    self.http_url,
+                    "--upstream",
+                    self.triton_http,
+                ]
+                with open(self.options.workdir / "guard.log", "wb") as log:
+                    self.guard = subprocess.Popen(guard, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self.wait_ready(self.http_url)
         except BaseException:
             self.stop()  # the MPS sidecar too: nothing is left running after a failed start
             raise
         return self
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, address: str) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
-        url = f"http://{self.http_url}/v2/health/ready"
+        url = f"http://{address}/v2/health/ready"
         while time.monotonic() < deadline:
+            if self.guard is not None and self.guard.poll() is not None:
+                log = (self.options.workdir / "guard.log").read_text(errors="replace").strip().splitlines()
+                raise RuntimeError(f"the HTTP guard exited with code {self.guard.returncode}: {log[-1:] or ''}")
             if self.process.poll() is not None:
                 refused = "".join(f"{line}\n" for line in self.refusals())
                 raise RuntimeError(
@@ -245,6 +265,15 @@ class TritonServer:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL of the process group after ``timeout``."""
+        if self.guard is not None:  # first: no new HTTP requests while Triton drains
+            if self.guard.poll() is None:
+                self.guard.terminate()
+                try:
+                    self.guard.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.guard.kill()
+                    self.guard.wait()
+            self.guard = None
         code = None if self.process is None else self.process.poll()
         if self.process is not None and code is None:
             self.process.send_signal(signal.SIGTERM)
@@ -353,6 +382,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--no-restart", action="store_true", help="stop instead of restarting a server that died or lost an instance"
     )
+    parser.add_argument(
+        "--no-http-guard", action="store_true",
+        help="serve Triton's HTTP directly instead of through vlaserve.guard, which checks every inference "
+        "request's shapes against the model's config first (a lying shape can crash tritonserver 2.51)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -369,6 +403,7 @@ def main(argv=None) -> int:
         tritonserver=Path(args.tritonserver) if args.tritonserver else None,
         ready_timeout=args.ready_timeout,
         log_verbose=args.log_verbose,
+        http_guard=not args.no_http_guard,
     )
     server = TritonServer(options)
     stopping = []

@@ -63,6 +63,9 @@ class Supervisor:
             code = None if process is None else process.returncode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             return f"tritonserver exited ({how})"
+        guard = getattr(self.server, "guard", None)
+        if guard is not None and guard.poll() is not None:
+            return f"the HTTP guard exited (exit code {guard.returncode})"
         dead = dead_instances(self.server.status_dir)
         return f"model instance stub dead: {', '.join(dead)}" if dead else ""
 
