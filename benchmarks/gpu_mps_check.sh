@@ -5,13 +5,8 @@
 # (benchmarks/mps_values_check.py), and the self-contained cuBLAS repro with the workarounds it tries.
 # Needs .carry/ (bash benchmarks/build_carry.sh, here).
 cd "$(dirname "$0")/.."
-source benchmarks/gpu_env.sh
-OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
-W=/tmp/mpsw && mkdir -p $W /tmp/pi0_repo && cp model_repository/spec.yaml /tmp/pi0_repo/
-if [ ! -f /tmp/pi0_repo/decoder/1/golden.pt ]; then
-  python -m export --preset pi0 --views 2 --dtype bf16 --variant gpu --device cuda --repository /tmp/pi0_repo > $OUT/export.log 2>&1 || { tail -20 $OUT/export.log; exit 1; }
-fi
-grep -E "done in" $OUT/export.log
+source benchmarks/gpu_pi0.sh
+W=/tmp/mpsw && mkdir -p $W
 python -m vlaserve.mps_check --repository /tmp/pi0_repo --no-golden --workdir $W --out $OUT/mps-check-products.json \
   --percentages ${SCREEN:-10,15,20,25,30,33,35,40,45,50,55,60,65,70,75,80,85,90,95,99,100} > $OUT/mps-check-products.log 2>&1
 tail -25 $OUT/mps-check-products.log

@@ -5,13 +5,7 @@
 # export's golden samples, and every instance checked its own products and golden samples at start.
 # Needs .carry/ (bash benchmarks/build_carry.sh, here).
 cd "$(dirname "$0")/.."
-source benchmarks/gpu_env.sh
-OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
-mkdir -p /tmp/pi0_repo && cp model_repository/spec.yaml /tmp/pi0_repo/
-if [ ! -f /tmp/pi0_repo/decoder/1/golden.pt ]; then
-  python -m export --preset pi0 --views 2 --dtype bf16 --variant gpu --device cuda --repository /tmp/pi0_repo > $OUT/export.log 2>&1 || { tail -20 $OUT/export.log; exit 1; }
-  grep -E "done in" $OUT/export.log
-fi
+source benchmarks/gpu_pi0.sh
 TAG=${TAG:-sharing}
 python benchmarks/peers.py --repository /tmp/pi0_repo --reference golden --triton ${PEERS:-triton_tuned,triton_split} \
   --users ${USERS:-1,4,8,16,32} --duration ${DURATION:-8} --repeats 30 --out /tmp/$TAG > $OUT/$TAG.log 2>&1

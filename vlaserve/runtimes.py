@@ -218,7 +218,8 @@ def python_module(torch, manifest: dict, state_dict: dict):
 def compile_layers(torch, module, model: str, backend: str = "inductor") -> None:
     """Replace each layer's methods by ``torch.compile``'d ones (static shapes). One layer at a time rather
     than the whole model: every layer of a kind shares one compiled graph (its weights are inputs), so
-    compiling takes seconds, not the minutes a whole unrolled pi0 takes (DESIGN.md fact 9)."""
+    compiling takes seconds, not the minutes a whole unrolled pi0 takes (131 s with mode="reduce-overhead"
+    on the H200; max-autotune had not finished after 7 minutes)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x kinds
 
     def compiled(fn):

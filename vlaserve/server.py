@@ -1,10 +1,12 @@
 """Start a real Triton Inference Server over a model repository, and stop it cleanly.
 
-Embedded (default): the ``tritonserver`` binary and Python backend from the pinned ``nvidia-pytriton``
-wheel (DESIGN.md facts 5 and 7). The backend directory is assembled for the running Python (the
-backend library plus the stub built for this Python version), the wheel's libraries go on
-``LD_LIBRARY_PATH``, and this interpreter's ``bin`` goes first on ``PATH`` so that the stub's embedded
-Python uses this virtualenv (numpy < 2). In NVIDIA's container, pass ``--tritonserver`` to use the
+Embedded (default): the ``tritonserver`` binary (Triton 2.51) and Python backend that the pinned
+``nvidia-pytriton`` wheel ships; the wheel has no ONNX Runtime or libtorch backend, so every model here is
+a Python-backend model. The backend directory is assembled for the running Python (the backend library
+plus the stub built for this Python version), the wheel's libraries go on ``LD_LIBRARY_PATH``, and this
+interpreter's ``bin`` goes first on ``PATH``: the stub's embedded Python takes its packages from the
+first ``python3`` there (not from ``PYTHONPATH``), and under numpy 2 it silently zeroes every tensor, so
+it must find this virtualenv (numpy < 2). In NVIDIA's container, pass ``--tritonserver`` to use the
 image's own server and backends instead. ``python -m vlaserve.server --help`` lists the options.
 """
 
@@ -142,7 +144,7 @@ class TritonServer:
     def command_and_env(self) -> tuple[list[str], dict[str, str]]:
         opts = self.options
         env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's Python (fact 7)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's Python: numpy < 2
         env[STATUS_DIR_ENV] = str(self.status_dir)
         env.setdefault(MPS_CHECK_ENV, str(opts.workdir / MPS_CHECK_FILE))  # what `make mps-check` found safe
         if self.sidecar is not None:
