@@ -239,3 +239,21 @@ def test_lying_shapes_and_internal_models_cannot_take_the_server_down(server, ti
         np.testing.assert_allclose(
             PolicyClient(url, protocol).infer(good), reference_actions(tiny_policy, good), atol=1e-4
         )
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_the_decoder_would_reject_is_stopped_before_the_encoder_runs(server, protocol):
+    """The encoder checks the decoder's request inputs as well (and over HTTP the guard checks that all are
+    there), so a doomed request is answered before any compute: the decoder never sees it."""
+    client = PolicyClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    stats = PolicyClient(server.grpc_url)
+    for request, needle in (
+        (tensors(state=None), "state: (got 'no such input'|missing)"),
+        (tensors(state=np.full((1, 32), np.nan, np.float32)), "state: got 'nan at"),
+        (tensors(noise=np.full((1, 50, 32), np.inf, np.float32)), "noise: got 'inf at"),
+        ({"state": tensors()["state"]}, "images: (got 'no such input'|missing)"),
+    ):
+        before = stats.statistics("decoder")["execution_count"]
+        with pytest.raises(InferenceServerException, match=needle):
+            client.infer(request)
+        assert stats.statistics("decoder")["execution_count"] == before, needle

@@ -114,16 +114,19 @@ class PolicyClient:
         return int(shape[1])
 
     def statistics(self, model: str) -> dict:
-        """Inference and execution counts of a model (from Triton's statistics extension)."""
+        """Inference, execution, success and failure counts of a model (Triton's statistics extension)."""
         stats = (
             self.client.get_inference_statistics(model, as_json=True)
             if self.protocol == "grpc"
             else self.client.get_inference_statistics(model)
         )
         entry = stats["model_stats"][0]
+        requests = entry.get("inference_stats", {})
         return {
             "inference_count": int(entry.get("inference_count", 0)),
             "execution_count": int(entry.get("execution_count", 0)),
+            "success_count": int(requests.get("success", {}).get("count", 0)),  # requests answered
+            "fail_count": int(requests.get("fail", {}).get("count", 0)),  # requests answered with an error
         }
 
 

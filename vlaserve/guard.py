@@ -8,7 +8,8 @@ and this guard listens where clients connect. It forwards every request, and bef
 inference request it checks, against the model's config, that:
 
 - the model is one clients may call (``policy``; the ``encoder`` and ``decoder`` are internal);
-- every input is one the model has, with its datatype and a shape of [batch 1..max_batch_size, *its dims];
+- every input is one the model has, with its datatype and a shape of [batch 1..max_batch_size, *its dims],
+  and none is missing (only ``noise`` may be left out);
 - binary data sizes (the binary tensor extension) add up to what the shapes and datatypes need and to the
   body that came.
 
@@ -63,6 +64,11 @@ def check_request(model: str, body: bytes, headers, configs: dict) -> str:
     except (ValueError, KeyError, TypeError):
         return "body: expected a JSON inference request with an 'inputs' list (KServe v2 protocol)"
     expected, max_batch = configs[model]
+    given = {t.get("name") for t in tensors if isinstance(t, dict)}
+    missing = [n for n in expected if n not in given and n != io.NOISE]
+    if missing:
+        required = [n for n in expected if n != io.NOISE]
+        return f"input {missing[0]}: missing (every input of {required} is needed; {io.NOISE} may be left out)"
     binary_total = 0
     for tensor in tensors:
         name = tensor.get("name") if isinstance(tensor, dict) else None

@@ -209,7 +209,9 @@ def tensor_dims(settings: ModelSettings) -> dict[str, tuple[list[int], str]]:
 
 
 MODEL_IO = {
-    io.ENCODER: ((io.IMAGES, io.TOKENS), (io.PREFIX_KV, io.PREFIX_MASK)),
+    # The encoder also takes the decoder's request inputs (state, noise), only to check them: a request
+    # the decoder would reject is rejected before any compute (see vlaserve.runner).
+    io.ENCODER: ((io.IMAGES, io.TOKENS, io.STATE, io.NOISE), (io.PREFIX_KV, io.PREFIX_MASK)),
     io.DECODER: ((io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE), (io.ACTIONS,)),
     io.POLICY: ((io.IMAGES, io.TOKENS, io.STATE, io.NOISE), (io.ACTIONS,)),
 }

@@ -76,6 +76,10 @@ class TritonPythonModel:
             raise VlaserveError(f"{self.model_name} manifest", str(manifest_path), "a file written by `make export`")
         self.manifest = json.loads(manifest_path.read_text())
         self.input_shapes = {k: v["shape"][1:] for k, v in self.manifest["inputs"].items()}
+        # Request inputs the config gives this model besides the artifact's own: checked here, not computed on
+        # (the encoder checks the decoder's state and noise, so that no compute is spent on a request the
+        # decoder would reject).
+        self.check_only = {i["name"]: i["dims"] for i in config["input"] if i["name"] not in self.input_shapes}
         self.output_names = list(self.manifest["outputs"])
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
@@ -256,6 +260,7 @@ class TritonPythonModel:
     def _request_inputs(self, request) -> dict:
         """Read and check one request's inputs (a VlaserveError names what is wrong)."""
         as_numpy = self.runtime.tensor_kind == "numpy"
+        required = [n for n in (*self.input_shapes, *self.check_only) if n != io.NOISE]
         inputs = {}
         for name in self.input_shapes:
             checked = name in (io.IMAGES, io.TOKENS, io.STATE, io.NOISE)  # request-facing: on the host, small
@@ -264,15 +269,23 @@ class TritonPythonModel:
                 batch = len(inputs[io.STATE])
                 value = self.rng.standard_normal((batch, *self.input_shapes[io.NOISE]), dtype=np.float32)
             elif value is None:
-                raise VlaserveError(
-                    name, "no such input", f"every input of {list(self.input_shapes)} (only noise may be left out)"
-                )
+                raise VlaserveError(name, "no such input", f"every input of {required} (noise may be left out)")
             validation.check_batch(name, value, self.input_shapes[name])
             if name == io.TOKENS:
                 validation.check_tokens(value, self.manifest["vocab_size"])
             elif name in (io.STATE, io.NOISE):
                 validation.check_finite(name, value)
             inputs[name] = value
+        batch = len(next(iter(inputs.values())))
+        for name, shape in self.check_only.items():
+            value = self._read(request, name, as_numpy=True)
+            if value is None and name != io.NOISE:
+                raise VlaserveError(name, "no such input", f"every input of {required} (noise may be left out)")
+            if value is not None:
+                validation.check_batch(name, value, shape)
+                if len(value) != batch:
+                    raise VlaserveError(name, f"batch {len(value)}", f"the batch of the other inputs ({batch})")
+                validation.check_finite(name, value)
         if not as_numpy:
             import torch
 
