@@ -64,11 +64,6 @@ def check_request(model: str, body: bytes, headers, configs: dict) -> str:
     except (ValueError, KeyError, TypeError):
         return "body: expected a JSON inference request with an 'inputs' list (KServe v2 protocol)"
     expected, max_batch = configs[model]
-    given = {t.get("name") for t in tensors if isinstance(t, dict)}
-    missing = [n for n in expected if n not in given and n != io.NOISE]
-    if missing:
-        required = [n for n in expected if n != io.NOISE]
-        return f"input {missing[0]}: missing (every input of {required} is needed; {io.NOISE} may be left out)"
     binary_total = 0
     for tensor in tensors:
         name = tensor.get("name") if isinstance(tensor, dict) else None
@@ -94,6 +89,10 @@ def check_request(model: str, body: bytes, headers, configs: dict) -> str:
             binary_total += size
     if binary_total and json_length + binary_total != len(body):
         return f"body: {len(body) - json_length} bytes of binary data, the inputs declare {binary_total}"
+    missing = [n for n in expected if n != io.NOISE and n not in {t["name"] for t in tensors}]
+    if missing:
+        required = [n for n in expected if n != io.NOISE]
+        return f"input {missing[0]}: missing (every input of {required} is needed; {io.NOISE} may be left out)"
     return ""
 
 
