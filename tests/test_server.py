@@ -162,7 +162,11 @@ def test_overload_is_shed_fast(tiny_repo, tiny_policy, tmp_path):
         assert rejected and accepted
         for exc, _ in rejected:
             assert "queue" in str(exc).lower(), str(exc)
-        assert np.median([t for _, t in rejected]) < np.median([t for _, t in accepted])
+        # Shed at once, not after waiting in the queue: a rejection must come well before the queue timeout
+        # (5 s in the spec). Comparing with the accepted requests' latency was flaky here: on 2 shared
+        # cores the 24 clients' own serialization of 2.4 MB requests dominates both.
+        timeout_s = spec["models"]["encoder"]["dynamic_batching"]["queue_timeout_microseconds"] / 1e6
+        assert max(t for _, t in rejected) < timeout_s / 2, sorted(t for _, t in rejected)
         for actions, _ in accepted:
             np.testing.assert_allclose(actions, expected, atol=1e-4)
     finally:
