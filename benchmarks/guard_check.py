@@ -52,7 +52,7 @@ def main() -> int:
     settings = repository.read_manifest_settings(repo)
     spec = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
     variant_repo = repository.write_repository(spec, Path("/tmp/guard_check_repo"), settings, artifacts_from=repo)
-    manifest = json.loads((repo / "encoder" / "1" / "manifest.json").read_text())
+    manifest = repository.read_manifest(repo, "encoder")
     request = make_request(1, settings.views, seed=0, with_noise=True, vocab_size=manifest["vocab_size"])
     rows = []
     for guard in (True, False):

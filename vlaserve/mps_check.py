@@ -68,13 +68,15 @@ def served_batches(repo: Path, model: str) -> list[int]:
 
 
 # ---- one percentage (child process) -------------------------------------------------------------------
-def model_products(repo: Path) -> dict[str, list[dict]]:
-    """Every product each model runs at its configured batch sizes (meta device: no CUDA context here)."""
-    products = {}
-    for model in repository.RUNNER_MODELS:
-        manifest = json.loads((repo / model / "1" / "manifest.json").read_text())
-        products[model] = value_check.record_products(manifest, served_batches(repo, model))
-    return products
+def model_products(repo: Path, cache_dir: Path | None = None) -> dict[str, list[dict]]:
+    """Every product each model runs at its configured batch sizes (meta device: no CUDA context here), kept in
+    ``cache_dir`` as the server's instances keep theirs (so neither records what the other did)."""
+    return {
+        model: value_check.cached_products(
+            repository.read_manifest(repo, model), served_batches(repo, model), cache_dir
+        )
+        for model in repository.RUNNER_MODELS
+    }
 
 
 def check_share(repo: Path, golden: bool, device: str = "cuda:0", products: dict | None = None) -> dict:
@@ -91,7 +93,7 @@ def check_share(repo: Path, golden: bool, device: str = "cuda:0", products: dict
         row["tflops"] = value_check.matmul_tflops(torch, device)
     for model in repository.RUNNER_MODELS:
         version_dir = repo / model / "1"
-        manifest = json.loads((version_dir / "manifest.json").read_text())
+        manifest = repository.read_manifest(repo, model)
         batches = served_batches(repo, model)
         screened = (products or {}).get(model) or value_check.record_products(manifest, batches)
         row[f"{model}_products"] = value_check.screen_products(screened, manifest["dtype"], device)
@@ -165,7 +167,7 @@ class MpsDaemon:
 def preflight(repo: Path, golden: bool = True) -> int:
     """Every reason this cannot run, as one VlaserveError; returns the GPU's full SM count."""
     for model in repository.RUNNER_MODELS:
-        if not (repo / model / "1" / "manifest.json").is_file():
+        if not repository.manifest_path(repo, model).is_file():
             raise VlaserveError("--repository", str(repo), "an exported model repository (run `make export`)")
     from vlaserve.server import _gpu_sm_count
 
@@ -182,7 +184,7 @@ def preflight(repo: Path, golden: bool = True) -> int:
         )  # fmt: skip
     if os.geteuid() != 0:
         raise VlaserveError("user", f"uid {os.geteuid()}", "root: the MPS control daemon is run as root here")
-    traced = json.loads((repo / repository.RUNNER_MODELS[0] / "1" / "manifest.json").read_text()).get("init_device")
+    traced = repository.read_manifest(repo, repository.RUNNER_MODELS[0]).get("init_device")
     if golden and traced != "cuda":
         raise VlaserveError(
             "--repository", f"{repo} (exported on {traced})",
@@ -235,7 +237,7 @@ def sweep(args) -> dict:
     percentages = sorted(set(args.percentages) | spec_percentages(repo / repository.SPEC_FILE))
     workdir = Path(args.workdir).resolve()
     log(f"recording the products of the {' and '.join(repository.RUNNER_MODELS)} at their configured batch sizes ...")
-    products = model_products(repo)
+    products = model_products(repo, workdir / value_check.PRODUCTS_CACHE)  # shared with the server in this workdir
     products_file = workdir / "mps-check-products.json"
     products_file.parent.mkdir(parents=True, exist_ok=True)
     products_file.write_text(json.dumps(products))
@@ -256,7 +258,7 @@ def sweep(args) -> dict:
     finally:
         daemon.stop()
     gpu = next((r["gpu"] for r in rows if "gpu" in r), "unknown")
-    manifest = json.loads((repo / repository.RUNNER_MODELS[0] / "1" / "manifest.json").read_text())
+    manifest = repository.read_manifest(repo, repository.RUNNER_MODELS[0])
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,

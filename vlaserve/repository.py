@@ -361,14 +361,23 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
 
 
-def read_manifest_settings(repo: Path) -> ModelSettings | None:
-    """The settings the encoder's artifacts were exported with, or None when nothing was exported."""
+def manifest_path(repo: Path, model: str) -> Path:
+    """Where ``make export`` writes ``model``'s manifest in ``repo``."""
+    return Path(repo) / model / "1" / "manifest.json"
+
+
+def read_manifest(repo: Path, model: str) -> dict:
+    """``model``'s manifest in ``repo`` (what was exported: preset, dtype, tensor specs, golden sample)."""
     import json
 
-    manifest = repo / io.ENCODER / "1" / "manifest.json"
-    if not manifest.is_file():
+    return json.loads(manifest_path(repo, model).read_text())
+
+
+def read_manifest_settings(repo: Path) -> ModelSettings | None:
+    """The settings the encoder's artifacts were exported with, or None when nothing was exported."""
+    if not manifest_path(repo, io.ENCODER).is_file():
         return None
-    m = json.loads(manifest.read_text())
+    m = read_manifest(repo, io.ENCODER)
     return ModelSettings(m["preset"], m["views"], m["dtype"])
 
 

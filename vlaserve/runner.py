@@ -107,7 +107,7 @@ class TritonPythonModel:
                 device = "cpu"  # this torch has no CUDA: the runtime falls back to the CPU as well
         if self.value_check != "off":  # before the model loads: a bad share is refused in seconds
             status_dir = os.environ.get(STATUS_DIR_ENV)
-            cache = Path(status_dir).parent / "products" if status_dir else None
+            cache = Path(status_dir).parent / value_check.PRODUCTS_CACHE if status_dir else None
             products = value_check.cached_products(self.manifest, checked_batches, cache)
             self._judge("products", value_check.screen_products(products, self.manifest["dtype"], device))
         self.runtime = load_runtime(

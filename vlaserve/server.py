@@ -430,7 +430,8 @@ def main(argv=None) -> int:
     print("[serve] Ctrl-C or SIGTERM stops it; `python -m vlaserve.health` tells whether it is healthy", flush=True)
     try:
         if args.no_restart:
-            while not stopping and not Supervisor(server).problem():
+            watcher = Supervisor(server)
+            while not stopping and not watcher.problem():
                 time.sleep(args.health_interval)
         else:
             Supervisor(server, interval=args.health_interval, log=lambda m: print(m, flush=True)).run(

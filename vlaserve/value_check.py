@@ -45,6 +45,7 @@ TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PRODUCT_OPS = ("linear", "mm", "addmm", "bmm", "baddbmm", "matmul")
 MPS_CHECK_ENV = "VLASERVE_MPS_CHECK"  # the JSON that `make mps-check` wrote: safe percentages per GPU
 MPS_CHECK_FILE = "mps-check.json"  # its default name, in the server's --workdir
+PRODUCTS_CACHE = "products"  # recorded products, kept in the server's --workdir (see cached_products)
 FAULT_ENV = "VLASERVE_FAULT_INJECT"  # for tests only: "products" corrupts every screened product
 
 
