@@ -17,6 +17,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User, constant_pacing, events, task
 from locust.exception import StopUser
 
+from loadtest import FAILED_SUFFIX
 from vlaserve import interface as io
 from vlaserve.client import PolicyClient, error_line, make_request, readiness_problem
 
@@ -85,10 +86,14 @@ class PolicyUser(User):
         try:
             length = self.client.infer(self.request, self.opts.vla_priority).nbytes
         except Exception as exc:  # noqa: BLE001 - every failure is reported to Locust, not raised
-            exception = exc
+            # by its status and message: Locust groups failures by the exception's repr, and a
+            # tritonclient exception's repr is empty
+            exception = RuntimeError(error_line(exc))
         self.environment.events.request.fire(
             request_type=self.opts.vla_protocol,
-            name=self.name,
+            # failures apart, so that the latency percentiles are those of answers (a fast rejection
+            # would otherwise pull them down)
+            name=self.name if exception is None else f"{self.name}{FAILED_SUFFIX}",
             response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length,
             exception=exception,

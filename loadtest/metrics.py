@@ -3,7 +3,7 @@
 The per-model figures of a load step come from the difference of two scrapes: request counts,
 inference and execution counts (their ratio is the average batch size), and the cumulative queue,
 compute and request durations (per request: divided by the successful request count), failures per
-reason, and the encoder inferences that got no decoder answer (wasted work).
+reason, and the requests the encoder computed that got no decoder answer (wasted work).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ COUNTERS = (
     "nv_inference_compute_input_duration_us",
     "nv_inference_compute_infer_duration_us",
     "nv_inference_compute_output_duration_us",
+    "vlaserve_computed_requests",  # the runner's own: requests a model ran its artifact on
 )
 GPU_GAUGES = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes")
 
@@ -69,6 +70,7 @@ def deltas(before: dict, after: dict) -> dict:
             # appears only there. The step's failures are the clients' count.
             "failures_by_reason": {r: n for r, n in failed.items() if n},
             "inferences": int(d["nv_inference_count"]),
+            "computed": int(d.get("vlaserve_computed_requests", 0)),
             "executions": int(executions),
             "avg_batch_size": d["nv_inference_count"] / executions if executions else 0.0,
             "request_ms": ms["nv_inference_request_duration_us"],
@@ -85,8 +87,9 @@ def deltas(before: dict, after: dict) -> dict:
         for uuid, g in after["gpus"].items()
     }
     enc, dec = out.get("encoder", {}), out.get("decoder", {})
-    wasted = max(0, enc.get("inferences", 0) - dec.get("inferences", 0))
+    # requests the encoder computed that the decoder never computed: work thrown away (the runner's own
+    # counts; the Python backend counts an error answer as a success, so Triton's are no measure here)
+    wasted = max(0, enc.get("computed", 0) - dec.get("computed", 0))
     return {"models": out, "gpus": gpus,
-            # encoder inferences whose request got no decoder answer: work thrown away under overload
-            "wasted_encoder_inferences": wasted,
-            "wasted_pct": 100.0 * wasted / enc["inferences"] if enc.get("inferences") else 0.0}  # fmt: skip
+            "wasted_encoder_requests": wasted,
+            "wasted_pct": 100.0 * wasted / enc["computed"] if enc.get("computed") else 0.0}  # fmt: skip

@@ -21,7 +21,7 @@ import time
 import urllib.error
 from pathlib import Path
 
-from loadtest import metrics, report
+from loadtest import FAILED_SUFFIX, metrics, report
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 
@@ -65,11 +65,15 @@ def percentile(histogram: dict[int, int], q: float) -> float:
 def read_locust_json(path: Path) -> dict:
     """Final figures from Locust's ``--json-file`` (exact: its CSV can miss the last second)."""
     entries = json.loads(Path(path).read_text())
+    # Answers only: failed requests have their own entry (locustfile.FAILED_SUFFIX). Throughput counts
+    # answers, and the latency percentiles are those of answers.
+    answered = [e for e in entries if not e["name"].endswith(FAILED_SUFFIX)]
     histogram: dict[int, int] = {}
-    for entry in entries:
+    for entry in answered:
         for ms, count in entry["response_times"].items():
             histogram[int(float(ms))] = histogram.get(int(float(ms)), 0) + count
     requests = sum(e["num_requests"] for e in entries)
+    answers = sum(e["num_requests"] - e["num_failures"] for e in answered)
     span = (
         max((e["last_request_timestamp"] or 0) for e in entries) - min(e["start_time"] for e in entries)
         if entries
@@ -78,8 +82,8 @@ def read_locust_json(path: Path) -> dict:
     return {
         "requests": requests,
         "failures": sum(e["num_failures"] for e in entries),
-        "rps": requests / span if span > 0 else 0.0,
-        "avg_ms": sum(e["total_response_time"] for e in entries) / requests if requests else 0.0,
+        "rps": answers / span if span > 0 else 0.0,
+        "avg_ms": sum(e["total_response_time"] for e in answered) / answers if answers else 0.0,
         **{f"p{int(q * 100)}_ms": percentile(histogram, q) for q in (0.5, 0.9, 0.95, 0.99)},
     }
 

@@ -92,8 +92,8 @@ def test_metrics_parser_reads_triton_text():
 def test_failures_are_kept_by_reason_and_wasted_encoder_work_is_counted():
     def page(enc, dec, other):
         return (
-            f'nv_inference_count{{model="encoder",version="1"}} {enc}\n'
-            f'nv_inference_count{{model="decoder",version="1"}} {dec}\n'
+            f'vlaserve_computed_requests{{model="encoder",instance="encoder_cpu_0"}} {enc}\n'
+            f'vlaserve_computed_requests{{model="decoder",instance="decoder_cpu_0"}} {dec}\n'
             f'nv_inference_request_failure{{model="policy",reason="OTHER",version="1"}} {other}\n'
             'nv_inference_request_failure{model="policy",reason="REJECTED",version="1"} 0\n'
         )
@@ -101,7 +101,7 @@ def test_failures_are_kept_by_reason_and_wasted_encoder_work_is_counted():
     d = metrics.deltas(metrics.parse(page(18, 18, 0)), metrics.parse(page(118, 98, 40)))
     # an ensemble counts a failed step twice under OTHER: kept as Triton says, never summed into one figure
     assert d["models"]["policy"]["failures_by_reason"] == {"OTHER": 40} and "failures" not in d["models"]["policy"]
-    assert d["wasted_encoder_inferences"] == 20 and d["wasted_pct"] == pytest.approx(20.0)
+    assert d["wasted_encoder_requests"] == 20 and d["wasted_pct"] == pytest.approx(20.0)
 
 
 def run_cli(argv, timeout=60):

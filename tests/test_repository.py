@@ -74,6 +74,8 @@ def test_pi0_shapes():
         ),
         (("models", "encoder", "dynamic_batching", "preferred_batch_size"), [4, 16], "preferred_batch_size"),
         (("models", "encoder", "max_batchsize"), 4, "models.encoder.max_batchsize"),
+        (("models", "policy", "max_in_flight"), 4, "models.policy.max_in_flight"),  # below the encoder's batch
+        (("models", "decoder", "dynamic_batching", "max_queue_size"), 16, "decoder.dynamic_batching.max_queue_size"),
     ],
 )
 def test_bad_spec_names_the_key(path, value, field):

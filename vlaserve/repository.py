@@ -20,6 +20,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from vlaserve import interface as io
+from vlaserve.admission import MAX_SLOTS
 from vlaserve.errors import VlaserveError
 from vlaserve.value_check import VALUE_CHECK_MODES
 
@@ -151,9 +152,21 @@ def validate_spec(spec: dict) -> dict:
         if "warmup_count" in m:
             _positive_int(m["warmup_count"], f"models.{name}.warmup_count")
     policy = models.get(io.POLICY, {})
-    _check_keys(policy, {"max_batch_size"}, f"models.{io.POLICY}")
+    _check_keys(policy, {"max_batch_size", "max_in_flight"}, f"models.{io.POLICY}")
     limit = min(models[n]["max_batch_size"] for n in RUNNER_MODELS)
     _positive_int(policy.get("max_batch_size"), f"models.{io.POLICY}.max_batch_size", limit)
+    if policy.get("max_in_flight") is not None:
+        where = f"models.{io.POLICY}.max_in_flight"
+        in_flight = _positive_int(policy["max_in_flight"], where, MAX_SLOTS)
+        if in_flight < models[io.ENCODER]["max_batch_size"]:  # the encoder admits a whole batch at once
+            raise VlaserveError(where, in_flight, "at least the encoder's max_batch_size")
+        decoder_queue = (models[io.DECODER].get("dynamic_batching") or {}).get("max_queue_size")
+        if decoder_queue is not None and decoder_queue < in_flight:  # else the decoder rejects admitted work
+            raise VlaserveError(
+                f"models.{io.DECODER}.dynamic_batching.max_queue_size",
+                decoder_queue,
+                f"at least models.{io.POLICY}.max_in_flight ({in_flight}): the decoder must hold all admitted requests",
+            )
     return spec
 
 
@@ -236,10 +249,28 @@ def _string_params(values: dict) -> dict:
     return {k: {"string_value": str(v)} for k, v in values.items()}
 
 
-def runner_config(name: str, m: dict, dims) -> dict:
+def admission_params(name: str, models: dict) -> dict:
+    """The runner parameters of the pipeline's in-flight limit (vlaserve.admission), or none."""
+    limit = models[io.POLICY].get("max_in_flight")
+    if not limit:
+        return {}
+
+    def timeout_s(model: str, default: float) -> float:
+        batching = models[model].get("dynamic_batching") or {}
+        return batching.get("queue_timeout_microseconds", default * 1e6) / 1e6
+
+    params = {"admission_role": "acquire" if name == io.ENCODER else "release", "admission_limit": limit}
+    # a slot nobody gives back is lent again after the decoder's queue timeout and 10 s more
+    params["admission_ttl_s"] = f"{timeout_s(io.DECODER, 20.0) + 10.0:g}"
+    if name == io.ENCODER:  # how long a batch waits for room before it is answered UNAVAILABLE
+        params["admission_wait_s"] = f"{timeout_s(io.ENCODER, 5.0):g}"
+    return params
+
+
+def runner_config(name: str, m: dict, dims, admission: dict | None = None) -> dict:
     """The ModelConfig (as a dict) of the encoder or the decoder."""
     inputs, outputs = MODEL_IO[name]
-    params = {"runtime": m["runtime"], "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+    params = {"runtime": m["runtime"], "FORCE_CPU_ONLY_INPUT_TENSORS": "no", **(admission or {})}
     for key in ("cpu_threads", "noise_seed", "value_check"):
         if key in m:
             params[key] = m[key]
@@ -332,7 +363,10 @@ def policy_config(spec: dict, dims) -> dict:
 def build_configs(spec: dict, settings: ModelSettings | None = None) -> dict[str, model_config_pb2.ModelConfig]:
     """Every model's ModelConfig message."""
     dims = tensor_dims(settings or settings_of(spec))
-    dicts = {name: runner_config(name, spec["models"][name], dims) for name in RUNNER_MODELS}
+    dicts = {
+        name: runner_config(name, spec["models"][name], dims, admission_params(name, spec["models"]))
+        for name in RUNNER_MODELS
+    }
     dicts[io.POLICY] = policy_config(spec, dims)
     return {name: json_format.ParseDict(d, model_config_pb2.ModelConfig()) for name, d in dicts.items()}
 

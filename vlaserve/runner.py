@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlaserve import admission, validation, value_check
 from vlaserve import interface as io
-from vlaserve import validation, value_check
 from vlaserve.errors import VlaserveError
 from vlaserve.runtimes import load_runtime
 
@@ -28,6 +28,9 @@ except ImportError:  # imported outside Triton (unit tests, docs)
     pb_utils = None
 
 STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.json (see vlaserve.status)
+# A counter on Triton's /metrics page: requests this model ran its artifact on. Triton's own success
+# count is no measure of compute here: the Python backend counts an error answer as a success.
+COMPUTED_METRIC = "vlaserve_computed_requests"
 
 
 def instance_group_of(instance_name: str, group_names) -> str | None:
@@ -128,6 +131,23 @@ class TritonPythonModel:
         self.status.setdefault("value_check", "off" if self.value_check == "off" else "pass")
         seed = int(params.get("noise_seed", 0)) + int(args["model_instance_device_id"]) * 1000
         self.rng = np.random.default_rng([seed, sum(map(ord, self.instance))])
+        self.admission, self.admission_role = None, params.get("admission_role")
+        status_dir = os.environ.get(STATUS_DIR_ENV)
+        if self.admission_role and status_dir:  # the pipeline's in-flight limit (vlaserve.admission)
+            self.admission = admission.Admission(
+                Path(status_dir) / admission.ADMISSION_FILE,
+                int(params["admission_limit"]),
+                float(params["admission_ttl_s"]),
+            )
+            self.admission_wait_s = float(params.get("admission_wait_s", 5.0))
+        self.computed = None
+        if pb_utils is not None:  # the family is kept: its metric dies with it
+            self.computed_family = family = pb_utils.MetricFamily(
+                name=COMPUTED_METRIC,
+                description="Requests a vlaserve model ran its artifact on (a request refused before compute is none)",
+                kind=pb_utils.MetricFamily.COUNTER,
+            )
+            self.computed = family.Metric(labels={"model": self.model_name, "instance": self.instance})
         self._write_status()
 
     # ---- value checks -----------------------------------------------------------------------------
@@ -323,6 +343,14 @@ class TritonPythonModel:
         return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
 
     def execute(self, requests):
+        if self.admission is not None and self.admission_role == "release":
+            try:
+                return self._execute(requests)
+            finally:  # every request answered, right or wrong, frees its slot
+                self.admission.release(len(requests))
+        return self._execute(requests)
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         accepted, parts = [], []
         for i, request in enumerate(requests):
@@ -335,15 +363,30 @@ class TritonPythonModel:
                 )
         if not parts:
             return responses
+        admitting = self.admission is not None and self.admission_role == "acquire"
+        if admitting and not self.admission.acquire(len(accepted), self.admission_wait_s):
+            message = (
+                f"{self.model_name}: the pipeline is full ({self.admission.limit} requests between encoder and "
+                f"decoder for {self.admission_wait_s:g} s, models.policy.max_in_flight); retry later"
+            )
+            for i in accepted:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+                )
+            return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
         try:
             outputs = self.runtime.run(self._pad(self._concat(parts), sum(sizes)))
         except Exception as exc:  # noqa: BLE001 - the runtime's failure goes back to each request it concerned
+            if admitting:  # these requests never reach the decoder
+                self.admission.release(len(accepted))
             for i in accepted:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"{self.model_name}: the {self.status['runtime']} runtime failed: {exc}")
                 )
             return responses
+        if self.computed is not None:
+            self.computed.increment(len(accepted))
         if self.runtime.device.startswith("cuda"):
             # The outputs leave this process by pointer (DLPack, CUDA IPC), to a process that does not
             # wait on our stream: they must be complete before they are handed over.

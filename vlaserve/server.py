@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from vlaserve import admission
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.runner import STATUS_DIR_ENV
@@ -206,6 +207,8 @@ class TritonServer:
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             self.wait_ready(self.triton_http)
+            # after the warm-up requests, which run each model on its own (vlaserve.admission)
+            admission.create(self.status_dir / admission.ADMISSION_FILE)
             if self.options.http_guard:
                 guard = [
                     sys.executable,
