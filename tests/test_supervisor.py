@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,12 +78,17 @@ def test_a_killed_instance_and_a_killed_server_are_recovered(tiny_repo, tiny_pol
         assert json.loads((workdir / "instances" / "decoder_cpu_1.json").read_text())["pid"] != stub
 
         server_pid = json.loads((workdir / "health.json").read_text())["pid"]
+        stubs, segments = stubs_and_segments(workdir)
+        assert len(stubs) == 4 and segments
         os.kill(server_pid, signal.SIGKILL)
         killed = time.monotonic()
         assert wait_for(lambda: "tritonserver exited (killed by signal 9)" in health.check(workdir, url), 5)
         assert wait_for(lambda: health.check(workdir, url) == "", 120), health.check(workdir, url)
         print(f"server recovery: {time.monotonic() - killed:.1f} s")
+        # the dead server's stubs (which do not always notice) and their shared memory are gone
+        assert not [p for p in stubs if process_alive(p)] and not [p for p in segments if p.exists()]
         assert answers_right()
+        stubs, segments = stubs_and_segments(workdir)
         assert json.loads((workdir / "health.json").read_text())["restarts"] == 2
     finally:
         launcher.send_signal(signal.SIGTERM)
@@ -90,6 +96,18 @@ def test_a_killed_instance_and_a_killed_server_are_recovered(tiny_repo, tiny_pol
     assert launcher.returncode == 0, output
     assert "unhealthy: model instance stub dead: decoder_cpu_1" in output and "recovered in" in output
     assert not process_alive(json.loads((workdir / "health.json").read_text())["pid"])
+    assert not [p for p in stubs if process_alive(p)] and not [p for p in segments if p.exists()]  # a clean stop
+
+
+def stubs_and_segments(workdir):
+    """The instances' stub PIDs and the /dev/shm files they map."""
+    pids = [json.loads(p.read_text())["pid"] for p in (workdir / "instances").glob("*.json")]
+    segments = set()
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            if "/dev/shm/" in line:
+                segments.add(Path(line[line.index("/dev/shm/") :].removesuffix(" (deleted)")))
+    return pids, segments
 
 
 def test_without_restarts_the_launcher_stops_when_an_instance_dies(tiny_repo, tmp_path):

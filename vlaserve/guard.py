@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import re
+import signal
 import sys
 import urllib.request
 
@@ -105,7 +106,7 @@ def fetch_configs(upstream: str, timeout: float = 10.0) -> dict:
     return configs
 
 
-async def serve(listen_host: str, listen_port: int, upstream: str, configs: dict) -> None:
+async def serve(listen_host: str, listen_port: int, upstream: str, configs: dict, drain_s: float = 30.0) -> None:
     from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
     session = ClientSession(f"http://{upstream}", connector=TCPConnector(limit=0),
@@ -126,21 +127,29 @@ async def serve(listen_host: str, listen_port: int, upstream: str, configs: dict
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app, access_log=None)
+    # On SIGTERM: stop accepting connections, answer the requests already in flight (they need Triton,
+    # which the launcher stops only after the guard has exited), then exit.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s)
     await runner.setup()
     await web.TCPSite(runner, listen_host, listen_port).start()
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     print(f"guard: ready on {listen_host}:{listen_port}, upstream {upstream}", flush=True)
     try:
-        await asyncio.Event().wait()
+        await stopping.wait()
+        print("guard: stopping; answering the requests in flight", flush=True)
     finally:
-        await session.close()
         await runner.cleanup()
+        await session.close()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlaserve.guard", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", required=True, help="host:port clients connect to")
     parser.add_argument("--upstream", required=True, help="host:port of Triton's own HTTP (loopback)")
+    parser.add_argument(
+        "--drain-seconds", type=float, default=30.0, help="on SIGTERM, the longest wait for requests in flight"
+    )
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     try:
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
         print(f"guard: error: cannot read the model configs from {args.upstream}: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(serve(host, int(port), args.upstream, configs))
+        asyncio.run(serve(host, int(port), args.upstream, configs, args.drain_seconds))
     except KeyboardInterrupt:
         pass
     return 0

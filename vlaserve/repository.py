@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -398,6 +399,19 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
 def manifest_path(repo: Path, model: str) -> Path:
     """Where ``make export`` writes ``model``'s manifest in ``repo``."""
     return Path(repo) / model / "1" / "manifest.json"
+
+
+def drain_seconds(repo: Path) -> int:
+    """How long a request admitted just before SIGTERM can still take: the queue timeouts it can wait
+    out (the encoder's, its wait for an in-flight slot, the decoder's), plus 10 s for the compute."""
+    total = 10.0
+    for name in RUNNER_MODELS:
+        config = read_config(Path(repo) / name / "config.pbtxt")
+        if config.HasField("dynamic_batching"):
+            total += config.dynamic_batching.default_queue_policy.default_timeout_microseconds / 1e6
+        if "admission_wait_s" in config.parameters:
+            total += float(config.parameters["admission_wait_s"].string_value)
+    return math.ceil(total)
 
 
 def read_manifest(repo: Path, model: str) -> dict:

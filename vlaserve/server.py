@@ -106,8 +106,33 @@ class ServerOptions:
     log_verbose: int = 0
     mps: bool = False  # start the MPS sidecar entrypoint natively first (GPU hosts)
     cuda_memory_pool_mb: int = 0  # Triton's CUDA pool on GPU 0 for tensors between models (0 = Triton's 64 MB)
+    exit_timeout: int | None = None  # seconds for the requests in flight on SIGTERM (default: from the configs)
     http_guard: bool = True  # clients' HTTP goes through vlaserve.guard; Triton's own HTTP stays on loopback
     extra_args: tuple[str, ...] = ()
+
+
+# What tritonserver logs once no inference is in flight after SIGTERM (then it unloads the models).
+DRAINED_MARK = b"All models are stopped, unloading models"
+
+
+def _drain_seconds(repo: Path) -> int:
+    from vlaserve.repository import drain_seconds
+
+    try:
+        return drain_seconds(repo)
+    except (OSError, ValueError):  # no or unreadable configs: start() names the problem
+        return 30
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (tritonserver's stubs stay in its group)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(stat.parent.name))
+    return members
 
 
 class TritonServer:
@@ -124,9 +149,12 @@ class TritonServer:
         opts.admin_key = opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY") or secrets.token_hex(16)
         self.admin_key_file = opts.workdir / ADMIN_KEY_FILE if self.generated_key else None
         self.status_dir = opts.workdir / "instances"
+        # how long tritonserver waits, on SIGTERM, for the requests in flight (sized from the queue timeouts)
+        self.exit_timeout = opts.exit_timeout or _drain_seconds(opts.model_repository)
         # Triton's own HTTP: behind the guard on a loopback port, else where clients connect
         self.triton_http = f"{io.DEFAULT_HOST}:{free_port()}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
+        self.segments: list[Path] = []
         self.guard: subprocess.Popen | None = None
         self.sidecar: MpsSidecar | None = None
 
@@ -177,7 +205,7 @@ class TritonServer:
                 if opts.cuda_memory_pool_mb
                 else []
             ),
-            "--exit-timeout-secs=10",
+            f"--exit-timeout-secs={self.exit_timeout}",
             f"--log-verbose={opts.log_verbose}",
             *opts.extra_args,
         ]
@@ -207,10 +235,11 @@ class TritonServer:
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             self.wait_ready(self.triton_http)
+            self.segments = self._shm_segments()  # removed by stop() if a crash leaves them behind
             # after the warm-up requests, which run each model on its own (vlaserve.admission)
             admission.create(self.status_dir / admission.ADMISSION_FILE)
             if self.options.http_guard:
-                guard = [
+                guard_cmd = [
                     sys.executable,
                     "-m",
                     "vlaserve.guard",
@@ -218,9 +247,13 @@ class TritonServer:
                     self.http_url,
                     "--upstream",
                     self.triton_http,
+                    "--drain-seconds",
+                    str(self.exit_timeout),
                 ]
                 with open(self.options.workdir / "guard.log", "wb") as log:
-                    self.guard = subprocess.Popen(guard, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    self.guard = subprocess.Popen(
+                        guard_cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 self.wait_ready(self.http_url)
         except BaseException:
             self.stop()  # the MPS sidecar too: nothing is left running after a failed start
@@ -268,29 +301,78 @@ class TritonServer:
             return ""
         return "\n".join(text[-lines:])
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL of the process group after ``timeout``."""
-        if self.guard is not None:  # first: no new HTTP requests while Triton drains
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop what was started; 0 when every request in flight was answered first.
+
+        The HTTP guard goes first (no new HTTP requests; those in flight are answered). Then tritonserver
+        gets SIGTERM: it answers new requests UNAVAILABLE ("Server is stopping") and waits for the ones in
+        flight. Once it logs that they are done, it would unload the models, answering NOT_FOUND (a
+        permanent error) to every request meanwhile, for seconds (the Python-backend stubs take 2 to 3 s
+        to unload on cpu-2, pi0 longer than Triton's exit timeout). So at that point the launcher ends the
+        process group instead (the models' unloading is what is cut short: nothing is in flight), and
+        removes the shared-memory segments the stubs held. Past ``timeout`` (default: the exit timeout
+        and 10 s) without that mark, the group is killed as well, and the exit code says so.
+        """
+        timeout = self.exit_timeout + 10 if timeout is None else timeout
+        if self.guard is not None:  # first: no new HTTP requests, and those in flight answered, while Triton runs
             if self.guard.poll() is None:
                 self.guard.terminate()
                 try:
-                    self.guard.wait(5)
+                    self.guard.wait(self.exit_timeout + 5)
                 except subprocess.TimeoutExpired:
                     self.guard.kill()
                     self.guard.wait()
             self.guard = None
         code = None if self.process is None else self.process.poll()
-        if self.process is not None and code is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                code = self.process.wait()
+        if self.process is not None:
+            segments = {*self.segments, *self._shm_segments()}
+            if code is None:
+                log_at = self.options.log_file.stat().st_size if self.options.log_file.exists() else 0
+                self.process.send_signal(signal.SIGTERM)
+                drained = self._wait_drained(log_at, timeout)
+                code = self.process.poll()
+                if code is None:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+                    code = 0 if drained else -signal.SIGKILL
+            # Stubs left behind by a tritonserver that died (a crash, a kill) do not always notice: they
+            # would keep their memory, and their shared-memory regions, which a full unload unlinks.
+            deadline = time.monotonic() + 5
+            while _group_members(self.process.pid) and time.monotonic() < deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                time.sleep(0.05)
+            for path in segments:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if self.sidecar is not None:  # after the server: its clients are gone by now
             self.sidecar.stop()
             self.sidecar = None
         return code
+
+    def _wait_drained(self, log_at: int, timeout: float) -> bool:
+        """Wait for tritonserver to exit or to log that no request is in flight; True for the latter."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            with contextlib.suppress(OSError), open(self.options.log_file, "rb") as log:
+                log.seek(log_at)
+                if DRAINED_MARK in log.read():
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def _shm_segments(self) -> list[Path]:
+        """The /dev/shm files mapped by tritonserver's process group (the Python backend's regions)."""
+        found = set()
+        for pid in _group_members(self.process.pid):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                    path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+                    if path.startswith("/dev/shm/"):
+                        found.add(Path(path.removesuffix(" (deleted)")))
+        return sorted(found)
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -388,6 +470,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no-restart", action="store_true", help="stop instead of restarting a server that died or lost an instance"
     )
     parser.add_argument(
+        "--exit-timeout", type=int, default=None,
+        help="seconds that SIGTERM waits for the requests in flight (default: the configs' queue timeouts and 10 s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-http-guard", action="store_true",
         help="serve Triton's HTTP directly instead of through vlaserve.guard, which checks every inference "
         "request's shapes against the model's config first (a lying shape can crash tritonserver 2.51)",
@@ -409,6 +495,7 @@ def main(argv=None) -> int:
         ready_timeout=args.ready_timeout,
         log_verbose=args.log_verbose,
         http_guard=not args.no_http_guard,
+        exit_timeout=args.exit_timeout,
     )
     server = TritonServer(options)
     stopping = []
