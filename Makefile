@@ -14,7 +14,7 @@ MPS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve health infer loadtest compare demo test lint up down mps-status mps-check clean
+.PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,9 @@ compare: $(STAMP) $(REPO)/encoder/1/manifest.json ## the sweep over spec variant
 
 test: $(STAMP) ## run the test suite (starts real tritonservers on free ports)
 	$(PY) -m pytest -q tests $(ARGS)
+
+reliability: $(STAMP) $(REPO)/encoder/1/manifest.json ## hostile input, crashes, overload, soak, SIGTERM against a real server: one table (ARGS=--quick)
+	$(PY) -m loadtest.reliability --repository $(REPO) $(ARGS)
 
 lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tritonclient.utils import InferenceServerException
 
+from loadtest import hostile
 from tests.conftest import SPEC, start_server
 from vlaserve import repository
 from vlaserve.client import PolicyClient, make_request
@@ -230,10 +231,6 @@ def test_generated_admin_key_is_for_its_owner_and_opens_the_restricted_endpoints
     assert {m.name for m in models} == {"encoder", "decoder", "policy"}
 
 
-LYING_SHAPES = [[100000, 2, 224, 224, 3], [2**40, 2, 224, 224, 3], [1, 2, 224, 224, 3, 1000000], [-1, 2, 224, 224, 3],
-                [1, 2, 224, 224], ["1", 2, 224, 224, 3], [1, 20000, 224, 224, 3]]  # fmt: skip
-
-
 def test_lying_shapes_and_internal_models_cannot_take_the_server_down(server, tiny_policy):
     """The 128-byte request that made tritonserver 2.51 abort, its family, and bodies that lie about their
     binary data, over HTTP (through the guard) and gRPC; then the same server process answers right."""
@@ -244,40 +241,47 @@ def test_lying_shapes_and_internal_models_cannot_take_the_server_down(server, ti
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     pid = server.process.pid
-    bodies = [(json.dumps({"inputs": [{"name": "images", "shape": s, "datatype": "UINT8", "data": list(range(10))}]}),
-               "input images: shape") for s in LYING_SHAPES]  # fmt: skip
-    header = json.dumps({"inputs": [{"name": "state", "shape": [1, 32], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 128}}]})  # fmt: skip
-    bodies += [("not json", "body: expected"), ('{"inputs": 7}', "body: expected"),
-               (header, "bytes of binary data")]  # the last declares 128 binary bytes and sends none  # fmt: skip
-    assert len(bodies[0][0].encode()) < 160
     for model in ("policy", "encoder", "decoder"):
-        for body, reason in bodies:
-            headers = {"Inference-Header-Content-Length": str(len(header))} if body == header else {}
+        for case, body, headers, reason in hostile.lying_http_bodies():
             request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/infer",
                                              data=body.encode(), method="POST", headers=headers)  # fmt: skip
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(request, timeout=30)
-            assert refused.value.code == 400, (model, body[:80])
+            assert refused.value.code == 400, (model, case)
             message = json.loads(refused.value.read())["error"]
             expected = reason if model == "policy" else "not served to clients"
-            assert message.startswith("vlaserve guard: ") and expected in message, (model, body[:60], message)
+            assert message.startswith("vlaserve guard: ") and expected in message, (model, case, message)
+    assert len(hostile.CRASH_BODY.encode()) < 160
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_url))
-    for model in ("policy", "encoder", "decoder"):
-        for shape in LYING_SHAPES:
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                continue  # not expressible in the protobuf message
-            request = service_pb2.ModelInferRequest(model_name=model)
-            tensor = request.inputs.add(name="images", datatype="UINT8", shape=shape)
-            tensor.contents.uint_contents.extend(range(10))
-            with pytest.raises(grpc.RpcError):
-                stub.ModelInfer(request, timeout=30)
+    for case, request in hostile.grpc_requests(service_pb2):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, refused.value.details())
     assert server.process.poll() is None and server.process.pid == pid
     good = make_request(2, views=2, seed=8, with_noise=True)
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
         np.testing.assert_allclose(
             PolicyClient(url, protocol).infer(good), reference_actions(tiny_policy, good), atol=1e-4
         )
+
+
+def test_malformed_http_bodies_get_a_client_error_and_the_server_keeps_serving(server, tiny_policy):
+    """Ordinary bad bodies (empty, truncated, nested 100,000 deep, wrong types...): each a 4xx, never a 5xx."""
+    import urllib.error
+    import urllib.request
+
+    pid = server.process.pid
+    for case, body, headers in hostile.malformed_http_bodies():
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/policy/infer", data=body,
+                                         method="POST", headers=headers)  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert 400 <= refused.value.code < 500, (case, refused.value.code, refused.value.read()[:200])
+    assert server.process.poll() is None and server.process.pid == pid
+    good = make_request(1, views=2, seed=8, with_noise=True)
+    np.testing.assert_allclose(
+        PolicyClient(server.http_url, "http").infer(good), reference_actions(tiny_policy, good), atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -62,7 +62,7 @@ def check_request(model: str, body: bytes, headers, configs: dict) -> str:
         tensors = request["inputs"]
         if not isinstance(tensors, list):
             raise ValueError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep to parse
         return "body: expected a JSON inference request with an 'inputs' list (KServe v2 protocol)"
     expected, max_batch = configs[model]
     binary_total = 0
@@ -112,7 +112,12 @@ async def serve(listen_host: str, listen_port: int, upstream: str, configs: dict
     session = ClientSession(f"http://{upstream}", connector=TCPConnector(limit=0),
                             timeout=ClientTimeout(total=None), auto_decompress=False)  # fmt: skip
 
+    stopping = asyncio.Event()
+
     async def forward(request: web.Request) -> web.StreamResponse:
+        if stopping.is_set():  # also on kept-alive connections: retryable, and the client reconnects elsewhere
+            return web.json_response({"error": "vlaserve guard: the server is stopping; retry"}, status=503,
+                                     headers={"Connection": "close", "Retry-After": "1"})  # fmt: skip
         body = await request.read()
         match = INFER_PATH.match(request.path)
         if match and request.method == "POST":
@@ -127,12 +132,11 @@ async def serve(listen_host: str, listen_port: int, upstream: str, configs: dict
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_route("*", "/{tail:.*}", forward)
-    # On SIGTERM: stop accepting connections, answer the requests already in flight (they need Triton,
-    # which the launcher stops only after the guard has exited), then exit.
+    # On SIGTERM: answer new requests 503 (retryable), answer the requests already in flight (they need
+    # Triton, which the launcher stops only after the guard has exited), then exit.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s)
     await runner.setup()
     await web.TCPSite(runner, listen_host, listen_port).start()
-    stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     print(f"guard: ready on {listen_host}:{listen_port}, upstream {upstream}", flush=True)
     try:
