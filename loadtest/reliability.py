@@ -64,12 +64,17 @@ class Reference(NamedTuple):
     tolerance: float
 
 
+def rel_error(actions: np.ndarray, expected: np.ndarray) -> float:
+    """Relative L2 error; infinite for a wrong shape or a non-finite value."""
+    if actions.shape != expected.shape or not np.isfinite(actions).all():
+        return float("inf")
+    return float(np.linalg.norm(actions - expected) / max(np.linalg.norm(expected), 1e-12))
+
+
 def right(actions: np.ndarray, expected: np.ndarray, tolerance: float) -> bool:
     """Within the export's parity tolerance for its dtype (relative L2 error): bf16 answers differ a little
     with the batch they were computed in."""
-    if actions.shape != expected.shape or not np.isfinite(actions).all():
-        return False
-    return float(np.linalg.norm(actions - expected) / max(np.linalg.norm(expected), 1e-12)) <= tolerance
+    return rel_error(actions, expected) <= tolerance
 
 
 def classify(exc: Exception) -> str:
@@ -137,8 +142,9 @@ class Load:
         while not self._stop.is_set():
             started = time.time()
             try:
-                good = right(client.infer(self.ref.request), self.ref.actions, self.ref.tolerance)
-                self.outcomes.append((started, "ok" if good else "wrong", ""))
+                err = rel_error(client.infer(self.ref.request), self.ref.actions)
+                good = err <= self.ref.tolerance
+                self.outcomes.append((started, "ok" if good else "wrong", "" if good else f"rel error {err:.3g}"))
             except Exception as exc:  # noqa: BLE001 - each failure is classified, not raised
                 self.outcomes.append((started, classify(exc), error_line(exc)[:160]))
                 time.sleep(0.05)  # a client backs off a little before it retries
@@ -158,6 +164,14 @@ class Load:
 
     def messages(self, outcome: str, since: float = 0.0) -> list[str]:
         return sorted({m for t, o, m in list(self.outcomes) if o == outcome and t >= since})
+
+
+def describe(load: Load, since: float) -> str:
+    """What went wrong since ``since``: counts by kind and the first message of each."""
+    counts = load.counts(since)
+    parts = [f"{counts[k]} {k} ({load.messages(k, since)[0][:80]})" for k in ("wrong", "permanent", "retryable")
+             if counts[k]]  # fmt: skip
+    return "; ".join(parts) or "no errors"
 
 
 def lost(counts: collections.Counter) -> int:
@@ -330,7 +344,7 @@ def soak(launcher: Launcher, seconds: int, ref: Reference) -> dict:
     growth = last - first
     after = same_server_answers(launcher, pid, ref)
     ok = counts["ok"] > 0 and sum(counts.values()) == counts["ok"] and growth < max(64.0, 0.05 * first) and not after
-    detail = (f"{counts['ok']} right answers, {sum(counts.values()) - counts['ok']} not; memory {first:.0f} -> "
+    detail = (f"{counts['ok']} right answers, {describe(load, 0.0)}; memory {first:.0f} -> "
               f"{last:.0f} MiB (first/last quarter, tritonserver + stubs); " + (after or "same server"))  # fmt: skip
     return row("soak", f"4 clients x {seconds} s", "-", ok, str(sum(counts.values()) - counts["ok"]), detail)
 
@@ -354,12 +368,9 @@ def stub_kill(launcher: Launcher, ref: Reference) -> dict:
         time.sleep(2)
     counts = load.counts(killed)
     ok = seen_unhealthy and recovered is not None and counts["wrong"] == 0
-    permanent = load.messages("permanent")
     detail = (f"health unhealthy within the outage: {'yes' if seen_unhealthy else 'NO'}; recovered (healthy and a "
-              f"right answer) in {recovered:.1f} s; after the kill: {counts['ok']} right, {counts['retryable']} "
-              f"retryable, {counts['permanent']} failed" if recovered is not None else "did not recover in 600 s")  # fmt: skip
-    if permanent:
-        detail += f" ({permanent[0][:90]})"
+              f"right answer) in {recovered:.1f} s" if recovered is not None else "did not recover in 600 s")  # fmt: skip
+    detail += f"; after the kill: {counts['ok']} right, {describe(load, killed)}"
     return row("stub kill", "4 clients", f"kill -9 {victim}", ok, str(lost(counts)), detail)
 
 
@@ -387,12 +398,8 @@ def sigterm(launcher: Launcher, ref: Reference) -> dict:
     counts = load.counts(sent)
     left = [p for p in [server_pid, *instances.values()] if process_alive(p)] + [p for p in segments if p.exists()]
     ok = code == 0 and lost(counts) == 0 and not left
-    detail = (f"launcher exit {code} after {took:.1f} s; after SIGTERM: {counts['ok']} right, {counts['retryable']} "
-              f"retryable, {counts['permanent']} failed, {counts['wrong']} wrong; left behind: "
-              f"{len(left)} processes or /dev/shm files")  # fmt: skip
-    permanent = load.messages("permanent", sent)
-    if permanent:
-        detail += f" ({permanent[0][:90]})"
+    detail = (f"launcher exit {code} after {took:.1f} s; after SIGTERM: {counts['ok']} right, "
+              f"{describe(load, sent)}; left behind: {len(left)} processes or /dev/shm files")  # fmt: skip
     return row("SIGTERM under load", "6 clients", "SIGTERM to the launcher", ok, str(lost(counts)), detail)
 
 

@@ -31,6 +31,8 @@ STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.
 # A counter on Triton's /metrics page: requests this model ran its artifact on. Triton's own success
 # count is no measure of compute here: the Python backend counts an error answer as a success.
 COMPUTED_METRIC = "vlaserve_computed_requests"
+_DEBUG_HOST_HOP = os.environ.get("VLASERVE_DEBUG_HOST_HOP") == "1"
+_DEBUG_KEEP = int(os.environ.get("VLASERVE_DEBUG_KEEP", "0"))
 
 
 def instance_group_of(instance_name: str, group_names) -> str | None:
@@ -140,6 +142,7 @@ class TritonPythonModel:
                 float(params["admission_ttl_s"]),
             )
             self.admission_wait_s = float(params.get("admission_wait_s", 5.0))
+        self._kept = []
         self.computed = None
         if pb_utils is not None:  # the family is kept: its metric dies with it
             self.computed_family = family = pb_utils.MetricFamily(
@@ -393,6 +396,11 @@ class TritonPythonModel:
             import torch
 
             torch.cuda.current_stream(self.runtime.device).synchronize()
+        if _DEBUG_HOST_HOP:
+            outputs = [o.cpu() if hasattr(o, "cpu") and not isinstance(o, np.ndarray) else o for o in outputs]
+        if _DEBUG_KEEP:
+            self._kept.append(outputs)
+            del self._kept[:-_DEBUG_KEEP]
         offset = 0
         for i, size in zip(accepted, sizes):
             tensors = [
