@@ -2,7 +2,8 @@
 
     python benchmarks/hop_race_check.py --repository /tmp/pi0_repo --seconds 60 --clients 16
 
-Each config is its own server start (env knobs of the runner); 16 closed-loop gRPC clients send the same
+Each config is its own server start: the runner hands its outputs to the next model on the host (the
+default) or, with VLASERVE_DEVICE_HANDOFF=1, on the device. 16 closed-loop gRPC clients send the same
 request; every answer is compared with that server's first (batch-1) answer. Prints a table last.
 """
 
@@ -23,9 +24,8 @@ from vlaserve.client import PolicyClient, make_request  # noqa: E402
 from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
 
 CONFIGS = {
-    "baseline": {},
-    "keep outputs (8 batches)": {"VLASERVE_DEBUG_KEEP": "8"},
-    "host hop": {"VLASERVE_DEBUG_HOST_HOP": "1"},
+    "host hand-off (the default)": {},
+    "device hand-off": {"VLASERVE_DEVICE_HANDOFF": "1"},
 }
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     rows, first = [], None
     for name in args.configs.split(","):
-        for k in ("VLASERVE_DEBUG_KEEP", "VLASERVE_DEBUG_HOST_HOP"):
+        for k in ("VLASERVE_DEVICE_HANDOFF",):
             os.environ.pop(k, None)
         os.environ.update(CONFIGS[name])
         opts = ServerOptions(

@@ -31,8 +31,6 @@ STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.
 # A counter on Triton's /metrics page: requests this model ran its artifact on. Triton's own success
 # count is no measure of compute here: the Python backend counts an error answer as a success.
 COMPUTED_METRIC = "vlaserve_computed_requests"
-_DEBUG_HOST_HOP = os.environ.get("VLASERVE_DEBUG_HOST_HOP") == "1"
-_DEBUG_KEEP = int(os.environ.get("VLASERVE_DEBUG_KEEP", "0"))
 
 
 def instance_group_of(instance_name: str, group_names) -> str | None:
@@ -142,7 +140,6 @@ class TritonPythonModel:
                 float(params["admission_ttl_s"]),
             )
             self.admission_wait_s = float(params.get("admission_wait_s", 5.0))
-        self._kept = []
         self.computed = None
         if pb_utils is not None:  # the family is kept: its metric dies with it
             self.computed_family = family = pb_utils.MetricFamily(
@@ -391,16 +388,18 @@ class TritonPythonModel:
         if self.computed is not None:
             self.computed.increment(len(accepted))
         if self.runtime.device.startswith("cuda"):
-            # The outputs leave this process by pointer (DLPack, CUDA IPC), to a process that does not
-            # wait on our stream: they must be complete before they are handed over.
-            import torch
+            # Outputs leave on the host. Handed over on the GPU (DLPack, then the Python backend's CUDA IPC),
+            # answers came back wrong under concurrent load: on the H200 with pi0, 3,507 of 5,909 answers at
+            # 16 clients (relative error 0.58 to 0.68, the same request each time), with the producing stream
+            # synchronized first and the tensors kept alive for 8 more batches; on the host, none of 2,699
+            # (docs/BENCHMARKS.md). The copy to the host waits for the stream's work.
+            # VLASERVE_DEVICE_HANDOFF=1 hands over on the device, only to reproduce that.
+            if os.environ.get("VLASERVE_DEVICE_HANDOFF") == "1":
+                import torch
 
-            torch.cuda.current_stream(self.runtime.device).synchronize()
-        if _DEBUG_HOST_HOP:
-            outputs = [o.cpu() if hasattr(o, "cpu") and not isinstance(o, np.ndarray) else o for o in outputs]
-        if _DEBUG_KEEP:
-            self._kept.append(outputs)
-            del self._kept[:-_DEBUG_KEEP]
+                torch.cuda.current_stream(self.runtime.device).synchronize()
+            else:
+                outputs = [o.cpu() for o in outputs]
         offset = 0
         for i, size in zip(accepted, sizes):
             tensors = [
