@@ -1,4 +1,4 @@
-"""What to compile, measured before building it into the runtime (issue 6; docs/BENCHMARKS.md).
+"""What to compile, measured before building it into the runtime (docs/BENCHMARKS.md).
 
 Builds the policy on the GPU (random weights, bf16, 2 views), then for each variant captures one CUDA
 graph per bucket and times its replay (median of 20), checking the output against the eager module:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device call 1: environment, pi0 export (issue 2), the served pi0 against in-process (issues 3, 6),
-# and the MPS check with two instance groups at 80/20 (issue 5). Logs and JSON under $OUT.
+# Device call 1: environment, pi0 export, the served pi0 against in-process,
+# and the MPS check with two instance groups at 80/20. Logs and JSON under $OUT.
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_mode --format=csv | tee $OUT/gpu.txt

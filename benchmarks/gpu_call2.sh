@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kept as the record of an earlier run: its 60/40 split gives wrong bf16 products on the H200, and the
 # spec's gpu_split_mps is now 50/50 (docs/BENCHMARKS.md).
-# Device call 2 (issue 5): the MPS check (two instance groups at 80/20, tiny preset on the GPU), then
+# Device call 2: the MPS check (two instance groups at 80/20, tiny preset on the GPU), then
 # the pi0 encoder/decoder split under MPS (60/40) against the same split time-sliced and against one
 # instance per model, under a Locust sweep. Logs and JSON under $OUT.
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kept as the record of an earlier run: its 60/40 split gives wrong bf16 products on the H200, and the
 # spec's gpu_split_mps is now 50/50 (docs/BENCHMARKS.md).
-# Device call 3 (issue 5): the pi0 encoder/decoder split under MPS (60/40) against the same split
+# Device call 3: the pi0 encoder/decoder split under MPS (60/40) against the same split
 # time-sliced and against one instance per model, under a Locust sweep (bucketed batches, warmed up).
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh

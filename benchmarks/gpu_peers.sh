@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (issue 6): export pi0 (bf16, 2 views) on the GPU, profile the served runtime's CUDA
+# One device call: export pi0 (bf16, 2 views) on the GPU, profile the served runtime's CUDA
 # graphs, then run the peers benchmark. Logs and results land in $OUT.
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh

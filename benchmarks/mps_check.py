@@ -1,4 +1,4 @@
-"""MPS on the GPU (issue 5): two instance groups of one model at 80 and 20 percent, through the sidecar.
+"""MPS on the GPU: two instance groups of one model at 80 and 20 percent, through the sidecar.
 
     python benchmarks/mps_check.py --repository /tmp/tiny_gpu_repo --out $OUT/mps_check.json
 

@@ -1,4 +1,4 @@
-"""The served policy against its peers, in one run (issue 6).
+"""The served policy against its peers, in one run.
 
     python benchmarks/peers.py --out reports/peers          # a GPU machine: pi0, bf16, 2 views
     python benchmarks/peers.py --preset tiny --dtype fp32 --device cpu --users 2 --duration 3 --out /tmp/peers

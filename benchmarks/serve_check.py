@@ -1,4 +1,4 @@
-"""GPU check of the served policy: values against in-process PyTorch, and batch-1 latency (issues 3 and 6).
+"""GPU check of the served policy: values against in-process PyTorch, and batch-1 latency.
 
     python benchmarks/serve_check.py --repository /tmp/pi0_repo --out $OUT/serve_check.json
 
