@@ -252,9 +252,9 @@ def malformed(launcher: Launcher, ref: Reference) -> dict:
                 client.infer(case)
                 statuses[f"{protocol} answered"] += 1
             except Exception as exc:  # noqa: BLE001
-                statuses[f"{protocol} {getattr(exc, 'status', lambda: '?')()}"] += 1
-    refused = all(k.split()[1] in ("400", "StatusCode.INVALID_ARGUMENT") or k.split()[1].startswith("4")
-                  for k in statuses)  # fmt: skip
+                status = str(getattr(exc, "status", lambda: "?")()).removeprefix("StatusCode.")
+                statuses[f"{protocol} {status}"] += 1
+    refused = all(k.split()[1] == "INVALID_ARGUMENT" or k.split()[1].startswith("4") for k in statuses)
     after = same_server_answers(launcher, pid, ref)
     detail = ", ".join(f"{n}x {k}" for k, n in sorted(statuses.items())) + (f"; {after}" if after else "; same server")
     return row("malformed bodies", "none", f"{sent} bad requests", refused and not after, "-", detail)

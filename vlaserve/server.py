@@ -155,6 +155,7 @@ class TritonServer:
         self.triton_http = f"{io.DEFAULT_HOST}:{free_port()}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
         self.segments: list[Path] = []
+        self.cleaned = False  # stop() has ended the process group and removed its shared memory
         self.guard: subprocess.Popen | None = None
         self.sidecar: MpsSidecar | None = None
 
@@ -234,6 +235,7 @@ class TritonServer:
                 self.process = subprocess.Popen(
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
+            self.cleaned = False
             self.wait_ready(self.triton_http)
             self.segments = self._shm_segments()  # removed by stop() if a crash leaves them behind
             # after the warm-up requests, which run each model on its own (vlaserve.admission)
@@ -324,7 +326,7 @@ class TritonServer:
                     self.guard.wait()
             self.guard = None
         code = None if self.process is None else self.process.poll()
-        if self.process is not None:
+        if self.process is not None and not self.cleaned:
             segments = {*self.segments, *self._shm_segments()}
             if code is None:
                 log_at = self.options.log_file.stat().st_size if self.options.log_file.exists() else 0
@@ -345,6 +347,7 @@ class TritonServer:
             for path in segments:
                 with contextlib.suppress(OSError):
                     path.unlink()
+            self.cleaned = True  # once: the group's ID may later be another process's
         if self.sidecar is not None:  # after the server: its clients are gone by now
             self.sidecar.stop()
             self.sidecar = None
