@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -47,7 +48,7 @@ from loadtest import hostile, sweep
 from vlaserve import health
 from vlaserve.client import PolicyClient, error_line, make_request
 from vlaserve.repository import read_manifest
-from vlaserve.server import free_ports
+from vlaserve.server import free_ports, group_members
 from vlaserve.supervisor import process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,13 +321,9 @@ def overload(launcher: Launcher, out: Path, users: int, seconds: int, ref: Refer
 def group_rss_mb(pid: int) -> float:
     """Resident memory of tritonserver and its stubs (its process group), MiB."""
     total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pid:
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
+    for member in group_members(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return total / 2**20
 
 

@@ -124,7 +124,7 @@ def _drain_seconds(repo: Path) -> int:
         return 30
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """The live processes of a process group (tritonserver's stubs stay in its group)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -340,7 +340,7 @@ class TritonServer:
             # Stubs left behind by a tritonserver that died (a crash, a kill) do not always notice: they
             # would keep their memory, and their shared-memory regions, which a full unload unlinks.
             deadline = time.monotonic() + 5
-            while _group_members(self.process.pid) and time.monotonic() < deadline:
+            while group_members(self.process.pid) and time.monotonic() < deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
                 time.sleep(0.05)
@@ -369,7 +369,7 @@ class TritonServer:
     def _shm_segments(self) -> list[Path]:
         """The /dev/shm files mapped by tritonserver's process group (the Python backend's regions)."""
         found = set()
-        for pid in _group_members(self.process.pid):
+        for pid in group_members(self.process.pid):
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
                     path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
