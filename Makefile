@@ -31,8 +31,8 @@ $(STAMP): requirements.txt
 	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "vlaserve.pth").write_text("$(CURDIR)\n")'
 	@touch $@
 
-$(REPO)/encoder/1/manifest.json:
-	$(MAKE) export
+$(REPO)/encoder/1/manifest.json:  # the default export; the target's own ARGS are not export's
+	$(MAKE) export ARGS=
 
 export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE VARIANT)
 	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)
