@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -122,3 +124,58 @@ def test_mps_percentages_reach_the_generated_config():
     config = repository.build_configs(spec)["encoder"]
     assert config.parameters["mps_thread_percentage.encoder_gpu"].string_value == "60"
     assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+
+
+# ---- every shipped command line of the launcher, through its real parser ----------------------------
+def _after_launcher(tokens: list[str]) -> list[str] | None:
+    """The arguments that follow ``vlaserve.server`` in a command, or None if it does not call it."""
+    return tokens[tokens.index("vlaserve.server") + 1 :] if "vlaserve.server" in tokens else None
+
+
+def _make_serve(assignments: list[str]) -> list[str]:
+    """What `make serve VAR=...` runs, printed by make -n (the venv and the export taken as made)."""
+    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-o", "model_repository/encoder/1/manifest.json",
+                          "serve", *assignments], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    lines = [shlex.split(line) for line in out.splitlines() if "vlaserve.server" in line]
+    assert len(lines) == 1, out
+    return _after_launcher(lines[0])
+
+
+def shipped_launcher_command_lines() -> dict[str, list[str]]:
+    """{where: arguments} for every command line the project ships that starts the launcher."""
+    found = {}
+    dockerfile = (DEPLOY / "triton" / "Dockerfile").read_text()
+    entrypoint = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[10:])
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    found["deploy/triton/Dockerfile ENTRYPOINT + compose triton command"] = (
+        _after_launcher(entrypoint) + compose["services"]["triton"]["command"]
+    )
+    found["Makefile serve"] = _make_serve([])
+    found["Makefile serve MPS=1"] = _make_serve(["MPS=1"])
+    for doc in (ROOT / "README.md", DEPLOY / "README.md"):
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+            for line in block.splitlines():
+                tokens = shlex.split(line, comments=True)
+                args = _after_launcher(tokens)
+                if args is not None:
+                    found[f"{doc.relative_to(ROOT)}: {line.strip()}"] = args
+                elif tokens[:2] == ["make", "serve"]:
+                    found[f"{doc.relative_to(ROOT)}: {line.strip()}"] = _make_serve(tokens[2:])
+    return found
+
+
+def test_every_shipped_launcher_command_line_parses():
+    """Compose, the Dockerfile, the Makefile and the READMEs' commands, through the launcher's own parser:
+    a flag the launcher lacks fails here (argparse exits 2), not on a user's machine."""
+    from vlaserve.server import parse_args, server_options
+
+    lines = shipped_launcher_command_lines()
+    assert len(lines) >= 5 and any("compose" in where for where in lines)
+    for where, args in lines.items():
+        try:
+            options = server_options(parse_args(args))
+        except SystemExit as exc:
+            pytest.fail(f"{where}: the launcher refuses {args} (exit {exc.code})")
+        if "--cuda-memory-pool-mb" in args:  # passed through, not only accepted
+            assert options.cuda_memory_pool_mb == int(args[args.index("--cuda-memory-pool-mb") + 1]), where
+        assert options.mps == ("--mps" in args), where

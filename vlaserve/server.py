@@ -89,26 +89,43 @@ def assemble_backends(triton_root: Path, workdir: Path) -> Path:
     return backend.parent
 
 
+def _option(default, help: str, cli: bool = True):
+    """A ServerOptions field: its default, and its help on the launcher's command line (``cli=False``: none)."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
+
+
 @dataclasses.dataclass
 class ServerOptions:
-    """How to start the server. Ports of 0 are picked free at start."""
+    """How to start the server. Ports of 0 are picked free at start. Every field is a flag of
+    ``python -m vlaserve.server`` (:func:`parse_args` is built from these fields), except the admin key."""
 
-    model_repository: Path = Path("model_repository")
-    host: str = io.DEFAULT_HOST
-    http_port: int = io.HTTP_PORT
-    grpc_port: int = io.GRPC_PORT
-    metrics_port: int = io.METRICS_PORT
-    workdir: Path = Path(".vlaserve")
-    log_file: Path | None = None  # default: <workdir>/tritonserver.log
-    tritonserver: Path | None = None  # default: the embedded one
-    admin_key: str | None = None  # default: $VLASERVE_ADMIN_KEY or a random one
-    ready_timeout: float = 180.0
-    log_verbose: int = 0
-    mps: bool = False  # start the MPS sidecar entrypoint natively first (GPU hosts)
-    cuda_memory_pool_mb: int = 0  # Triton's CUDA pool on GPU 0 for tensors between models (0 = Triton's 64 MB)
-    exit_timeout: int | None = None  # seconds for the requests in flight on SIGTERM (default: from the configs)
-    http_guard: bool = True  # clients' HTTP goes through vlaserve.guard; Triton's own HTTP stays on loopback
-    extra_args: tuple[str, ...] = ()
+    model_repository: Path = _option(Path("model_repository"), "the model repository `make export` wrote")
+    host: str = _option(io.DEFAULT_HOST, "address to listen on (0.0.0.0 for all)")
+    http_port: int = _option(io.HTTP_PORT, "HTTP port (0: pick a free one)")
+    grpc_port: int = _option(io.GRPC_PORT, "gRPC port (0: pick a free one)")
+    metrics_port: int = _option(io.METRICS_PORT, "Prometheus metrics port (0: pick a free one)")
+    workdir: Path = _option(Path(".vlaserve"), "backend folder, logs, instance status, health and the admin key")
+    log_file: Path | None = _option(None, "tritonserver's log (default: <workdir>/tritonserver.log)")
+    tritonserver: Path | None = _option(
+        None, "this tritonserver binary and its own backends (NVIDIA's container) instead of the embedded one"
+    )
+    # Not a flag: a key on a command line is readable by every local user. $VLASERVE_ADMIN_KEY, or generated.
+    admin_key: str | None = _option(None, "the admin key", cli=False)
+    ready_timeout: float = _option(180.0, "seconds to wait for readiness")
+    log_verbose: int = _option(0, "tritonserver's --log-verbose level")
+    mps: bool = _option(False, "start the MPS sidecar (deploy/mps/entrypoint.sh) natively first (GPU hosts)")
+    cuda_memory_pool_mb: int = _option(
+        0, "Triton's CUDA memory pool on GPU 0, MiB, for tensors between the models (0: Triton's 64 MiB)"
+    )
+    exit_timeout: int | None = _option(
+        None, "seconds SIGTERM waits for the requests in flight (default: the configs' queue timeouts and 10 s)"
+    )
+    http_guard: bool = _option(
+        True,
+        "clients' HTTP through vlaserve.guard, which checks every inference request's shapes against the model's "
+        "config first (a lying shape can crash tritonserver 2.51); Triton's own HTTP then listens on loopback",
+    )
+    extra_args: tuple[str, ...] = _option((), "one more tritonserver argument, as --name=value (repeatable)")
 
 
 # What tritonserver logs once no inference is in flight after SIGTERM (then it unloads the models).
@@ -437,34 +454,36 @@ def _gpu_sm_count() -> int | None:
     return int(out) if out.isdigit() else None
 
 
+def _flag_type(annotation: str):
+    for name, kind in (("Path", Path), ("float", float), ("int", int)):
+        if name in annotation:
+            return kind
+    return str
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The launcher's command line: a flag per ServerOptions field, then the supervisor's own."""
     parser = argparse.ArgumentParser(
         prog="python -m vlaserve.server",
-        description="Start Triton Inference Server over a model repository; stop it with Ctrl-C or SIGTERM.",
+        allow_abbrev=False,  # a shipped command line must name each flag in full (tests/test_deploy.py)
+        description="Start Triton Inference Server over a model repository, supervised; stop it with Ctrl-C or "
+        "SIGTERM. The admin key comes from $VLASERVE_ADMIN_KEY, or is generated into <workdir>/admin-key.",
     )
-    parser.add_argument("--model-repository", default="model_repository", help="default: model_repository")
-    parser.add_argument(
-        "--host", default=io.DEFAULT_HOST, help=f"address to listen on (default: {io.DEFAULT_HOST}; 0.0.0.0 for all)"
-    )
-    parser.add_argument(
-        "--http-port", type=int, default=io.HTTP_PORT, help=f"default: {io.HTTP_PORT}; 0 = pick a free one"
-    )
-    parser.add_argument(
-        "--grpc-port", type=int, default=io.GRPC_PORT, help=f"default: {io.GRPC_PORT}; 0 = pick a free one"
-    )
-    parser.add_argument("--metrics-port", type=int, default=io.METRICS_PORT, help=f"default: {io.METRICS_PORT}")
-    parser.add_argument(
-        "--workdir", default=".vlaserve", help="backend folder, logs and instance status (default: .vlaserve)"
-    )
-    parser.add_argument("--log-file", help="server log (default: <workdir>/tritonserver.log)")
-    parser.add_argument("--tritonserver", help="use this tritonserver binary and its own backends (NVIDIA's container)")
-    parser.add_argument(
-        "--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness (default: 180)"
-    )
-    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
-    parser.add_argument(
-        "--mps", action="store_true", help="start the MPS sidecar (deploy/mps/entrypoint.sh) natively first"
-    )
+    for field in dataclasses.fields(ServerOptions):
+        if not field.metadata["cli"]:
+            continue
+        flag, text = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if field.name == "extra_args":
+            parser.add_argument("--triton-arg", dest=field.name, metavar="ARG", action="append", default=[], help=text)
+        elif field.type == "bool" and field.default:
+            parser.add_argument(f"--no-{flag[2:]}", dest=field.name, action="store_false", help=f"turn off: {text}")
+        elif field.type == "bool":
+            parser.add_argument(flag, dest=field.name, action="store_true", help=text)
+        else:
+            shown = "" if field.default is None else f" (default: {field.default})"
+            parser.add_argument(
+                flag, dest=field.name, type=_flag_type(field.type), default=field.default, help=text + shown
+            )
     parser.add_argument(
         "--health-interval", type=float, default=2.0,
         help="seconds between the supervisor's checks of the server and its instance processes (default: 2)",
@@ -472,34 +491,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--no-restart", action="store_true", help="stop instead of restarting a server that died or lost an instance"
     )
-    parser.add_argument(
-        "--exit-timeout", type=int, default=None,
-        help="seconds that SIGTERM waits for the requests in flight (default: the configs' queue timeouts and 10 s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-http-guard", action="store_true",
-        help="serve Triton's HTTP directly instead of through vlaserve.guard, which checks every inference "
-        "request's shapes against the model's config first (a lying shape can crash tritonserver 2.51)",
-    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """Every parsed ServerOptions flag, passed through."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions) if f.metadata["cli"]}
+    values["extra_args"] = tuple(values["extra_args"])
+    return ServerOptions(**values)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    options = ServerOptions(
-        model_repository=Path(args.model_repository),
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        workdir=Path(args.workdir),
-        log_file=Path(args.log_file) if args.log_file else None,
-        tritonserver=Path(args.tritonserver) if args.tritonserver else None,
-        ready_timeout=args.ready_timeout,
-        log_verbose=args.log_verbose,
-        http_guard=not args.no_http_guard,
-        exit_timeout=args.exit_timeout,
-    )
+    options = server_options(args)
     server = TritonServer(options)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
