@@ -4,7 +4,9 @@
 
 Each config is its own server start: the runner hands its outputs to the next model on the host (the
 default) or, with VLASERVE_DEVICE_HANDOFF=1, on the device. 16 closed-loop gRPC clients send the same
-request; every answer is compared with that server's first (batch-1) answer. Prints a table last.
+request; every answer is compared with that server's first (batch-1) answer. With --sequential N, first N
+batch-1 requests one after another (after 5 to warm up): their p50 / p99 latency, each answer checked.
+Prints a table last.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 
 from loadtest.reliability import Load, Reference, rel_error  # noqa: E402
 from vlaserve.client import PolicyClient, make_request  # noqa: E402
@@ -35,6 +38,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        default=0,
+        help="then this many batch-1 requests one after another: latency, each answer checked",
+    )
     parser.add_argument("--out", default="hop.json")
     args = parser.parse_args()
     rows, first = [], None
@@ -56,6 +65,15 @@ def main() -> int:
             request = make_request(1, views=2, seed=11, with_noise=True)
             ref_actions = PolicyClient(srv.grpc_url).infer(request)
             first = ref_actions if first is None else first
+            client = PolicyClient(srv.grpc_url)
+            for _ in range(5):  # warm-up
+                client.infer(request)
+            times, seq_wrong = [], 0
+            for _ in range(args.sequential):
+                t = time.perf_counter()
+                actions = client.infer(request)
+                times.append((time.perf_counter() - t) * 1000.0)
+                seq_wrong += rel_error(actions, ref_actions) > 5e-2
             with Load([("grpc", srv.grpc_url)] * args.clients, Reference(request, ref_actions, 5e-2)) as load:
                 time.sleep(args.seconds)
             counts = load.counts()
@@ -68,15 +86,22 @@ def main() -> int:
             "errors": counts["permanent"] + counts["retryable"],
             "wrong_errors": errs[:3],
             "ref_vs_first": rel_error(ref_actions, first),
+            "sequential": len(times),
+            "sequential_wrong": int(seq_wrong),
+            "p50_ms": float(np.percentile(times, 50)) if times else None,
+            "p99_ms": float(np.percentile(times, 99)) if times else None,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"\n{'config':28} {'ready s':>8} {'answers':>8} {'wrong':>6} {'errors':>7}  ref vs first")
+    print(
+        f"\n{'config':28} {'ready s':>8} {'answers':>8} {'wrong':>6} {'errors':>7}  {'batch-1 p50 / p99 ms':>20}  seq wrong"
+    )
     for r in rows:
+        lat = f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}" if r["p50_ms"] is not None else "-"
         print(
-            f"{r['config']:28} {r['ready_s']:8.1f} {r['answers']:8d} {r['wrong']:6d} {r['errors']:7d}  "
-            f"{r['ref_vs_first']:.2e} {r['wrong_errors'][:1]}"
+            f"{r['config']:28} {r['ready_s']:8.1f} {r['answers']:8d} {r['wrong']:6d} {r['errors']:7d}  {lat:>20}  "
+            f"{r['sequential_wrong']}/{r['sequential']}  {r['wrong_errors'][:1]}"
         )
     return 0
 
