@@ -16,7 +16,7 @@ def test_slots_are_taken_up_to_the_limit_given_back_oldest_first_and_expire(tmp_
     enc._next_look = 0.0
     dec = admission.Admission(path, limit=8, ttl_s=60)
     assert enc.try_acquire(5) and not enc.try_acquire(4) and enc.try_acquire(3)
-    assert dec.in_flight() == 8 and not enc.acquire(1, timeout_s=0.05)
+    assert dec.in_flight() == 8 and admission.taken(path) == 8 and not enc.acquire(1, timeout_s=0.05)
     dec.release(2)
     assert enc.in_flight() == 6 and enc.try_acquire(2) and not enc.try_acquire(1)
     short = admission.Admission(path, limit=8, ttl_s=0.2)

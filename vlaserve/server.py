@@ -137,8 +137,17 @@ def _drain_seconds(repo: Path) -> int:
 
     try:
         return drain_seconds(repo)
-    except (OSError, ValueError):  # no or unreadable configs: start() names the problem
+    except Exception:  # noqa: BLE001 - no or unreadable configs: start() names the problem
         return 30
+
+
+def _admission_active(repo: Path) -> bool:
+    from vlaserve.repository import read_config
+
+    try:
+        return "admission_limit" in read_config(Path(repo) / io.ENCODER / "config.pbtxt").parameters
+    except Exception:  # noqa: BLE001 - no or unreadable config: start() names the problem
+        return False
 
 
 def group_members(pgid: int) -> list[int]:
@@ -168,11 +177,13 @@ class TritonServer:
         self.status_dir = opts.workdir / "instances"
         # how long tritonserver waits, on SIGTERM, for the requests in flight (sized from the queue timeouts)
         self.exit_timeout = opts.exit_timeout or _drain_seconds(opts.model_repository)
+        self.admission_active = _admission_active(opts.model_repository)
         # Triton's own HTTP: behind the guard on a loopback port, else where clients connect
         self.triton_http = f"{io.DEFAULT_HOST}:{free_port()}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
         self.segments: list[Path] = []
         self.cleaned = False  # stop() has ended the process group and removed its shared memory
+        self.stop_reason = ""  # how the last stop() saw tritonserver drained, or "timeout"
         self.guard: subprocess.Popen | None = None
         self.sidecar: MpsSidecar | None = None
 
@@ -347,9 +358,15 @@ class TritonServer:
             segments = {*self.segments, *self._shm_segments()}
             if code is None:
                 log_at = self.options.log_file.stat().st_size if self.options.log_file.exists() else 0
-                self.process.send_signal(signal.SIGTERM)
-                drained = self._wait_drained(log_at, timeout)
+                if self.admission_active and self._idle():
+                    # Nothing in flight: SIGTERM would find none at its first check and unload at once,
+                    # answering NOT_FOUND meanwhile. A request arriving this instant is cut (retryable).
+                    drained = "nothing in flight"
+                else:
+                    self.process.send_signal(signal.SIGTERM)
+                    drained = self._wait_drained(log_at, timeout)
                 code = self.process.poll()
+                self.stop_reason = drained or ("tritonserver exited" if code is not None else f"{timeout:g} s passed")
                 if code is None:
                     os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait()
@@ -370,18 +387,46 @@ class TritonServer:
             self.sidecar = None
         return code
 
-    def _wait_drained(self, log_at: int, timeout: float) -> bool:
-        """Wait for tritonserver to exit or to log that no request is in flight; True for the latter."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            with contextlib.suppress(OSError), open(self.options.log_file, "rb") as log:
-                log.seek(log_at)
-                if DRAINED_MARK in log.read():
-                    return True
-            time.sleep(0.05)
-        return False
+    def _wait_drained(self, log_at: int, timeout: float) -> str:
+        """Wait for tritonserver to exit, or until no request is in flight; how that was seen, or "".
+
+        tritonserver checks its in-flight count once a second and starts unloading (answering NOT_FOUND)
+        as soon as it finds none, which it logs. Where the pipeline's in-flight limit is on, the launcher
+        sees the same moment sooner: no request queued at a model (Triton's pending gauges) and no
+        in-flight slot taken (vlaserve.admission). Seen twice 10 ms apart (an answer is on its way to its client
+        by then), it ends the process group before Triton's next check; the log line is the fallback.
+        """
+        deadline, idle_seen, polls = time.monotonic() + timeout, 0, 0
+        with contextlib.suppress(OSError), open(self.options.log_file, "rb") as log:
+            log.seek(log_at)
+            seen = b""
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    return ""
+                seen = (seen + log.read())[-4096:]
+                if DRAINED_MARK in seen:  # read every 2 ms: NOT_FOUND is answered from this line on
+                    return "drained (tritonserver's log)"
+                polls += 1
+                if self.admission_active and polls % 5 == 0:  # the gauges and slots every 10 ms
+                    idle_seen = idle_seen + 1 if self._idle() else 0
+                    if idle_seen >= 2:
+                        return "drained (no request queued or in flight)"
+                time.sleep(0.002)
+        return ""
+
+    def _idle(self) -> bool:
+        """No request queued at any model and no in-flight slot taken (only meaningful with admission on)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=0.05) as resp:
+                text = resp.read().decode()
+        except (OSError, ValueError):
+            return False
+        pending = [line for line in text.splitlines() if line.startswith("nv_inference_pending_request_count{")]
+        return (
+            bool(pending)
+            and all(float(line.rsplit(" ", 1)[1]) == 0 for line in pending)
+            and not admission.taken(self.status_dir / admission.ADMISSION_FILE)
+        )
 
     def _shm_segments(self) -> list[Path]:
         """The /dev/shm files mapped by tritonserver's process group (the Python backend's regions)."""
@@ -537,7 +582,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     code = server.stop()
-    print(f"[serve] stopped (exit code {code})", flush=True)
+    how = f", {server.stop_reason}" if server.stop_reason else ""
+    print(f"[serve] stopped (exit code {code}{how})", flush=True)
     return 0 if code in (0, None) else code
 
 
