@@ -32,8 +32,10 @@ class LoadtestError(RuntimeError):
     """The load test cannot run (server down, unknown model, Locust failed to start)."""
 
 
-def _locust_bin() -> str:
-    return str(Path(sys.executable).with_name("locust"))
+def _locust_cmd() -> list[str]:
+    # as a module of this interpreter: its `locust` script need not sit beside it (in NVIDIA's image,
+    # python3 is /usr/bin's and pip's scripts go to /usr/local/bin)
+    return [sys.executable, "-m", "locust"]
 
 
 def check_target(host: str, protocol: str, model: str, metrics_url: str) -> None:
@@ -92,7 +94,7 @@ def run_step(args, users: int, out_dir: Path, label: str = "") -> dict:
     """One Locust run at ``users`` concurrent users; its figures and the server's metric deltas."""
     prefix = out_dir / f"{label}users_{users}"
     cmd = [
-        _locust_bin(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        *_locust_cmd(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--stop-timeout", "10",
         "--host", args.host, "--csv", str(prefix), "--html", f"{prefix}.html", "--json-file", str(prefix),
         "--vla-protocol", args.protocol, "--vla-mode", args.mode, "--vla-rate-hz", str(args.rate_hz),

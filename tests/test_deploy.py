@@ -38,8 +38,19 @@ def test_compose_file_is_valid_against_the_compose_spec():
     assert pipe and pipe <= set(services["triton"]["volumes"])
     assert all(p.startswith("${VLASERVE_BIND:-127.0.0.1}:") for p in services["triton"]["ports"])
     assert services["loadtest"]["profiles"] == ["loadtest"]
-    for service in ("mps", "triton"):
+    for service in ("mps", "triton", "loadtest"):
         assert (ROOT / services[service]["build"]["dockerfile"]).is_file()
+    # /dev/shm is the IPC donor's: a shm_size on the joining service would not apply
+    assert "shm_size" in services["mps"] and "shm_size" not in services["triton"]
+    assert services["mps"]["restart"] == services["triton"]["restart"] == "unless-stopped"
+
+
+def test_docker_compose_up_from_the_repository_root_includes_the_stack():
+    import jsonschema
+
+    root = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    jsonschema.validate(root, compose_schema())
+    assert [(ROOT / path).resolve() for path in root["include"]] == [(DEPLOY / "docker-compose.yml").resolve()]
 
 
 def test_a_broken_compose_file_is_caught():

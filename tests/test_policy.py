@@ -1,5 +1,6 @@
 """Semantics of the PyTorch policy (tiny preset): masking, batch independence, noise, split == monolithic."""
 
+import pytest
 import torch
 
 from export.parity import random_request
@@ -113,3 +114,14 @@ def test_patch_embedding_equals_strided_conv(tiny_policy):
             assert torch.allclose(vision(frames), conv, atol=1e-5)
     finally:
         vision.blocks, vision.norm = blocks, norm
+
+
+def test_a_torchscript_artifact_from_a_newer_torch_is_refused_by_name():
+    from vlaserve.errors import VlaserveError
+    from vlaserve.runner import check_torch_version
+
+    check_torch_version("encoder_0", "2.13.0", "2.13.0+cpu")
+    check_torch_version("encoder_0", "2.11.0+cu130", "2.13.0")  # newer here: fine
+    check_torch_version("encoder_0", "", "2.5.1")  # an older export without the field: nothing to compare
+    with pytest.raises(VlaserveError, match=r"encoder_0: torch: got '2.5.1 here, the artifact was exported with 2.13"):
+        check_torch_version("encoder_0", "2.13.0", "2.5.1")

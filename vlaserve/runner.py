@@ -44,6 +44,24 @@ def expected_sm_count(percentage: int, total_sms: int) -> int:
     return max(2, 2 * int(percentage * total_sms / 200))
 
 
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = version.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() else None
+
+
+def check_torch_version(instance: str, exported_with: str, running: str) -> None:
+    """Refuse a TorchScript artifact written by a newer torch than the one serving it: an older torch may
+    fail to load it, or load it and run it differently. The same or a newer torch is accepted."""
+    exported, here = _major_minor(exported_with), _major_minor(running)
+    if exported and here and here < exported:
+        raise VlaserveError(
+            f"{instance}: torch",
+            f"{running} here, the artifact was exported with {exported_with}",
+            f"torch {exported[0]}.{exported[1]} or newer where it is served (or export with the serving torch, "
+            "e.g. inside the serving image)",
+        )
+
+
 def apply_mps_limits(params: dict[str, str], group: str | None, instance: str) -> dict:
     """Put this instance's MPS limits into the environment; must run before the first CUDA call."""
     applied = {}
@@ -87,6 +105,10 @@ class TritonPythonModel:
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         runtime_name = params.get("runtime", "onnxruntime")
+        if runtime_name == "torchscript":
+            import torch
+
+            check_torch_version(self.instance, self.manifest.get("torch", ""), torch.__version__)
         traced_on = self.manifest.get("init_device", "cpu")
         if runtime_name == "torchscript" and traced_on != device.split(":")[0]:
             raise VlaserveError(
