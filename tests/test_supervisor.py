@@ -127,3 +127,21 @@ def test_without_restarts_the_launcher_stops_when_an_instance_dies(tiny_repo, tm
         if launcher.poll() is None:
             launcher.kill()
     assert "[serve] stopped" in launcher.stdout.read()
+
+
+def test_a_dead_mps_daemon_is_told_from_a_live_one(tmp_path):
+    """Its control file is a SOCK_SEQPACKET socket: a live daemon accepts, a dead one leaves it refusing."""
+    import socket
+
+    from vlaserve.supervisor import mps_daemon_problem
+
+    assert "does not answer" in mps_daemon_problem(tmp_path)  # no daemon ever
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    daemon.bind(str(tmp_path / "control"))
+    daemon.listen(1)
+    assert mps_daemon_problem(tmp_path) == ""
+    daemon.close()  # the file stays, as after kill -9 of the daemon
+    assert (tmp_path / "control").exists()
+    problem = mps_daemon_problem(tmp_path)
+    assert "does not answer" in problem and "refused" in problem.lower(), problem
+    assert health.check(tmp_path, "http://127.0.0.1:9", mps_pipe=str(tmp_path)) == problem

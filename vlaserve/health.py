@@ -17,11 +17,15 @@ import urllib.request
 from pathlib import Path
 
 from vlaserve import interface as io
-from vlaserve.supervisor import HEALTH_FILE
+from vlaserve.supervisor import HEALTH_FILE, mps_daemon_problem
 
 
-def check(workdir: Path, url: str, timeout: float = 3.0) -> str:
-    """Why the server is not healthy, or "" when it is."""
+def check(workdir: Path, url: str, timeout: float = 3.0, mps_pipe: str | None = None) -> str:
+    """Why the server is not healthy, or "" when it is (``mps_pipe``: also the MPS daemon answering there)."""
+    if mps_pipe:
+        problem = mps_daemon_problem(mps_pipe)
+        if problem:
+            return problem
     path = Path(workdir) / HEALTH_FILE
     try:
         state = json.loads(path.read_text())
@@ -49,8 +53,11 @@ def main(argv=None) -> int:
         default=f"http://{io.DEFAULT_HOST}:{io.HTTP_PORT}",
         help="the server's HTTP address (default: %(default)s)",
     )
+    parser.add_argument(
+        "--mps-pipe", help="also require the MPS control daemon to answer on this pipe directory (a GPU under MPS)"
+    )
     args = parser.parse_args(argv)
-    problem = check(Path(args.workdir), args.url.rstrip("/"))
+    problem = check(Path(args.workdir), args.url.rstrip("/"), mps_pipe=args.mps_pipe)
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return 1

@@ -290,6 +290,12 @@ class TritonServer:
             raise
         return self
 
+    def mps_pipe(self) -> str | None:
+        """The MPS pipe directory the instances use: the sidecar's, or one given in the environment."""
+        if self.sidecar is not None:
+            return str(self.sidecar.pipe_dir)
+        return os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+
     def wait_ready(self, address: str) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
         url = f"http://{address}/v2/health/ready"

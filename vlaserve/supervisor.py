@@ -3,8 +3,9 @@
 Triton 2.51 does not bring back a Python-backend stub that died (killed, out of memory, a crash in a
 kernel): the stub stays a zombie, the requests routed to it fail, and ``/v2/health/ready`` still says
 200. So readiness alone is not health. The supervisor checks, every ``interval`` seconds, that the
-tritonserver process is alive and that every instance's stub process (its PID from
-``<workdir>/instances/<instance>.json``) is alive and not a zombie. When one is not, it logs why,
+tritonserver process is alive, that every instance's stub process (its PID from
+``<workdir>/instances/<instance>.json``) is alive and not a zombie, and, when the server runs under MPS,
+that the MPS control daemon still answers. When one is not, it logs why,
 restarts the whole server (stop, then start: the MPS sidecar too), with a backoff between failed
 attempts, and writes what it saw to ``<workdir>/health.json``, which ``python -m vlaserve.health``
 (the container health check) reads.
@@ -32,6 +33,24 @@ def process_alive(pid: int) -> bool:
             return False
         return True
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def mps_daemon_problem(pipe_dir: str | Path) -> str:
+    """ "" when the MPS control daemon answers on ``pipe_dir``; else why not. Its ``control`` file is a
+    SOCK_SEQPACKET socket: a live daemon accepts a connection, and a dead one leaves the file behind,
+    refusing (measured on the H200 with kill -9 of the daemon)."""
+    import socket
+
+    control = Path(pipe_dir) / "control"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.settimeout(2)
+        probe.connect(str(control))
+    except OSError as exc:
+        return f"the MPS control daemon does not answer at {control} ({exc.strerror or exc})"
+    finally:
+        probe.close()
+    return ""
 
 
 def dead_instances(status_dir: Path) -> list[str]:
@@ -67,7 +86,11 @@ class Supervisor:
         if guard is not None and guard.poll() is not None:
             return f"the HTTP guard exited (exit code {guard.returncode})"
         dead = dead_instances(self.server.status_dir)
-        return f"model instance stub dead: {', '.join(dead)}" if dead else ""
+        if dead:
+            return f"model instance stub dead: {', '.join(dead)}"
+        # Under MPS, the instances' CUDA contexts die with the daemon while every process stays alive.
+        pipe = self.server.mps_pipe() if hasattr(self.server, "mps_pipe") else None
+        return mps_daemon_problem(pipe) if pipe else ""
 
     def write_health(self, problem: str, recovering: bool = False) -> None:
         state = {
