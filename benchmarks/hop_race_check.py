@@ -6,6 +6,8 @@ Each config is its own server start: the runner hands its outputs to the next mo
 default) or, with VLASERVE_DEVICE_HANDOFF=1, on the device. 16 closed-loop gRPC clients send the same
 request; every answer is compared with that server's first (batch-1) answer. With --sequential N, first N
 batch-1 requests one after another (after 5 to warm up): their p50 / p99 latency, each answer checked.
+With --reference golden, the request is the export's golden sample (item 0), and every answer is compared
+with the actions the export computed for it in-process instead of with the server's first answer.
 Prints a table last.
 """
 
@@ -44,6 +46,11 @@ def main() -> int:
         default=0,
         help="then this many batch-1 requests one after another: latency, each answer checked",
     )
+    parser.add_argument(
+        "--reference", choices=["first", "golden"], default="first",
+        help="compare with the server's first answer, or with the export's golden sample (item 0) and the actions "
+        "the export computed for it in-process",
+    )  # fmt: skip
     parser.add_argument("--out", default="hop.json")
     args = parser.parse_args()
     rows, first = [], None
@@ -62,8 +69,15 @@ def main() -> int:
         t0 = time.time()
         with TritonServer(opts) as srv:
             ready = time.time() - t0
-            request = make_request(1, views=2, seed=11, with_noise=True)
-            ref_actions = PolicyClient(srv.grpc_url).infer(request)
+            if args.reference == "golden":
+                from benchmarks.peers import golden_reference
+
+                request, ref_actions = golden_reference(Path(args.repository))
+                first_vs_reference = rel_error(PolicyClient(srv.grpc_url).infer(request), ref_actions)
+            else:
+                request = make_request(1, views=2, seed=11, with_noise=True)
+                ref_actions = PolicyClient(srv.grpc_url).infer(request)
+                first_vs_reference = 0.0
             first = ref_actions if first is None else first
             client = PolicyClient(srv.grpc_url)
             for _ in range(5):  # warm-up
@@ -86,6 +100,8 @@ def main() -> int:
             "errors": counts["permanent"] + counts["retryable"],
             "wrong_errors": errs[:3],
             "ref_vs_first": rel_error(ref_actions, first),
+            "reference": args.reference,
+            "first_vs_reference": first_vs_reference,
             "sequential": len(times),
             "sequential_wrong": int(seq_wrong),
             "p50_ms": float(np.percentile(times, 50)) if times else None,
