@@ -48,7 +48,7 @@ from loadtest import hostile, sweep
 from vlaserve import health
 from vlaserve.client import PolicyClient, error_line, make_request
 from vlaserve.repository import read_manifest
-from vlaserve.server import free_ports, group_members
+from vlaserve.server import free_ports, group_members, shm_files
 from vlaserve.supervisor import process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,11 +375,7 @@ def sigterm(launcher: Launcher, ref: Reference) -> dict:
     from vlaserve.repository import drain_seconds
 
     instances = launcher.instances()
-    segments = set()
-    for pid in instances.values():
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            if "/dev/shm/" in line:
-                segments.add(Path(line[line.index("/dev/shm/") :].removesuffix(" (deleted)")))
+    segments = shm_files(instances.values())
     server_pid = launcher.server_pid()
     targets = [("grpc", launcher.grpc)] * 3 + [("http", launcher.http)] * 3
     with Load(targets, ref) as load:

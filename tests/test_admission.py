@@ -11,19 +11,19 @@ from vlaserve import admission
 def test_slots_are_taken_up_to_the_limit_given_back_oldest_first_and_expire(tmp_path):
     path = tmp_path / admission.ADMISSION_FILE
     enc = admission.Admission(path, limit=8, ttl_s=60)
-    assert enc.try_acquire(100) and enc.in_flight() == 0  # no file yet: no admission (warm-up, no launcher)
+    assert enc.try_acquire(100) and admission.taken(path) == 0  # no file yet: no admission (warm-up, no launcher)
     admission.create(path)
     enc._next_look = 0.0
     dec = admission.Admission(path, limit=8, ttl_s=60)
     assert enc.try_acquire(5) and not enc.try_acquire(4) and enc.try_acquire(3)
-    assert dec.in_flight() == 8 and admission.taken(path) == 8 and not enc.acquire(1, timeout_s=0.05)
+    assert admission.taken(path) == 8 and not enc.acquire(1, timeout_s=0.05)
     dec.release(2)
-    assert enc.in_flight() == 6 and enc.try_acquire(2) and not enc.try_acquire(1)
+    assert admission.taken(path) == 6 and enc.try_acquire(2) and not enc.try_acquire(1)
     short = admission.Admission(path, limit=8, ttl_s=0.2)
     dec.release(8)
     assert short.try_acquire(8) and not enc.try_acquire(1)
     time.sleep(0.3)  # a slot nobody gave back is lent again after its ttl
-    assert enc.in_flight() == 0 and enc.try_acquire(8)
+    assert admission.taken(path) == 0 and enc.try_acquire(8)
 
 
 def _take(path, n, out):
@@ -41,4 +41,4 @@ def test_processes_never_take_more_than_the_limit_together(tmp_path):
     taken = sum(out.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(30)
-    assert taken == 64 and admission.Admission(path, limit=64, ttl_s=60).in_flight() == 64
+    assert taken == 64 and admission.taken(path) == 64

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ import torch
 from tests.conftest import ROOT
 from vlaserve import health
 from vlaserve.client import PolicyClient, make_request
-from vlaserve.server import free_ports
+from vlaserve.server import free_ports, shm_files
 from vlaserve.supervisor import dead_instances, process_alive
 
 
@@ -102,12 +101,7 @@ def test_a_killed_instance_and_a_killed_server_are_recovered(tiny_repo, tiny_pol
 def stubs_and_segments(workdir):
     """The instances' stub PIDs and the /dev/shm files they map."""
     pids = [json.loads(p.read_text())["pid"] for p in (workdir / "instances").glob("*.json")]
-    segments = set()
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            if "/dev/shm/" in line:
-                segments.add(Path(line[line.index("/dev/shm/") :].removesuffix(" (deleted)")))
-    return pids, segments
+    return pids, shm_files(pids)
 
 
 def test_without_restarts_the_launcher_stops_when_an_instance_dies(tiny_repo, tmp_path):

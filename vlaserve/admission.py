@@ -75,13 +75,6 @@ class Admission:
         self._slots = np.memmap(self.path, dtype=np.float64, mode="r+", shape=(MAX_SLOTS,))[: self.limit]
         return True
 
-    def in_flight(self) -> int:
-        """Slots taken and not expired (0 before the file exists)."""
-        if not self.ready():
-            return 0
-        with self._locked():
-            return int(np.count_nonzero(self._slots > time.time()))
-
     def try_acquire(self, count: int) -> bool:
         """Take ``count`` slots if that many are free now (always true before the file exists)."""
         if not self.ready():

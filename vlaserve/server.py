@@ -141,6 +141,18 @@ def _drain_seconds(repo: Path) -> int:
         return 30
 
 
+def shm_files(pids) -> set[Path]:
+    """The /dev/shm files these processes map (gone processes are skipped)."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+                if path.startswith("/dev/shm/"):
+                    found.add(Path(path.removesuffix(" (deleted)")))
+    return found
+
+
 def _admission_active(repo: Path) -> bool:
     from vlaserve.repository import read_config
 
@@ -436,14 +448,7 @@ class TritonServer:
 
     def _shm_segments(self) -> list[Path]:
         """The /dev/shm files mapped by tritonserver's process group (the Python backend's regions)."""
-        found = set()
-        for pid in group_members(self.process.pid):
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                    path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-                    if path.startswith("/dev/shm/"):
-                        found.add(Path(path.removesuffix(" (deleted)")))
-        return sorted(found)
+        return sorted(shm_files(group_members(self.process.pid)))
 
     def __enter__(self) -> TritonServer:
         return self.start()
