@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,3 +140,29 @@ def test_a_dead_mps_daemon_is_told_from_a_live_one(tmp_path):
     problem = mps_daemon_problem(tmp_path)
     assert "does not answer" in problem and "refused" in problem.lower(), problem
     assert health.check(tmp_path, "http://127.0.0.1:9", mps_pipe=str(tmp_path)) == problem
+
+
+def test_stale_python_backend_regions_are_removed_and_live_or_fresh_ones_kept():
+    """A tritonserver killed with its launcher leaves its regions in /dev/shm; the next start removes the
+    ones nothing maps, and keeps one that is mapped or too new to be mapped yet."""
+    import mmap
+    import uuid
+
+    from vlaserve.server import PYTHON_SHM_PREFIX, remove_stale_python_shm
+
+    tag = uuid.uuid4().hex
+    stale, live, fresh = (
+        Path("/dev/shm") / f"{PYTHON_SHM_PREFIX}test-{kind}-{tag}" for kind in ("stale", "live", "fresh")
+    )
+    for path in (stale, live, fresh):
+        path.write_bytes(b"\0" * 4096)
+    for path in (stale, live):
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    try:
+        with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096):
+            removed = remove_stale_python_shm()
+        assert stale in removed and removed[stale] == 4096
+        assert not stale.exists() and live.exists() and fresh.exists()
+    finally:
+        for path in (stale, live, fresh):
+            path.unlink(missing_ok=True)

@@ -57,8 +57,8 @@ def check_torch_version(instance: str, exported_with: str, running: str) -> None
         raise VlaserveError(
             f"{instance}: torch",
             f"{running} here, the artifact was exported with {exported_with}",
-            f"torch {exported[0]}.{exported[1]} or newer where it is served (or export with the serving torch, "
-            "e.g. inside the serving image)",
+            f"torch {exported[0]}.{exported[1]} or newer where it is served, or an export with the serving torch "
+            "(in the compose stack: docker compose run --rm export)",
         )
 
 

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -85,8 +86,24 @@ def assemble_backends(triton_root: Path, workdir: Path) -> Path:
     for item in (triton_root / "backends" / "python").iterdir():
         if item.is_file():
             (backend / item.name).symlink_to(item)
-    (backend / stub.name).symlink_to(stub)
+    # A copy, not a link: the Python backend gives its stub execute permission at every model load, which
+    # fails on a file another user owns (a non-root UID serving from root-owned site-packages, as in a container).
+    shutil.copy2(stub, backend / stub.name)
     return backend.parent
+
+
+def check_stub_libraries(stub: Path, env: dict) -> None:
+    """Refuse to start when the stub cannot load: its libpython missing, tritonserver would start, every
+    stub would die at once, and it would wait for them until its timeout, with one line in its log."""
+    if shutil.which("ldd") is None:
+        return
+    out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env).stdout
+    missing = sorted({line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line})
+    if missing:
+        raise VlaserveError(
+            "Python-backend stub libraries", ", ".join(missing) + " not found",
+            f"the shared library of this Python (e.g. Debian's libpython{sys.version_info.major}.{sys.version_info.minor})",
+        )  # fmt: skip
 
 
 def _option(default, help: str, cli: bool = True):
@@ -151,6 +168,36 @@ def shm_files(pids) -> set[Path]:
                 if path.startswith("/dev/shm/"):
                     found.add(Path(path.removesuffix(" (deleted)")))
     return found
+
+
+PYTHON_SHM_PREFIX = "triton_python_backend_shm_region_"  # the Python backend's names for its regions
+
+
+def remove_stale_python_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float = 60.0) -> dict[Path, int]:
+    """Remove the Python backend's regions that no process here maps and that are older than ``min_age_s``
+    (a region being created is not yet mapped); {path: bytes} of those removed.
+
+    They are what a tritonserver killed together with its launcher leaves: nobody was left to clean up.
+    In the GPU compose form the server uses the MPS sidecar's /dev/shm, which outlives a restart of the
+    server's container, so each crash would keep 128 MiB or more per stub until the stubs run out of room.
+    Only regions this user may delete are candidates, and only processes this launcher can see count as
+    users: two servers in different PID namespaces must not share one /dev/shm."""
+    now, candidates = time.time(), {}
+    for path in shm_dir.glob(PYTHON_SHM_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            if now - stat.st_mtime > min_age_s and stat.st_uid == os.geteuid():
+                candidates[path] = stat.st_size
+    if not candidates:
+        return {}
+    mapped = shm_files(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    removed = {}
+    for path, size in candidates.items():
+        if path not in mapped:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed[path] = size
+    return removed
 
 
 def _admission_active(repo: Path) -> bool:
@@ -225,6 +272,7 @@ class TritonServer:
             binary, root, libs = embedded_tritonserver()
             env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
             backend_args = [f"--backend-directory={assemble_backends(root, opts.workdir)}"]
+            check_stub_libraries(opts.workdir / "backends" / "python" / "triton_python_backend_stub", env)
         restricted = f"{RESTRICTED}:{ADMIN_HEADER}={opts.admin_key}"
         cmd = [
             str(binary),
@@ -270,6 +318,10 @@ class TritonServer:
                 self.sidecar = MpsSidecar(self.options.workdir)
                 self.sidecar.start()
             cmd, env = self.command_and_env()
+            stale = remove_stale_python_shm()
+            if stale:
+                print(f"[serve] removed {len(stale)} Python-backend shared-memory regions nothing maps "
+                      f"({sum(stale.values()) / 2**20:.0f} MiB; left by a tritonserver killed with its launcher)", flush=True)  # fmt: skip
             self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.options.log_file, "wb") as log:
                 self.process = subprocess.Popen(
@@ -342,12 +394,15 @@ class TritonServer:
         )
         return list(dict.fromkeys(found))
 
-    def log_tail(self, lines: int = 25) -> str:
+    def log_tail(self, lines: int = 12) -> str:
+        """tritonserver's error lines (why models failed to load), then the last ``lines`` of its log: the
+        tail alone is often its options table."""
         try:
             text = self.options.log_file.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return "\n".join(text[-lines:])
+        errors = [line for line in text[:-lines] if re.match(r"E\d{4} ", line)][-10:]
+        return "\n".join([*errors, *(["..."] if errors else []), *text[-lines:]])
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop what was started; 0 when every request in flight was answered first.
