@@ -14,7 +14,7 @@ MPS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down mps-status mps-check clean
+.PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down compose-test mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,8 +22,8 @@ help: ## this map of the project
 
 venv: $(STAMP) ## make the virtualenv (.venv) with the pinned requirements
 
-$(STAMP): requirements.txt
-	@echo "[venv] creating $(VENV) and installing requirements.txt (first time: a few minutes) ..."
+$(STAMP): requirements.txt requirements-serve.txt
+	@echo "[venv] creating $(VENV) and installing requirements.txt and requirements-serve.txt (first time: a few minutes) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -74,11 +74,16 @@ mps-status: $(STAMP) ## every running instance: process, device, MPS percentage,
 mps-check: $(STAMP) ## on a GPU: which MPS thread percentages give right answers here (ARGS="--percentages 25,50")
 	$(PY) -m vlaserve.mps_check --repository $(REPO) $(ARGS)
 
-up: ## docker compose up: Triton beside the MPS sidecar (GPU host with the NVIDIA container toolkit)
-	docker compose -f deploy/docker-compose.yml up --build
+up: ## docker compose up, the GPU form (MPS sidecar + Triton): builds, exports inside the image if $(REPO) has no export, serves
+	VLASERVE_REPOSITORY=$(abspath $(REPO)) docker compose build
+	test -f $(REPO)/encoder/1/manifest.json || VLASERVE_REPOSITORY=$(abspath $(REPO)) docker compose run --rm export
+	VLASERVE_REPOSITORY=$(abspath $(REPO)) docker compose up
 
 down: ## docker compose down
-	docker compose -f deploy/docker-compose.yml down
+	docker compose down
+
+compose-test: $(STAMP) ## the compose stack really run here, CPU form: installs Docker and Compose, builds, serves, checks, cleans up
+	$(PY) deploy/cpu/compose_test.py $(ARGS)
 
 clean: ## remove exported artifacts, logs and reports (keeps the virtualenv)
 	rm -rf .vlaserve reports $(REPO)/.staging-*

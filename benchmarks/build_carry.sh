@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "build_carry: error: no .venv (run make venv first)" >&2; exit 2; }
-pin() { grep -i -E "^$1(\[[^]]*\])?==" requirements.txt | sed 's/\[.*\]//'; }
-# Pinned by requirements.txt, then what tritonclient and Locust need there, at the versions `make venv`
+pin() { grep -i -E "^$1(\[[^]]*\])?==" requirements-serve.txt | sed 's/\[.*\]//'; }
+# Pinned by requirements-serve.txt, then what tritonclient and Locust need there, at the versions `make venv`
 # resolved (read from .venv); packages the GPU image already has (requests, psutil, msgpack, jinja2,
 # click, pyyaml, ...) stay out, to keep the carry under 64 MiB, the most a copy to that machine may take.
 PACKAGES="$(pin numpy) $(pin tritonclient) $(pin protobuf) $(pin python-rapidjson) $(pin locust)"

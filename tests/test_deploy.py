@@ -25,38 +25,80 @@ def compose_schema() -> dict:
     return json.loads((Path(vendor.__file__).parent / "compose-spec.json").read_text())
 
 
-def test_compose_file_is_valid_against_the_compose_spec():
+def compose_file(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.cpu.yml"])
+def test_compose_files_are_valid_against_the_compose_spec(name):
     import jsonschema
 
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    jsonschema.validate(compose, compose_schema())
-    services = compose["services"]
-    assert services["triton"]["depends_on"]["mps"]["condition"] == "service_healthy"
-    assert services["triton"]["ipc"] == "service:mps" and services["mps"]["ipc"] == "shareable"
-    assert services["triton"]["user"] == services["mps"]["user"]
-    pipe = {v for v in services["mps"]["volumes"] if v.endswith("/tmp/nvidia-mps")}
-    assert pipe and pipe <= set(services["triton"]["volumes"])
+    jsonschema.validate(compose_file(name), compose_schema())
+
+
+def test_the_gpu_form_adds_only_the_mps_sidecar_and_the_devices():
+    common, gpu = compose_file("docker-compose.yml"), compose_file("docker-compose.gpu.yml")
+    services = gpu["services"]
+    for client in ("triton", "export"):
+        assert services[client]["depends_on"]["mps"]["condition"] == "service_healthy"
+        assert services[client]["ipc"] == "service:mps"
+        assert set(services[client]["environment"]) == {"CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"}
+        assert services[client]["volumes"] == ["mps-pipe:/tmp/nvidia-mps"]
+        assert services[client]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        extra = set(services[client]) - {
+            "deploy",
+            "depends_on",
+            "ipc",
+            "environment",
+            "volumes",
+            "command",
+            "healthcheck",
+        }
+        assert not extra, f"{client}: the GPU overlay changes {extra}"
+    assert services["mps"]["ipc"] == "shareable" and "mps-pipe:/tmp/nvidia-mps" in services["mps"]["volumes"]
+    assert services["mps"]["user"] == common["services"]["triton"]["user"]  # the daemon serves one UID
+    assert services["mps"]["restart"] == common["services"]["triton"]["restart"] == "unless-stopped"
+    assert "--mps-pipe" in services["triton"]["healthcheck"]["test"]  # a dead daemon makes it unhealthy
+    # /dev/shm is the IPC donor's: a shm_size on a joining service would not apply
+    assert "shm_size" in services["mps"] and "shm_size" not in common["services"]["triton"]
+    assert (ROOT / services["mps"]["build"]["dockerfile"]).is_file()
+
+
+def test_the_cpu_form_changes_only_the_base_image_and_shared_memory():
+    cpu = compose_file("docker-compose.cpu.yml")
+    for name, service in cpu["services"].items():
+        assert set(service) <= {"build", "image", "shm_size"}, name
+        assert service["build"]["dockerfile"] == "deploy/triton/Dockerfile"
+        assert set(service["build"]["args"]) == {"BASE_IMAGE", "REQUIREMENTS"}
+    assert "shm_size" in cpu["services"]["triton"]
+
+
+def test_the_common_stack():
+    common = compose_file("docker-compose.yml")
+    services = common["services"]
     assert all(p.startswith("${VLASERVE_BIND:-127.0.0.1}:") for p in services["triton"]["ports"])
-    assert services["loadtest"]["profiles"] == ["loadtest"]
-    for service in ("mps", "triton", "loadtest"):
-        assert (ROOT / services[service]["build"]["dockerfile"]).is_file()
-    # /dev/shm is the IPC donor's: a shm_size on the joining service would not apply
-    assert "shm_size" in services["mps"] and "shm_size" not in services["triton"]
-    assert services["mps"]["restart"] == services["triton"]["restart"] == "unless-stopped"
+    assert services["loadtest"]["profiles"] == ["loadtest"] and services["export"]["profiles"] == ["export"]
+    assert services["loadtest"]["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert any(v.endswith(":/models:ro") for v in services["triton"]["volumes"])  # serves read-only
+    assert any(v.endswith(":/models") for v in services["export"]["volumes"])  # the export writes there
+    for service in services.values():
+        assert (ROOT / service["build"]["dockerfile"]).is_file()
 
 
-def test_docker_compose_up_from_the_repository_root_includes_the_stack():
+def test_docker_compose_up_from_the_repository_root_is_the_gpu_form():
     import jsonschema
 
     root = yaml.safe_load((ROOT / "compose.yaml").read_text())
     jsonschema.validate(root, compose_schema())
-    assert [(ROOT / path).resolve() for path in root["include"]] == [(DEPLOY / "docker-compose.yml").resolve()]
+    assert [(ROOT / path).resolve() for path in root["include"][0]["path"]] == [
+        (DEPLOY / "docker-compose.yml").resolve(), (DEPLOY / "docker-compose.gpu.yml").resolve()
+    ]  # fmt: skip
 
 
 def test_a_broken_compose_file_is_caught():
     import jsonschema
 
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    compose = compose_file("docker-compose.gpu.yml")
     compose["services"]["triton"]["depends_on"]["mps"]["condition"] = "service_ready"  # not a compose condition
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(compose, compose_schema())
@@ -155,12 +197,19 @@ def _make_serve(assignments: list[str]) -> list[str]:
 def shipped_launcher_command_lines() -> dict[str, list[str]]:
     """{where: arguments} for every command line the project ships that starts the launcher."""
     found = {}
+    # The image's entrypoint script: one launcher line for NVIDIA's image, one for the CPU form; each gets the
+    # triton command of both forms (docker-compose.yml, and the GPU overlay's).
+    script = (DEPLOY / "triton" / "entrypoint.sh").read_text()
     dockerfile = (DEPLOY / "triton" / "Dockerfile").read_text()
-    entrypoint = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))[10:])
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    found["deploy/triton/Dockerfile ENTRYPOINT + compose triton command"] = (
-        _after_launcher(entrypoint) + compose["services"]["triton"]["command"]
-    )
+    assert 'ENTRYPOINT ["/usr/local/bin/vlaserve-entrypoint"]' in dockerfile
+    assert "COPY deploy/triton/entrypoint.sh /usr/local/bin/vlaserve-entrypoint" in dockerfile
+    entry_lines = [_after_launcher(shlex.split(line)) for line in script.splitlines() if "vlaserve.server" in line]
+    assert len(entry_lines) == 2 and all(args[-1] == "$@" for args in entry_lines), script
+    commands = {f"deploy/{name} triton command": yaml.safe_load((DEPLOY / name).read_text())["services"]["triton"]["command"]
+                for name in ("docker-compose.yml", "docker-compose.gpu.yml")}  # fmt: skip
+    for i, args in enumerate(entry_lines):
+        for where, command in commands.items():
+            found[f"deploy/triton/entrypoint.sh line {i + 1} + {where}"] = args[:-1] + command
     found["Makefile serve"] = _make_serve([])
     found["Makefile serve MPS=1"] = _make_serve(["MPS=1"])
     for doc in (ROOT / "README.md", DEPLOY / "README.md"):
@@ -190,3 +239,19 @@ def test_every_shipped_launcher_command_line_parses():
         if "--cuda-memory-pool-mb" in args:  # passed through, not only accepted
             assert options.cuda_memory_pool_mb == int(args[args.index("--cuda-memory-pool-mb") + 1]), where
         assert options.mps == ("--mps" in args), where
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("ldd") is None, reason="needs gcc and ldd")
+def test_a_stub_whose_libraries_are_missing_is_refused_before_tritonserver_starts(tmp_path):
+    """A base image without libpython: every stub would die at once and tritonserver would wait for them."""
+    from vlaserve.errors import VlaserveError
+    from vlaserve.server import check_stub_libraries
+
+    (tmp_path / "lib.c").write_text("int answer(void) { return 42; }\n")
+    (tmp_path / "main.c").write_text("int answer(void);\nint main(void) { return answer(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", tmp_path / "libvlaservegone.so", tmp_path / "lib.c"], check=True)
+    subprocess.run(["gcc", "-o", tmp_path / "stub", tmp_path / "main.c", f"-L{tmp_path}", "-lvlaservegone"], check=True)
+    check_stub_libraries(tmp_path / "stub", {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)})  # all found
+    (tmp_path / "libvlaservegone.so").unlink()
+    with pytest.raises(VlaserveError, match=r"libvlaservegone\.so not found"):
+        check_stub_libraries(tmp_path / "stub", {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)})
