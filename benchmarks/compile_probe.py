@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profile_runtime import kernel_times, replay_ms  # noqa: E402  (this folder: the script's own)
 
-from export.parity import compare, random_request  # noqa: E402
-from export.policy import Decoder, Encoder, attention_math, attention_override, build_policy  # noqa: E402
-from export.presets import get_preset  # noqa: E402
+from vlaserve.model.parity import compare, random_request  # noqa: E402
+from vlaserve.model.policy import Decoder, Encoder, attention_math, attention_override, build_policy  # noqa: E402
+from vlaserve.model.presets import get_preset  # noqa: E402
 from vlaserve.runtimes import CudaGraphs, sdpa_choices  # noqa: E402
 
 

@@ -6,7 +6,7 @@
 Peers, each measured the same way (batch-1 requests one after another, inputs from host memory and
 actions back to it):
 
-- ``eager``: the PyTorch policy in-process (``export.policy``), no graphs;
+- ``eager``: the PyTorch policy in-process (``vlaserve.model.policy``), no graphs;
 - ``graphs``: the served runtime in-process: the exported TorchScript encoder and decoder, one CUDA graph
   per batch bucket (on a CPU the same runtime without graphs; the note says so);
 - ``compiled``: the same with each layer compiled by torch.compile (Inductor) before the graphs are
@@ -54,7 +54,11 @@ TRITON_CONFIGS = {
 # overhead target compares against its batch-1 time.
 SAME_RUNTIME = {peer: "graphs" if peer == "triton_naive" else "compiled" for peer in TRITON_CONFIGS}
 VALUE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}  # served vs in-process, same runtime
-GOLDEN_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}  # served vs the export's eager run (export.parity)
+GOLDEN_TOLERANCE = {
+    "fp32": 1e-4,
+    "fp16": 2e-2,
+    "bf16": 5e-2,
+}  # served vs the export's eager run (vlaserve.model.parity)
 TARGETS = {"batch1_p50_ms": 15.0, "throughput": 200.0, "overhead": 1.25}
 
 
@@ -83,9 +87,9 @@ def inprocess(args) -> dict:
     import torch
 
     from export.cli import TORCH_DTYPES
-    from export.policy import build_policy
-    from export.presets import get_preset
     from vlaserve.client import make_request
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
 
     repo = Path(args.repository)
     manifests = {m: json.loads((repo / m / "1" / "manifest.json").read_text()) for m in repository.RUNNER_MODELS}

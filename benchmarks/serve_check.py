@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from peers import latencies  # benchmarks/ is on the path when this script runs
 
-from export.policy import build_policy
-from export.presets import get_preset
 from vlaserve.client import PolicyClient, make_request
+from vlaserve.model.policy import build_policy
+from vlaserve.model.presets import get_preset
 from vlaserve.server import ServerOptions, TritonServer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,23 +1,24 @@
 """Write and run the two artifact formats: ONNX (for ONNX Runtime) and TorchScript (for torch).
 
-Both take and give the same tensors as :class:`export.policy.Encoder` / :class:`export.policy.Decoder`;
+Both take and give the same tensors as :class:`vlaserve.model.policy.Encoder` / :class:`vlaserve.model.policy.Decoder`;
 the batch dimension is dynamic in both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlaserve.errors import VlaserveError
-from vlaserve.runtimes import ONNX_FILE, TORCHSCRIPT_FILE
+from vlaserve.interface import ONNX_DATA_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 
-ONNX_DATA_FILE = "model.onnx.data"
 ONNX_OPSET = 17
 TWO_GB = 2**31
 
@@ -116,6 +117,47 @@ def run_torchscript(out_dir: Path, inputs: list[torch.Tensor]) -> tuple:
     with torch.no_grad():
         out = module(*inputs)
     return out if isinstance(out, tuple) else (out,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exporter:
+    """How export writes one artifact format and runs it back for the parity check."""
+
+    write: Callable  # (module, example inputs as a tuple, input names, output names, folder) -> files written
+    run: Callable  # (folder, inputs by name as torch tensors) -> outputs in order
+    dtypes: tuple[str, ...]  # the export dtypes this format can hold
+
+
+def _write_torchscript(module, example, input_names, output_names, out_dir: Path) -> list[str]:
+    return export_torchscript(module, example, out_dir)
+
+
+def _run_onnx_parity(out_dir: Path, inputs: dict) -> list:
+    return run_onnx(out_dir, {k: v.cpu().numpy() if v.dtype != torch.bfloat16 else v for k, v in inputs.items()})
+
+
+def _run_torchscript_parity(out_dir: Path, inputs: dict) -> tuple:
+    return run_torchscript(out_dir, list(inputs.values()))
+
+
+# Every artifact format export can write, in the order it writes them. A runtime (vlaserve.runtimes.RUNTIMES)
+# executes one of these formats; docs/DESIGN.md says how to add either.
+EXPORTERS = {
+    "onnx": Exporter(export_onnx, _run_onnx_parity, ("fp32", "fp16")),  # ONNX Runtime has no bf16 kernels
+    "torchscript": Exporter(_write_torchscript, _run_torchscript_parity, ("fp32", "fp16", "bf16")),
+}
+
+
+def exporter(fmt: str) -> Exporter:
+    """The exporter of ``fmt``; an unknown format is an error, never a fallback to another one."""
+    if fmt not in EXPORTERS:
+        raise VlaserveError("artifact format", fmt, f"one of {list(EXPORTERS)} (export.artifacts.EXPORTERS)")
+    return EXPORTERS[fmt]
+
+
+def formats_for(dtype: str) -> tuple[str, ...]:
+    """The formats export writes for ``dtype``."""
+    return tuple(fmt for fmt, e in EXPORTERS.items() if dtype in e.dtypes)
 
 
 def sha256(path: Path) -> str:

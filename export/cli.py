@@ -19,18 +19,16 @@ import torch
 
 from export import artifacts
 from export.checkpoint import load_checkpoint
-from export.parity import REL_TOLERANCE, compare, random_request
-from export.policy import Decoder, Encoder, build_policy
-from export.presets import PRESETS, get_preset
 from vlaserve import interface as io
 from vlaserve import value_check
 from vlaserve.errors import VlaserveError
+from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
+from vlaserve.model.policy import Decoder, Encoder, build_policy
+from vlaserve.model.presets import PRESETS, get_preset
 
 TORCH_DTYPES = {name: getattr(torch, dtype) for name, dtype in value_check.TORCH_DTYPE.items()}
-# ONNX Runtime has no bf16 kernels for most operators: bf16 ships as TorchScript only.
-FORMATS_FOR_DTYPE = {"fp32": ("onnx", "torchscript"), "fp16": ("onnx", "torchscript"), "bf16": ("torchscript",)}
 ARTIFACT_FILES = (
-    artifacts.ONNX_FILE, artifacts.ONNX_DATA_FILE, artifacts.TORCHSCRIPT_FILE, value_check.GOLDEN_FILE, "manifest.json",
+    io.ONNX_FILE, io.ONNX_DATA_FILE, io.TORCHSCRIPT_FILE, io.GOLDEN_FILE, io.MANIFEST_FILE,
 )  # fmt: skip
 
 
@@ -117,10 +115,7 @@ def export_model(name, module, make_inputs, input_names, output_names, formats, 
     for fmt in formats:
         log(f"{name}: exporting {fmt} ...")
         start = time.perf_counter()
-        if fmt == "onnx":
-            files[fmt] = artifacts.export_onnx(module, tuple(example.values()), input_names, output_names, out_dir)
-        else:
-            files[fmt] = artifacts.export_torchscript(module, tuple(example.values()), out_dir)
+        files[fmt] = artifacts.exporter(fmt).write(module, tuple(example.values()), input_names, output_names, out_dir)
         timings[fmt] = round(time.perf_counter() - start, 2)
         log(f"{name}: {fmt} written in {timings[fmt]:.1f} s")
     for batch in batches:
@@ -129,11 +124,7 @@ def export_model(name, module, make_inputs, input_names, output_names, formats, 
             ref = module(*inputs.values())
         ref = dict(zip(output_names, ref if isinstance(ref, tuple) else (ref,)))
         for fmt in formats:
-            if fmt == "onnx":
-                feed = {k: v.cpu().numpy() if v.dtype != torch.bfloat16 else v for k, v in inputs.items()}
-                produced = artifacts.run_onnx(out_dir, feed)
-            else:
-                produced = artifacts.run_torchscript(out_dir, list(inputs.values()))
+            produced = artifacts.exporter(fmt).run(out_dir, inputs)
             figures = check_parity(name, fmt, produced, ref, dtype)
             parity.setdefault(fmt, {})[f"batch_{batch}"] = figures
             shown = ", ".join(
@@ -160,7 +151,7 @@ def run(args: argparse.Namespace) -> Path:
 
     repo = Path(args.repository)
     spec = repository.load_spec(Path(args.spec) if args.spec else repo / repository.SPEC_FILE, args.variant)
-    formats = FORMATS_FOR_DTYPE[args.dtype]
+    formats = artifacts.formats_for(args.dtype)
     repository.check_runtimes(spec, formats)
     started = time.perf_counter()
     log(f"building the {cfg.name} policy ({cfg.views} views, {args.dtype}, seed {args.seed}) ...")
@@ -222,15 +213,15 @@ def run(args: argparse.Namespace) -> Path:
                     for fmt, fs in files.items()
                 },
                 "golden": {
-                    "file": value_check.GOLDEN_FILE,
+                    "file": io.GOLDEN_FILE,
                     "items": value_check.GOLDEN_ITEMS,
-                    "sha256": artifacts.sha256(staging / name / value_check.GOLDEN_FILE),
+                    "sha256": artifacts.sha256(staging / name / io.GOLDEN_FILE),
                 },
                 "parity": parity,
                 "export_seconds": timings,
                 "torch": torch.__version__,
             }
-            (staging / name / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            (staging / name / io.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         # Everything passed: move the artifacts into place, then write the configs that describe them.
         for name in models:
             version_dir = repo / name / "1"

@@ -43,10 +43,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from export.parity import REL_TOLERANCE
 from loadtest import hostile, sweep
 from vlaserve import health
 from vlaserve.client import PolicyClient, error_line, make_request
+from vlaserve.model.parity import REL_TOLERANCE
 from vlaserve.repository import read_manifest
 from vlaserve.server import free_ports, group_members, shm_files
 from vlaserve.supervisor import process_alive

@@ -25,8 +25,8 @@ def tiny_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_policy():
     """The in-process PyTorch policy with the same weights as the export (seed 0)."""
-    from export.policy import build_policy
-    from export.presets import get_preset
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
 
     return build_policy(get_preset("tiny", 2), seed=0)
 

@@ -64,9 +64,9 @@ def test_compile_refuses_a_model_that_differs_from_the_artifact(tiny_repo, monke
     state = runtime.module.state_dict()
     with pytest.raises(VlaserveError, match="1 missing"):
         python_module(torch, manifest, {k: v for k, v in state.items() if k != "policy.vision.norm.weight"})
-    import export.policy
+    import vlaserve.model.policy
 
-    monkeypatch.setattr(export.policy, "RMS_EPS", 0.5)  # as if the model code had changed since the export
+    monkeypatch.setattr(vlaserve.model.policy, "RMS_EPS", 0.5)  # as if the model code had changed since the export
     why_not = runtime.compile(manifest, backend="eager")
     assert "differs from the TorchScript artifact" in why_not and runtime.compiled is None
 

@@ -153,19 +153,22 @@ def test_sidecar_rejects_bad_settings(env, message):
 
 def test_mps_limits_reach_the_environment_and_the_status(monkeypatch):
     from vlaserve.errors import VlaserveError
+    from vlaserve.params import GroupLimits, RunnerParams
     from vlaserve.runner import apply_mps_limits, expected_sm_count, instance_group_of
 
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
-    params = {"mps_thread_percentage.decoder_gpu": "40", "mps_pinned_memory_limit_mb.decoder_gpu": "2048"}
+    config = {"mps_thread_percentage.decoder_gpu": "40", "mps_pinned_memory_limit_mb.decoder_gpu": "2048"}
+    params = RunnerParams.from_config(config)
     group = instance_group_of("decoder_gpu_0", ["encoder_gpu", "decoder_gpu"])
     assert group == "decoder_gpu"
-    applied = apply_mps_limits(params, group, "decoder_gpu_0")
+    assert params.limits(group) == GroupLimits(40, 2048) and params.limits("encoder_gpu") == GroupLimits()
+    applied = apply_mps_limits(params.limits(group), "decoder_gpu_0")
     assert applied == {"mps_thread_percentage": 40, "mps_pinned_memory_limit_mb": 2048}
     assert os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
     assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2048M"
     assert [expected_sm_count(p, 132) for p in (100, 80, 60, 50, 40, 25, 20, 10)] == [132, 104, 78, 66, 52, 32, 26, 12]
     with pytest.raises(VlaserveError, match="decoder_gpu_0: mps_thread_percentage"):
-        apply_mps_limits({"mps_thread_percentage.decoder_gpu": "0"}, group, "decoder_gpu_0")
+        apply_mps_limits(GroupLimits(mps_thread_percentage=0), "decoder_gpu_0")
 
 
 def test_mps_percentages_reach_the_generated_config():

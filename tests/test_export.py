@@ -11,8 +11,8 @@ import torch
 
 from export import artifacts
 from export.cli import main
-from export.parity import compare, random_request
 from tests.conftest import SPEC
+from vlaserve.model.parity import compare, random_request
 
 TOL = 1e-4
 
@@ -103,8 +103,8 @@ def test_cli_rejects_bad_input_and_writes_nothing(exported_copy, tiny_policy, tm
 def test_checkpoint_is_loaded(tmp_path):
     from safetensors.torch import save_file
 
-    from export.policy import build_policy
-    from export.presets import get_preset
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
 
     policy = build_policy(get_preset("tiny", 1), seed=5)
     save_file(policy.state_dict(), str(tmp_path / "w.safetensors"))

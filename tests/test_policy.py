@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from export.parity import random_request
+from vlaserve.model.parity import random_request
 
 ATOL = 1e-5
 
@@ -75,7 +75,7 @@ def naive_attention(q, k, v, mask):
 
 
 def test_attention_matches_naive_softmax():
-    from export.policy import attention, attention_bias
+    from vlaserve.model.policy import attention, attention_bias
 
     gen = torch.Generator().manual_seed(0)
     for kv_heads in (1, 2):
@@ -91,7 +91,7 @@ def test_attention_matches_naive_softmax():
 
 
 def test_rope_matches_complex_rotation():
-    from export.policy import apply_rope, rope_tables
+    from vlaserve.model.policy import apply_rope, rope_tables
 
     positions = torch.tensor([[0, 1, 2, 7, 30]])
     x = torch.randn(1, 5, 3, 16, generator=torch.Generator().manual_seed(1))

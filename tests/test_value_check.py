@@ -9,10 +9,10 @@ import subprocess
 import pytest
 import torch
 
-from export.parity import compare
 from tests.conftest import ROOT, SPEC, start_server
 from vlaserve import repository, value_check
 from vlaserve.errors import VlaserveError
+from vlaserve.model.parity import compare
 from vlaserve.runtimes import load_runtime
 from vlaserve.status import format_table, read_status
 

@@ -30,6 +30,14 @@ ENCODER = "encoder"
 DECODER = "decoder"
 POLICY = "policy"
 
+# Files of one model version (<repository>/<model>/1/): the artifacts export writes and the runtimes load,
+# the golden samples every instance checks itself against, and the manifest that describes them.
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the weights beside model.onnx when they pass ONNX's 2 GB protobuf limit
+TORCHSCRIPT_FILE = "model.pt"
+GOLDEN_FILE = "golden.pt"
+MANIFEST_FILE = "manifest.json"
+
 # Default ports of the embedded server (Triton's own defaults).
 HTTP_PORT = 8000
 GRPC_PORT = 8001

@@ -29,6 +29,7 @@ from pathlib import Path
 from vlaserve import interface as io
 from vlaserve import repository, value_check
 from vlaserve.errors import VlaserveError
+from vlaserve.params import RunnerParams
 
 GRID = (10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100)
 RESULT_PREFIX = "MPS_CHECK_RESULT "
@@ -63,8 +64,8 @@ def spec_percentages(spec_path: Path) -> set[int]:
 def served_batches(repo: Path, model: str) -> list[int]:
     """The batch sizes the repository's config runs ``model`` at: its buckets, else 1 and the maximum."""
     config = repository.read_config(repo / model / repository.CONFIG_FILE)
-    buckets = config.parameters["batch_buckets"].string_value if "batch_buckets" in config.parameters else ""
-    return sorted(int(b) for b in buckets.split(",") if b) or sorted({1, max(1, config.max_batch_size)})
+    buckets = RunnerParams.of_model_config(config).batch_buckets
+    return sorted(buckets) or sorted({1, max(1, config.max_batch_size)})
 
 
 # ---- one percentage (child process) -------------------------------------------------------------------

@@ -23,12 +23,14 @@ from tritonclient.grpc import model_config_pb2
 from vlaserve import interface as io
 from vlaserve.admission import MAX_SLOTS
 from vlaserve.errors import VlaserveError
+from vlaserve.model.presets import get_preset
+from vlaserve.params import GroupLimits, RunnerParams
+from vlaserve.runtimes import RUNTIMES
 from vlaserve.value_check import VALUE_CHECK_MODES
 
 SPEC_FILE = "spec.yaml"
 CONFIG_FILE = "config.pbtxt"
 MODEL_PY = '"""Triton Python-backend entry point: the shared runner serves this model (see vlaserve.runner)."""\n\nfrom vlaserve.runner import TritonPythonModel  # noqa: F401\n'
-RUNTIMES = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> artifact format it executes
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 TYPE_OF_DTYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16"}
 RUNNER_MODELS = (io.ENCODER, io.DECODER)
@@ -193,7 +195,7 @@ def check_runtimes(spec: dict, formats) -> None:
     """Every runner model's runtime must have an artifact among ``formats``."""
     for name in RUNNER_MODELS:
         runtime = spec["models"][name]["runtime"]
-        if RUNTIMES[runtime] not in formats:
+        if RUNTIMES[runtime].format not in formats:
             raise VlaserveError(
                 f"models.{name}.runtime", runtime, f"a runtime for the exported formats {list(formats)}"
             )
@@ -206,8 +208,6 @@ def settings_of(spec: dict) -> ModelSettings:
 
 def tensor_dims(settings: ModelSettings) -> dict[str, tuple[list[int], str]]:
     """Per-item dims and Triton type of every tensor, for the exported preset, views and dtype."""
-    from export.presets import get_preset
-
     cfg = get_preset(settings.preset, settings.views)
     p = cfg.prefix
     shapes = io.request_shapes(settings.views)
@@ -251,7 +251,7 @@ def _string_params(values: dict) -> dict:
 
 
 def admission_params(name: str, models: dict) -> dict:
-    """The runner parameters of the pipeline's in-flight limit (vlaserve.admission), or none."""
+    """The RunnerParams fields of the pipeline's in-flight limit (vlaserve.admission), or none."""
     limit = models[io.POLICY].get("max_in_flight")
     if not limit:
         return {}
@@ -262,34 +262,41 @@ def admission_params(name: str, models: dict) -> dict:
 
     params = {"admission_role": "acquire" if name == io.ENCODER else "release", "admission_limit": limit}
     # a slot nobody gives back is lent again after the decoder's queue timeout and 10 s more
-    params["admission_ttl_s"] = f"{timeout_s(io.DECODER, 20.0) + 10.0:g}"
+    params["admission_ttl_s"] = timeout_s(io.DECODER, 20.0) + 10.0
     if name == io.ENCODER:  # how long a batch waits for room before it is answered UNAVAILABLE
-        params["admission_wait_s"] = f"{timeout_s(io.ENCODER, 5.0):g}"
+        params["admission_wait_s"] = timeout_s(io.ENCODER, 5.0)
     return params
+
+
+def runner_params(m: dict, admission: dict | None = None) -> RunnerParams:
+    """The runner parameters of one model of the spec."""
+    return RunnerParams(
+        runtime=m["runtime"],
+        cpu_threads=m.get("cpu_threads"),
+        noise_seed=m.get("noise_seed"),
+        value_check=m.get("value_check"),
+        batch_buckets=tuple(m.get("batch_buckets") or ()),
+        compile=bool(m.get("compile")),
+        cuda_graphs=bool(m.get("cuda_graphs")),
+        groups={
+            g["name"]: GroupLimits(g.get("mps_thread_percentage"), g.get("mps_pinned_memory_limit_mb"))
+            for g in m["instance_groups"]
+            if "mps_thread_percentage" in g or "mps_pinned_memory_limit_mb" in g
+        },
+        **(admission or {}),
+    )
 
 
 def runner_config(name: str, m: dict, dims, admission: dict | None = None) -> dict:
     """The ModelConfig (as a dict) of the encoder or the decoder."""
     inputs, outputs = MODEL_IO[name]
-    params = {"runtime": m["runtime"], "FORCE_CPU_ONLY_INPUT_TENSORS": "no", **(admission or {})}
-    for key in ("cpu_threads", "noise_seed", "value_check"):
-        if key in m:
-            params[key] = m[key]
-    if m.get("batch_buckets"):
-        params["batch_buckets"] = ",".join(str(b) for b in sorted(m["batch_buckets"]))
-    for key in ("cuda_graphs", "compile"):
-        if m.get(key):
-            params[key] = "true"
+    params = runner_params(m, admission).to_config()
     groups = []
     for g in m["instance_groups"]:
         group = {"name": g["name"], "count": g["count"], "kind": KINDS[g.get("kind", "cpu")]}
         if g.get("gpus") is not None and g.get("kind") == "gpu":
             group["gpus"] = g["gpus"]
         groups.append(group)
-        if "mps_thread_percentage" in g:
-            params[f"mps_thread_percentage.{g['name']}"] = g["mps_thread_percentage"]
-        if "mps_pinned_memory_limit_mb" in g:
-            params[f"mps_pinned_memory_limit_mb.{g['name']}"] = g["mps_pinned_memory_limit_mb"]
     config = {
         "name": name,
         "backend": "python",
@@ -398,7 +405,7 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
 
 def manifest_path(repo: Path, model: str) -> Path:
     """Where ``make export`` writes ``model``'s manifest in ``repo``."""
-    return Path(repo) / model / "1" / "manifest.json"
+    return Path(repo) / model / "1" / io.MANIFEST_FILE
 
 
 def drain_seconds(repo: Path) -> int:
@@ -409,8 +416,7 @@ def drain_seconds(repo: Path) -> int:
         config = read_config(Path(repo) / name / "config.pbtxt")
         if config.HasField("dynamic_batching"):
             total += config.dynamic_batching.default_queue_policy.default_timeout_microseconds / 1e6
-        if "admission_wait_s" in config.parameters:
-            total += float(config.parameters["admission_wait_s"].string_value)
+        total += RunnerParams.of_model_config(config).admission_wait_s or 0.0
     return math.ceil(total)
 
 

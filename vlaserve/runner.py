@@ -20,6 +20,7 @@ import numpy as np
 from vlaserve import admission, validation, value_check
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
+from vlaserve.params import GroupLimits, RunnerParams
 from vlaserve.runtimes import load_runtime
 
 try:  # provided by the Python backend's stub process
@@ -62,20 +63,19 @@ def check_torch_version(instance: str, exported_with: str, running: str) -> None
         )
 
 
-def apply_mps_limits(params: dict[str, str], group: str | None, instance: str) -> dict:
+def apply_mps_limits(limits: GroupLimits, instance: str) -> dict:
     """Put this instance's MPS limits into the environment; must run before the first CUDA call."""
     applied = {}
-    pct = params.get(f"mps_thread_percentage.{group}")
-    if pct is not None:
-        value = int(pct)
+    value = limits.mps_thread_percentage
+    if value is not None:
         if not 1 <= value <= 100:
             raise VlaserveError(f"{instance}: mps_thread_percentage", value, "an integer in 1..100")
         os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(value)
         applied["mps_thread_percentage"] = value
-    pinned = params.get(f"mps_pinned_memory_limit_mb.{group}")
+    pinned = limits.mps_pinned_memory_limit_mb
     if pinned is not None:
-        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={int(pinned)}M"
-        applied["mps_pinned_memory_limit_mb"] = int(pinned)
+        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={pinned}M"
+        applied["mps_pinned_memory_limit_mb"] = pinned
     return applied
 
 
@@ -84,15 +84,17 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.model_name = args["model_name"]
+        params = RunnerParams.from_config(
+            {k: v["string_value"] for k, v in config.get("parameters", {}).items()}, f"{self.model_name} parameters"
+        )
         self.instance = args["model_instance_name"]
         group = instance_group_of(self.instance, [g["name"] for g in config.get("instance_group", [])])
         self.status = {"model": self.model_name, "instance": self.instance, "group": group, "pid": os.getpid()}
-        self.status.update(apply_mps_limits(params, group, self.instance))  # before any CUDA context
+        self.status.update(apply_mps_limits(params.limits(group), self.instance))  # before any CUDA context
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        manifest_path = version_dir / "manifest.json"
+        manifest_path = version_dir / io.MANIFEST_FILE
         if not manifest_path.is_file():
             raise VlaserveError(f"{self.model_name} manifest", str(manifest_path), "a file written by `make export`")
         self.manifest = json.loads(manifest_path.read_text())
@@ -104,7 +106,7 @@ class TritonPythonModel:
         self.output_names = list(self.manifest["outputs"])
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
-        runtime_name = params.get("runtime", "onnxruntime")
+        runtime_name = params.runtime
         if runtime_name == "torchscript":
             import torch
 
@@ -119,8 +121,8 @@ class TritonPythonModel:
         # Batches are padded up to the next bucket so that only warmed-up shapes ever run (a new shape
         # makes TorchScript's profiling executor re-optimize, seconds for pi0, while requests queue),
         # and, with cuda_graphs, only shapes that have a captured graph.
-        self.buckets = sorted(int(b) for b in params.get("batch_buckets", "").split(",") if b)
-        self.value_check = params.get("value_check", "refuse")
+        self.buckets = sorted(params.batch_buckets)
+        self.value_check = params.value_check or "refuse"
         if self.value_check not in value_check.VALUE_CHECK_MODES:
             raise VlaserveError(
                 f"{self.instance}: value_check", self.value_check, f"one of {value_check.VALUE_CHECK_MODES}"
@@ -135,13 +137,11 @@ class TritonPythonModel:
             cache = Path(status_dir).parent / value_check.PRODUCTS_CACHE if status_dir else None
             products = value_check.cached_products(self.manifest, checked_batches, cache)
             self._judge("products", value_check.screen_products(products, self.manifest["dtype"], device))
-        self.runtime = load_runtime(
-            runtime_name, version_dir, self.output_names, device, int(params.get("cpu_threads", 0))
-        )
+        self.runtime = load_runtime(runtime_name, version_dir, self.output_names, device, params.cpu_threads or 0)
         self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
-        if params.get("compile", "false") == "true":
+        if params.compile:
             self.status.update(self._compile())
-        if params.get("cuda_graphs", "false") == "true":
+        if params.cuda_graphs:
             self.status.update(self._capture_graphs())
         if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
             golden = value_check.load_golden(version_dir)
@@ -151,17 +151,17 @@ class TritonPythonModel:
             )
             self._judge("golden", result)
         self.status.setdefault("value_check", "off" if self.value_check == "off" else "pass")
-        seed = int(params.get("noise_seed", 0)) + int(args["model_instance_device_id"]) * 1000
+        seed = (params.noise_seed or 0) + int(args["model_instance_device_id"]) * 1000
         self.rng = np.random.default_rng([seed, sum(map(ord, self.instance))])
-        self.admission, self.admission_role = None, params.get("admission_role")
+        self.admission, self.admission_role = None, params.admission_role
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if self.admission_role and status_dir:  # the pipeline's in-flight limit (vlaserve.admission)
             self.admission = admission.Admission(
                 Path(status_dir) / admission.ADMISSION_FILE,
-                int(params["admission_limit"]),
-                float(params["admission_ttl_s"]),
+                params.admission_limit,
+                params.admission_ttl_s,
             )
-            self.admission_wait_s = float(params.get("admission_wait_s", 5.0))
+            self.admission_wait_s = params.admission_wait_s if params.admission_wait_s is not None else 5.0
         self.computed = None
         if pb_utils is not None:  # the family is kept: its metric dies with it
             self.computed_family = family = pb_utils.MetricFamily(

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from vlaserve.errors import VlaserveError
-
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.pt"
+from vlaserve.interface import ONNX_FILE, TORCHSCRIPT_FILE
 
 
 class OnnxRuntime:
     """An ONNX Runtime session; the CUDA provider on a GPU instance where onnxruntime has one."""
 
+    format = "onnx"  # the artifact format it executes (export writes it: export.artifacts.EXPORTERS)
     tensor_kind = "numpy"
 
     def __init__(self, version_dir: Path, output_names, device: str = "cpu", threads: int = 0):
@@ -47,6 +46,7 @@ class TorchScriptRuntime:
     """A TorchScript module run under ``torch.inference_mode``; on a GPU, optionally from CUDA graphs, and
     optionally as the Python model it was traced from with its layers compiled by Inductor (:meth:`compile`)."""
 
+    format = "torchscript"
     tensor_kind = "torch"
 
     def __init__(self, version_dir: Path, output_names, device: str = "cpu", threads: int = 0):
@@ -86,8 +86,8 @@ class TorchScriptRuntime:
         return choices
 
     def _compiled_choices(self, backend: str) -> dict:
-        """SDPA as it comes, and :func:`export.policy.attention_math` compiled: what :meth:`compile` checks."""
-        from export.policy import attention_override
+        """SDPA as it comes, and :func:`vlaserve.model.policy.attention_math` compiled: what :meth:`compile` checks."""
+        from vlaserve.model.policy import attention_override
 
         impl = _compiled_attention_math(self.torch, backend)
         return {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
@@ -105,7 +105,7 @@ class TorchScriptRuntime:
         torch = self.torch
         if backend == "inductor" and not self.device.startswith("cuda"):
             return f"no CUDA device here ({self.device} instance): running the TorchScript module uncompiled"
-        from export.parity import REL_TOLERANCE, compare
+        from vlaserve.model.parity import REL_TOLERANCE, compare
 
         if not Path(sys.executable).name.startswith("python"):
             # In Triton's Python-backend stub, sys.executable is not a Python that could run Inductor's
@@ -137,7 +137,7 @@ class TorchScriptRuntime:
             name, r = next(iter(bad.items()))
             return (
                 f"the compiled model differs from the TorchScript artifact with {name} attention (rel {r:.2g} > "
-                f"{tolerance:g}; was export/policy.py changed since the export?): running the TorchScript module"
+                f"{tolerance:g}; was vlaserve/model/policy.py changed since the export?): running the TorchScript module"
             )
         self.compiled, self.compile_backend = module, backend
         self.compiled_rel = {k: float(f"{v:.3g}") for k, v in rel.items()}
@@ -200,7 +200,7 @@ def random_input(torch, spec: dict, batch: int, device: str, vocab_size: int, se
 
 
 def python_module(torch, manifest: dict, state_dict: dict):
-    """The ``export.policy`` Encoder or Decoder of ``manifest`` (preset, views), holding ``state_dict``'s
+    """The ``vlaserve.model.policy`` Encoder or Decoder of ``manifest`` (preset, views), holding ``state_dict``'s
     tensors themselves (no copy: built on the meta device, then assigned)."""
     from vlaserve.value_check import meta_module
 
@@ -210,7 +210,7 @@ def python_module(torch, manifest: dict, state_dict: dict):
         raise VlaserveError(
             f"{manifest['model']} artifact weights",
             f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})",
-            "the parameter layout of export/policy.py (re-export: make export)",
+            "the parameter layout of vlaserve/model/policy.py (re-export: make export)",
         )
     return module.eval()
 
@@ -237,9 +237,9 @@ _COMPILED_ATTENTION: dict[str, object] = {}
 
 
 def _compiled_attention_math(torch, backend: str = "inductor"):
-    """``export.policy.attention_math`` compiled once per process and backend."""
+    """``vlaserve.model.policy.attention_math`` compiled once per process and backend."""
     if backend not in _COMPILED_ATTENTION:
-        from export.policy import attention_math
+        from vlaserve.model.policy import attention_math
 
         _COMPILED_ATTENTION[backend] = torch.compile(attention_math, dynamic=False, backend=backend)
     return _COMPILED_ATTENTION[backend]
@@ -324,6 +324,10 @@ class CudaGraphs:
         return [out.clone() for out in static_outputs]
 
 
+# The runtimes a spec may name (models.<model>.runtime). A runtime is a class like the two above: its
+# ``format`` (an artifact format export.artifacts.EXPORTERS writes), ``tensor_kind`` ("numpy" or "torch"),
+# ``device``, and ``__call__(inputs by name) -> outputs in the manifest's order``; docs/DESIGN.md says how
+# to add one.
 RUNTIMES = {"onnxruntime": OnnxRuntime, "torchscript": TorchScriptRuntime}
 
 

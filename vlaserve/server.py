@@ -201,10 +201,12 @@ def remove_stale_python_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float =
 
 
 def _admission_active(repo: Path) -> bool:
+    from vlaserve.params import RunnerParams
     from vlaserve.repository import read_config
 
     try:
-        return "admission_limit" in read_config(Path(repo) / io.ENCODER / "config.pbtxt").parameters
+        params = RunnerParams.of_model_config(read_config(Path(repo) / io.ENCODER / "config.pbtxt"))
+        return params.admission_limit is not None
     except Exception:  # noqa: BLE001 - no or unreadable config: start() names the problem
         return False
 

@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 from vlaserve.errors import VlaserveError
+from vlaserve.interface import GOLDEN_FILE
 
 VALUE_CHECK_MODES = ("refuse", "warn", "off")
-GOLDEN_FILE = "golden.pt"
 GOLDEN_ITEMS = 2  # distinct requests in a golden sample; larger batches repeat them
 GOLDEN_SEED = 424242
 # Largest allowed max|out - ref| / max|ref| of one product against its float32 (fp32: float64) reference.
@@ -59,10 +59,10 @@ class ValueCheckError(VlaserveError):
 
 # ---- the model's products ---------------------------------------------------------------------------
 def meta_module(torch, manifest: dict):
-    """The ``export.policy`` Encoder or Decoder of ``manifest`` (preset, views, dtype) on the meta device:
+    """The ``vlaserve.model.policy`` Encoder or Decoder of ``manifest`` (preset, views, dtype) on the meta device:
     its structure and shapes, no weights."""
-    from export.policy import Decoder, Encoder, Policy
-    from export.presets import get_preset
+    from vlaserve.model.policy import Decoder, Encoder, Policy
+    from vlaserve.model.presets import get_preset
 
     with torch.device("meta"):
         policy = Policy(get_preset(manifest["preset"], manifest["views"])).to(
@@ -98,12 +98,12 @@ def cached_products(manifest: dict, batches, cache_dir: Path | None) -> list[dic
 
 def record_products(manifest: dict, batches) -> list[dict]:
     """Every distinct matrix product the model runs at each batch size in ``batches``, with both attention
-    implementations the runtime may serve with (SDPA, and :func:`export.policy.attention_math`):
+    implementations the runtime may serve with (SDPA, and :func:`vlaserve.model.policy.attention_math`):
     ``[{"op", "shapes", "strides", "dtypes", "batch"}]`` (the first batch size a product was seen at)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from export.policy import attention_math, attention_override
+    from vlaserve.model.policy import attention_math, attention_override
 
     seen: dict[tuple, dict] = {}
 
@@ -233,7 +233,7 @@ def check_golden(run, golden: dict, batches, dtype: str, as_numpy: bool = False)
     import numpy as np
     import torch
 
-    from export.parity import REL_TOLERANCE, compare
+    from vlaserve.model.parity import REL_TOLERANCE, compare
 
     started = time.perf_counter()
     worst, where = 0.0, ""

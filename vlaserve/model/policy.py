@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.presets import GemmaConfig, PolicyConfig, VisionConfig
 from vlaserve.interface import ACTION_DIM, ACTION_HORIZON, IMAGE_SIZE, NUM_FLOW_STEPS, STATE_DIM
+from vlaserve.model.presets import GemmaConfig, PolicyConfig, VisionConfig
 
 ROPE_BASE = 10_000.0
 RMS_EPS = 1e-6

@@ -1,0 +1,113 @@
+"""The runner's parameters: what the repository writes into a model's config and the runner reads back.
+
+Triton carries a Python-backend model's parameters as strings keyed by name. Every key and its type is
+spelled here once: :meth:`RunnerParams.to_config` writes them (vlaserve.repository) and
+:meth:`RunnerParams.from_config` reads them (vlaserve.runner, the launcher, mps-check). A key this module
+does not know is an error, not ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from vlaserve.errors import VlaserveError
+
+# Triton's own key, not the runner's: inputs reach the runner where they are (on the GPU when they are there).
+FIXED = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+ADMISSION_ROLES = ("acquire", "release")  # the encoder takes a slot, the decoder gives it back
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLimits:
+    """The MPS limits of one instance group; each instance puts them into its environment at start."""
+
+    mps_thread_percentage: int | None = None
+    mps_pinned_memory_limit_mb: int | None = None
+
+
+GROUP_KEYS = tuple(f.name for f in dataclasses.fields(GroupLimits))  # keyed "<key>.<group name>"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerParams:
+    """One model's runner parameters. ``None`` (or empty, or false) is not written: the runner's default."""
+
+    runtime: str = "onnxruntime"
+    cpu_threads: int | None = None  # 0: the runtime's own choice
+    noise_seed: int | None = None
+    value_check: str | None = None  # refuse (default), warn or off (vlaserve.value_check)
+    batch_buckets: tuple[int, ...] = ()  # batches are padded up to the next of these
+    compile: bool = False
+    cuda_graphs: bool = False
+    admission_role: str | None = None  # the pipeline's in-flight limit (vlaserve.admission)
+    admission_limit: int | None = None
+    admission_ttl_s: float | None = None
+    admission_wait_s: float | None = None
+    groups: Mapping[str, GroupLimits] = dataclasses.field(default_factory=dict)
+
+    def limits(self, group: str | None) -> GroupLimits:
+        return self.groups.get(group, GroupLimits()) if group else GroupLimits()
+
+    def to_config(self) -> dict[str, str]:
+        """The parameters as Triton carries them: ``{key: string}``."""
+        out = {**FIXED, "runtime": self.runtime}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("runtime", "groups") or value is None or value is False or value == ():
+                continue
+            if isinstance(value, bool):
+                out[field.name] = "true"
+            elif isinstance(value, tuple):
+                out[field.name] = ",".join(str(v) for v in sorted(value))
+            elif isinstance(value, float):
+                out[field.name] = f"{value:g}"
+            else:
+                out[field.name] = str(value)
+        for group, limits in self.groups.items():
+            for key in GROUP_KEYS:
+                if getattr(limits, key) is not None:
+                    out[f"{key}.{group}"] = str(getattr(limits, key))
+        return out
+
+    @classmethod
+    def from_config(cls, params: Mapping[str, str], where: str = "parameters") -> RunnerParams:
+        """Read ``{key: string}`` back; a key or value that does not fit is a VlaserveError naming it."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "groups"}
+        values, groups = {}, {}
+        for key, text in params.items():
+            if key in FIXED:
+                continue
+            try:
+                if key in fields:
+                    values[key] = _parse(fields[key].type, text)
+                elif "." in key and key.split(".", 1)[0] in GROUP_KEYS:
+                    name, group = key.split(".", 1)
+                    groups.setdefault(group, {})[name] = int(text)
+                else:
+                    raise VlaserveError(f"{where}: {key}", text, f"one of {', '.join([*fields, *GROUP_KEYS])}")
+            except ValueError as exc:
+                raise VlaserveError(f"{where}: {key}", text, f"a value of type {fields[key].type if key in fields else 'int'}") from exc  # fmt: skip
+        if values.get("admission_role") not in (None, *ADMISSION_ROLES):
+            raise VlaserveError(f"{where}: admission_role", values["admission_role"], f"one of {ADMISSION_ROLES}")
+        return cls(**values, groups={g: GroupLimits(**v) for g, v in groups.items()})
+
+    @classmethod
+    def of_model_config(cls, config) -> RunnerParams:
+        """From a parsed ModelConfig (protobuf), as vlaserve.repository.read_config gives it."""
+        return cls.from_config({k: v.string_value for k, v in config.parameters.items()}, f"{config.name} parameters")
+
+
+def _parse(kind: str, text: str):
+    kind = kind.replace(" | None", "")
+    if kind == "bool":
+        if text not in ("true", "false"):
+            raise ValueError(text)
+        return text == "true"
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind.startswith("tuple"):
+        return tuple(int(b) for b in text.split(",") if b)
+    return text
