@@ -14,7 +14,7 @@ MPS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down compose-test mps-status mps-check clean
+.PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -84,6 +84,9 @@ down: ## docker compose down
 
 compose-test: $(STAMP) ## the compose stack really run here, CPU form: installs Docker and Compose, builds, serves, checks, cleans up
 	$(PY) deploy/cpu/compose_test.py $(ARGS)
+
+carry: $(STAMP) ## build .carry/ for a GPU host without network (packages + trimmed tritonserver the benchmarks/gpu_*.sh runs unpack)
+	bash benchmarks/build_carry.sh
 
 clean: ## remove exported artifacts, logs and reports (keeps the virtualenv)
 	rm -rf .vlaserve reports $(REPO)/.staging-*

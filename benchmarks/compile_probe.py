@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from profile_runtime import kernel_times, replay_ms  # noqa: E402  (this folder: the script's own)
 
 from vlaserve.model.parity import compare, random_request  # noqa: E402

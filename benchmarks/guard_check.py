@@ -20,8 +20,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from vlaserve import repository  # noqa: E402
 from vlaserve.client import PolicyClient, make_request  # noqa: E402
 from vlaserve.server import ServerOptions, TritonServer  # noqa: E402

@@ -20,13 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 
 from loadtest.reliability import Load, Reference, rel_error  # noqa: E402
 from vlaserve.client import PolicyClient, make_request  # noqa: E402
+from vlaserve.model.parity import REL_TOLERANCE  # noqa: E402
+from vlaserve.repository import read_manifest  # noqa: E402
 from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
+from vlaserve.value_check import golden_reference  # noqa: E402
 
 CONFIGS = {
     "host hand-off (the default)": {},
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--out", default="hop.json")
     args = parser.parse_args()
     rows, first = [], None
+    tolerance = REL_TOLERANCE[read_manifest(Path(args.repository), "encoder")["dtype"]]  # the export's parity
     for name in args.configs.split(","):
         for k in ("VLASERVE_DEVICE_HANDOFF",):
             os.environ.pop(k, None)
@@ -70,8 +72,6 @@ def main() -> int:
         with TritonServer(opts) as srv:
             ready = time.time() - t0
             if args.reference == "golden":
-                from benchmarks.peers import golden_reference
-
                 request, ref_actions = golden_reference(Path(args.repository))
                 first_vs_reference = rel_error(PolicyClient(srv.grpc_url).infer(request), ref_actions)
             else:
@@ -87,8 +87,8 @@ def main() -> int:
                 t = time.perf_counter()
                 actions = client.infer(request)
                 times.append((time.perf_counter() - t) * 1000.0)
-                seq_wrong += rel_error(actions, ref_actions) > 5e-2
-            with Load([("grpc", srv.grpc_url)] * args.clients, Reference(request, ref_actions, 5e-2)) as load:
+                seq_wrong += rel_error(actions, ref_actions) > tolerance
+            with Load([("grpc", srv.grpc_url)] * args.clients, Reference(request, ref_actions, tolerance)) as load:
                 time.sleep(args.seconds)
             counts = load.counts()
             errs = sorted({m for _, o, m in load.outcomes if o == "wrong"})

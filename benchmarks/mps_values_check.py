@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.peers import GOLDEN_TOLERANCE, golden_reference  # noqa: E402
 from vlaserve import repository  # noqa: E402
 from vlaserve.client import PolicyClient  # noqa: E402
+from vlaserve.model.parity import REL_TOLERANCE as GOLDEN_TOLERANCE  # noqa: E402
 from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
 from vlaserve.status import format_table, read_status  # noqa: E402
+from vlaserve.value_check import golden_reference  # noqa: E402
 
 
 def check_split(args, encoder_pct: int, decoder_pct: int) -> dict:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlaserve import repository  # noqa: E402
 from vlaserve.runtimes import load_runtime, static_input  # noqa: E402
@@ -57,7 +54,7 @@ def main() -> None:
     repo, buckets = Path(args.repository), [int(b) for b in args.buckets.split(",")]
     rows = []
     for name in repository.RUNNER_MODELS:
-        manifest = json.loads((repo / name / "1" / "manifest.json").read_text())
+        manifest = repository.read_manifest(repo, name)
         runtime = load_runtime("torchscript", repo / name / "1", list(manifest["outputs"]), "cuda:0")
         if args.compile:
             print(f"{name}: compile: {runtime.compile(manifest, batch=buckets[0]) or 'ok'}", flush=True)

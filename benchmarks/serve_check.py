@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peers import latencies  # benchmarks/ is on the path when this script runs
 
+from benchmarks.peers import latencies
+from vlaserve import repository
 from vlaserve.client import PolicyClient, make_request
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     repo = Path(args.repository)
-    manifest = json.loads((repo / "encoder" / "1" / "manifest.json").read_text())
+    manifest = repository.read_manifest(repo, "encoder")
     cfg = get_preset(manifest["preset"], manifest["views"])
     policy = build_policy(cfg, manifest["seed"], DTYPES[manifest["dtype"]], device="cuda")
     result = {"preset": cfg.name, "views": cfg.views, "dtype": manifest["dtype"], "gpu": torch.cuda.get_device_name()}

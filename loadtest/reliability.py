@@ -47,7 +47,7 @@ from loadtest import hostile, sweep
 from vlaserve import health
 from vlaserve.client import PolicyClient, error_line, make_request
 from vlaserve.model.parity import REL_TOLERANCE
-from vlaserve.repository import read_manifest
+from vlaserve.repository import manifest_path, read_manifest
 from vlaserve.server import free_ports, group_members, shm_files
 from vlaserve.supervisor import process_alive
 
@@ -428,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     repository = Path(args.repository).resolve()
-    if not (repository / "encoder" / "1" / "manifest.json").is_file():
+    if not manifest_path(repository, "encoder").is_file():
         print(f"reliability: error: {repository} has no export (run `make export`)", file=sys.stderr)
         return 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

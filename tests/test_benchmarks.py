@@ -4,7 +4,6 @@ parts are checked with TorchDynamo alone, and the peers benchmark runs (tiny).""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +98,7 @@ def test_cuda_graphs_need_torchscript_and_buckets():
 
 
 def test_peers_benchmark_produces_table_and_results_on_cpu(tiny_repo, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import peers
+    from benchmarks import peers
 
     out = tmp_path / "peers"
     # a generous SLO: on 2 shared cores a 3 s step's p99 varies; this checks that the figures exist

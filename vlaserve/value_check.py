@@ -31,9 +31,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlaserve.errors import VlaserveError
 from vlaserve.interface import GOLDEN_FILE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 VALUE_CHECK_MODES = ("refuse", "warn", "off")
 GOLDEN_ITEMS = 2  # distinct requests in a golden sample; larger batches repeat them
@@ -215,6 +219,18 @@ def load_golden(version_dir: Path) -> dict:
     if not path.is_file():
         raise VlaserveError("golden sample", str(path), f"a {GOLDEN_FILE} written by `make export` (re-export)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def golden_reference(repo: Path) -> tuple[dict, np.ndarray]:
+    """A batch-1 policy request made of the export's golden samples (item 0) and the actions the export
+    computed for it in-process (eager PyTorch on the export's device): a reference for served answers that
+    needs no in-process run where it is used."""
+    from vlaserve import interface as io
+
+    encoder, decoder = (load_golden(Path(repo) / name / "1") for name in (io.ENCODER, io.DECODER))
+    request = {k: encoder["inputs"][k][:1].numpy() for k in (io.IMAGES, io.TOKENS)}
+    request.update({k: decoder["inputs"][k][:1].float().numpy() for k in (io.STATE, io.NOISE)})
+    return request, decoder["outputs"][io.ACTIONS][:1].float().numpy()
 
 
 def golden_batch(golden: dict, batch: int) -> tuple[dict, dict]:

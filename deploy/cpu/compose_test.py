@@ -39,11 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import golden_reference  # noqa: E402
 from loadtest.hostile import CRASH_BODY  # noqa: E402
 from loadtest.reliability import rel_error  # noqa: E402
 from vlaserve.client import PolicyClient  # noqa: E402
+from vlaserve.repository import read_manifest  # noqa: E402
 from vlaserve.server import free_ports  # noqa: E402
+from vlaserve.value_check import golden_reference  # noqa: E402
 
 PROJECT = "vlaserve-cputest"
 FILES = ["deploy/docker-compose.yml", "deploy/docker-compose.cpu.yml"]
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
 
         def export():
             stack("run", "--rm", "export")
-            manifest = json.loads((stack.repo / "encoder" / "1" / "manifest.json").read_text())
+            manifest = read_manifest(stack.repo, "encoder")
             return f"tiny preset, torch {manifest.get('torch', '?')} in the image"
 
         step("export in the image", export)
