@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vlaserve import repository  # noqa: E402
 from vlaserve.client import PolicyClient, make_request  # noqa: E402
-from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
+from vlaserve.server import variant_server  # noqa: E402
 
 
 def shm_regions() -> set[str]:
@@ -49,16 +49,13 @@ def main() -> int:
     repo = Path(args.repository)
     settings = repository.read_manifest_settings(repo)
     spec = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
-    variant_repo = repository.write_repository(spec, Path("/tmp/guard_check_repo"), settings, artifacts_from=repo)
     manifest = repository.read_manifest(repo, "encoder")
     request = make_request(1, settings.views, seed=0, with_noise=True, vocab_size=manifest["vocab_size"])
     rows = []
     for guard in (True, False):
         before = shm_regions()
-        options = ServerOptions(model_repository=variant_repo, http_port=0, grpc_port=0, metrics_port=0,
-                                workdir=Path("/tmp/guard_check"), cuda_memory_pool_mb=2048, ready_timeout=600,
-                                http_guard=guard)  # fmt: skip
-        server = TritonServer(options)
+        server = variant_server(spec, repo, Path("/tmp/guard_check_repo"), Path("/tmp/guard_check"),
+                                cuda_memory_pool_mb=2048, ready_timeout=600, http_guard=guard)  # fmt: skip
         started = time.perf_counter()
         server.start()
         row = {"guard": guard, "ready_s": round(time.perf_counter() - started, 1)}

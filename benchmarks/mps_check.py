@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vlaserve import repository
 from vlaserve.client import PolicyClient, make_request
-from vlaserve.server import ServerOptions, TritonServer
+from vlaserve.server import variant_server
 
 
 def processes(name_prefix: str) -> list[str]:
@@ -40,11 +40,8 @@ def main() -> None:
         {"name": f"encoder_mps{p}", "count": 1, "kind": "gpu", "gpus": [0], "mps_thread_percentage": p}
         for p in percentages
     ]
-    repo = repository.write_repository(spec, Path("/tmp/mps_check_repo"), repository.read_manifest_settings(src), src)
-    options = ServerOptions(model_repository=repo, http_port=0, grpc_port=0, metrics_port=0,
-                            workdir=Path("/tmp/mps_check"), mps=True)  # fmt: skip
     result = {"percentages": percentages}
-    with TritonServer(options) as server:
+    with variant_server(spec, src, Path("/tmp/mps_check_repo"), Path("/tmp/mps_check")) as server:
         result["total_sms"] = server.sidecar.total_sms
         client = PolicyClient(server.grpc_url)
         request = make_request(2, client.views(), seed=0, with_noise=True)

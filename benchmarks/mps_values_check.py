@@ -23,7 +23,7 @@ import numpy as np
 from vlaserve import repository  # noqa: E402
 from vlaserve.client import PolicyClient  # noqa: E402
 from vlaserve.model.parity import REL_TOLERANCE as GOLDEN_TOLERANCE  # noqa: E402
-from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
+from vlaserve.server import variant_server  # noqa: E402
 from vlaserve.status import format_table, read_status  # noqa: E402
 from vlaserve.value_check import golden_reference  # noqa: E402
 
@@ -35,14 +35,10 @@ def check_split(args, encoder_pct: int, decoder_pct: int) -> dict:
         for group in spec["models"][name]["instance_groups"]:
             group["mps_thread_percentage"] = pct
     label = f"{encoder_pct}:{decoder_pct}"
-    variant_repo = repository.write_repository(
-        spec, workdir / f"repo_{encoder_pct}_{decoder_pct}", repository.read_manifest_settings(repo), repo
-    )
-    options = ServerOptions(model_repository=variant_repo, http_port=0, grpc_port=0, metrics_port=0,
-                            workdir=workdir, mps=True, cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip
+    server = variant_server(spec, repo, workdir / f"repo_{encoder_pct}_{decoder_pct}", workdir,
+                            cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip
     row = {"split": label}
     started = time.perf_counter()
-    server = TritonServer(options)
     try:
         server.start()
     except RuntimeError as exc:

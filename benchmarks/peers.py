@@ -214,24 +214,17 @@ def variant_spec(variant: str, device: str) -> tuple[dict, str]:
 
 def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray, request: dict | None = None) -> dict:
     from vlaserve.client import PolicyClient, make_request
-    from vlaserve.server import ServerOptions, TritonServer
+    from vlaserve.server import variant_server
 
     out = Path(args.out)
     spec, note = variant_spec(variant, args.device)
-    settings = repository.read_manifest_settings(Path(args.repository))
-    variant_repo = repository.write_repository(
-        spec, out / "repos" / variant, settings, artifacts_from=Path(args.repository)
-    )
-    groups = [g for name in repository.RUNNER_MODELS for g in spec["models"][name]["instance_groups"]]
-    mps = any("mps_thread_percentage" in g for g in groups)
-    options = ServerOptions(
-        model_repository=variant_repo, http_port=0, grpc_port=0, metrics_port=0, workdir=out / "servers" / variant,
-        mps=mps, cuda_memory_pool_mb=args.cuda_memory_pool_mb if args.device == "cuda" else 0, ready_timeout=600,
-    )  # fmt: skip
-    log(f"{peer}: starting tritonserver over variant {variant}{' under MPS' if mps else ''} ...")
+    server = variant_server(spec, Path(args.repository), out / "repos" / variant, out / "servers" / variant,
+                            cuda_memory_pool_mb=args.cuda_memory_pool_mb if args.device == "cuda" else 0,
+                            ready_timeout=600)  # fmt: skip
+    log(f"{peer}: starting tritonserver over variant {variant}{' under MPS' if server.options.mps else ''} ...")
     started = time.perf_counter()
     result = {"variant": variant, "note": note}
-    with TritonServer(options) as server:
+    with server:
         result["ready_s"] = round(time.perf_counter() - started, 1)
         log(f"{peer}: ready in {result['ready_s']} s")
         if request is None:

@@ -142,27 +142,21 @@ def sweep(args, out_dir: Path, label: str = "") -> list[dict]:
 def compare(args, out_dir: Path) -> dict[str, list[dict]]:
     """The sweep over each variant of the spec, each served by its own tritonserver."""
     from vlaserve import repository
-    from vlaserve.server import ServerOptions, TritonServer
+    from vlaserve.server import variant_server
 
     repo = Path(args.repository)
-    settings = repository.read_manifest_settings(repo)
-    if settings is None:
+    if repository.read_manifest_settings(repo) is None:
         raise LoadtestError(f"{repo} has no exported artifacts: run `make export` first")
     results = {}
     for variant in args.compare:
         spec = repository.load_spec(repo / repository.SPEC_FILE, variant)
-        variant_repo = repository.write_repository(spec, out_dir / "repos" / variant, settings, artifacts_from=repo)
-        groups = [g for name in repository.RUNNER_MODELS for g in spec["models"][name]["instance_groups"]]
-        mps = any("mps_thread_percentage" in g for g in groups)  # percentages need the MPS daemon
+        server = variant_server(spec, repo, out_dir / "repos" / variant, out_dir / "servers" / variant,
+                                cuda_memory_pool_mb=args.cuda_memory_pool_mb)  # fmt: skip
+        under = " under MPS" if server.options.mps else ""
         print(
-            f"[loadtest] {variant}: starting tritonserver{' under MPS' if mps else ''} over {variant_repo} ...",
-            flush=True,
+            f"[loadtest] {variant}: starting tritonserver{under} over {server.options.model_repository} ...", flush=True
         )
-        options = ServerOptions(
-            model_repository=variant_repo, host=io.DEFAULT_HOST, http_port=0, grpc_port=0, metrics_port=0,
-            workdir=out_dir / "servers" / variant, mps=mps, cuda_memory_pool_mb=args.cuda_memory_pool_mb,
-        )  # fmt: skip
-        with TritonServer(options) as server:
+        with server:
             args.host = server.http_url if args.protocol == "http" else server.grpc_url
             args.metrics_url = server.metrics_url
             results[variant] = sweep(args, out_dir, variant)

@@ -383,6 +383,12 @@ def render(config: model_config_pb2.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
+def uses_mps(spec: dict) -> bool:
+    """Whether any instance group of ``spec`` sets an MPS percentage (its server then needs the MPS daemon)."""
+    groups = [g for name in RUNNER_MODELS for g in spec["models"][name]["instance_groups"]]
+    return any("mps_thread_percentage" in g for g in groups)
+
+
 def write_repository(spec: dict, out: Path, settings: ModelSettings | None = None, artifacts_from: Path | None = None):
     """Write configs (and the runner entry points) into ``out``; link artifacts from another repository."""
     for name, config in build_configs(spec, settings).items():

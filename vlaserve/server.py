@@ -614,6 +614,21 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(**values)
 
 
+def variant_server(spec: dict, artifacts_from: Path, repo_dir: Path, workdir: Path, **options) -> TritonServer:
+    """A server (not started) over ``spec`` with the artifacts exported in ``artifacts_from``: the spec's
+    repository is written to ``repo_dir``, the server works in ``workdir`` on free ports, under MPS when the
+    spec sets any percentage. ``options`` are further ServerOptions fields. The one way the sweep's compare,
+    the demo's benchmarks and the GPU benchmarks serve a variant."""
+    from vlaserve import repository
+
+    settings = repository.read_manifest_settings(Path(artifacts_from))
+    if settings is None:
+        raise VlaserveError("model repository", str(artifacts_from), "one with exported artifacts (make export)")
+    repo = repository.write_repository(spec, Path(repo_dir), settings, artifacts_from=Path(artifacts_from))
+    fields = {"http_port": 0, "grpc_port": 0, "metrics_port": 0, "mps": repository.uses_mps(spec), **options}
+    return TritonServer(ServerOptions(model_repository=repo, workdir=Path(workdir), **fields))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     options = server_options(args)
