@@ -50,7 +50,7 @@ infer: $(STAMP) ## send requests to a running server (ARGS="--requests 8 --concu
 	$(PY) -m vlaserve.client $(ARGS)
 
 demo: $(STAMP) ## the main job: export tiny, serve, requests, a short load test and a compare, tables
-	$(PY) -m loadtest.demo --repository $(REPO) $(ARGS)
+	$(PY) -m demo --repository $(REPO) $(ARGS)
 
 loadtest: $(STAMP) ## Locust sweep against a running server (ARGS="--users 1,4,16 --duration 30")
 	$(PY) -m loadtest.sweep --host $(HOST):8000 --metrics-url http://$(HOST):8002/metrics $(ARGS)

@@ -112,6 +112,8 @@ def export_model(name, module, make_inputs, input_names, output_names, formats, 
     out_dir.mkdir(parents=True)
     files, parity, timings = {}, {}, {}
     example = make_inputs(2, seed=0)
+    if tuple(example) != tuple(input_names):  # the pipeline step declares the order the artifact takes them in
+        raise VlaserveError(f"{name} example inputs", list(example), f"the step's inputs in order, {list(input_names)}")
     for fmt in formats:
         log(f"{name}: exporting {fmt} ...")
         start = time.perf_counter()
@@ -176,15 +178,9 @@ def run(args: argparse.Namespace) -> Path:
             prefix_kv, prefix_mask = policy.encode(r["images"], r["tokens"])
         return {io.PREFIX_KV: prefix_kv, io.PREFIX_MASK: prefix_mask, io.STATE: r["state"], io.NOISE: r["noise"]}
 
-    models = {
-        io.ENCODER: (Encoder(policy), encoder_inputs, (io.IMAGES, io.TOKENS), (io.PREFIX_KV, io.PREFIX_MASK)),
-        io.DECODER: (
-            Decoder(policy),
-            decoder_inputs,
-            (io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE),
-            (io.ACTIONS,),
-        ),
-    }
+    # each step of the pipeline: its module and example inputs (the step declares the tensors' names)
+    modules = {io.ENCODER: (Encoder(policy), encoder_inputs), io.DECODER: (Decoder(policy), decoder_inputs)}
+    models = {step.model: (*modules[step.model], step.inputs, step.outputs) for step in io.PIPELINE}
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo))
     try:
         for name, (module, make_inputs, input_names, output_names) in models.items():

@@ -102,3 +102,21 @@ def test_batches_are_padded_to_the_next_bucket():
     assert padded["state"].shape == (4, 2) and np.array_equal(padded["state"][3], [4, 5])
     assert runner._pad({"state": np.zeros((4, 2))}, 4)["state"].shape == (4, 2)
     assert runner._pad({"state": np.zeros((9, 2))}, 9)["state"].shape == (9, 2)  # beyond the buckets: as is
+
+
+def test_the_pipeline_declared_once_gives_the_configs_and_the_ensemble(monkeypatch):
+    from vlaserve import interface as io
+
+    configs = repository.build_configs(repository.load_spec(SPEC))
+    steps = configs[io.POLICY].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == [step.model for step in io.PIPELINE] == list(repository.RUNNER_MODELS)
+    for step, config in zip(io.PIPELINE, steps):
+        assert set(config.input_map) == {*step.inputs, *step.checks} and set(config.output_map) == set(step.outputs)
+        assert [i.name for i in configs[step.model].input] == [*step.inputs, *step.checks]
+    assert [i.name for i in configs[io.POLICY].input] == [io.IMAGES, io.TOKENS, io.STATE, io.NOISE]
+    assert [o.name for o in configs[io.POLICY].output] == [io.ACTIONS]
+    # a request input is one no earlier step gives: with a third step between, the same four
+    head = io.Step("head", inputs=("hidden",), outputs=(io.ACTIONS,))
+    middle = io.Step(io.DECODER, inputs=(io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE), outputs=("hidden",))
+    monkeypatch.setattr(io, "PIPELINE", (io.PIPELINE[0], middle, head))
+    assert io.request_inputs() == (io.IMAGES, io.TOKENS, io.STATE, io.NOISE)

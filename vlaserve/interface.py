@@ -6,6 +6,8 @@ the client, the load test) imports it from here.
 
 from __future__ import annotations
 
+import dataclasses
+
 # Request: what a robot sends.
 IMAGE_SIZE = 224  # camera frames arrive as uint8 [views, 224, 224, 3]
 IMAGE_CHANNELS = 3
@@ -29,6 +31,36 @@ ACTIONS = "actions"
 ENCODER = "encoder"
 DECODER = "decoder"
 POLICY = "policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One model of the pipeline: what it computes on, the request inputs it only checks, what it gives."""
+
+    model: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    checks: tuple[str, ...] = ()
+
+
+# The pipeline, declared once: the policy ensemble runs these steps in order, each a runner model. The
+# ensemble's config, the model configs, the export and the runner read it. The encoder also takes the
+# decoder's request inputs (state, noise), only to check them: a request the decoder would reject is then
+# rejected before any compute.
+PIPELINE = (
+    Step(ENCODER, inputs=(IMAGES, TOKENS), outputs=(PREFIX_KV, PREFIX_MASK), checks=(STATE, NOISE)),
+    Step(DECODER, inputs=(PREFIX_KV, PREFIX_MASK, STATE, NOISE), outputs=(ACTIONS,)),
+)
+
+
+def request_inputs() -> tuple[str, ...]:
+    """The policy's inputs: every step input that no earlier step gives, in pipeline order."""
+    given, names = set(), []
+    for step in PIPELINE:
+        names += [n for n in (*step.inputs, *step.checks) if n not in given and n not in names]
+        given.update(step.outputs)
+    return tuple(names)
+
 
 # Files of one model version (<repository>/<model>/1/): the artifacts export writes and the runtimes load,
 # the golden samples every instance checks itself against, and the manifest that describes them.

@@ -33,7 +33,7 @@ CONFIG_FILE = "config.pbtxt"
 MODEL_PY = '"""Triton Python-backend entry point: the shared runner serves this model (see vlaserve.runner)."""\n\nfrom vlaserve.runner import TritonPythonModel  # noqa: F401\n'
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 TYPE_OF_DTYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16"}
-RUNNER_MODELS = (io.ENCODER, io.DECODER)
+RUNNER_MODELS = tuple(step.model for step in io.PIPELINE)
 
 MODEL_KEYS = {
     "runtime",
@@ -161,14 +161,15 @@ def validate_spec(spec: dict) -> dict:
     if policy.get("max_in_flight") is not None:
         where = f"models.{io.POLICY}.max_in_flight"
         in_flight = _positive_int(policy["max_in_flight"], where, MAX_SLOTS)
-        if in_flight < models[io.ENCODER]["max_batch_size"]:  # the encoder admits a whole batch at once
-            raise VlaserveError(where, in_flight, "at least the encoder's max_batch_size")
-        decoder_queue = (models[io.DECODER].get("dynamic_batching") or {}).get("max_queue_size")
-        if decoder_queue is not None and decoder_queue < in_flight:  # else the decoder rejects admitted work
+        first, last = RUNNER_MODELS[0], RUNNER_MODELS[-1]
+        if in_flight < models[first]["max_batch_size"]:  # the first model admits a whole batch at once
+            raise VlaserveError(where, in_flight, f"at least the {first}'s max_batch_size")
+        last_queue = (models[last].get("dynamic_batching") or {}).get("max_queue_size")
+        if last_queue is not None and last_queue < in_flight:  # else the last model rejects admitted work
             raise VlaserveError(
-                f"models.{io.DECODER}.dynamic_batching.max_queue_size",
-                decoder_queue,
-                f"at least models.{io.POLICY}.max_in_flight ({in_flight}): the decoder must hold all admitted requests",
+                f"models.{last}.dynamic_batching.max_queue_size",
+                last_queue,
+                f"at least models.{io.POLICY}.max_in_flight ({in_flight}): the {last} must hold all admitted requests",
             )
     return spec
 
@@ -222,12 +223,10 @@ def tensor_dims(settings: ModelSettings) -> dict[str, tuple[list[int], str]]:
     }
 
 
+# {model: (config inputs, outputs)}, from the pipeline (vlaserve.interface.PIPELINE).
 MODEL_IO = {
-    # The encoder also takes the decoder's request inputs (state, noise), only to check them: a request
-    # the decoder would reject is rejected before any compute (see vlaserve.runner).
-    io.ENCODER: ((io.IMAGES, io.TOKENS, io.STATE, io.NOISE), (io.PREFIX_KV, io.PREFIX_MASK)),
-    io.DECODER: ((io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE), (io.ACTIONS,)),
-    io.POLICY: ((io.IMAGES, io.TOKENS, io.STATE, io.NOISE), (io.ACTIONS,)),
+    **{step.model: ((*step.inputs, *step.checks), step.outputs) for step in io.PIPELINE},
+    io.POLICY: (io.request_inputs(), io.PIPELINE[-1].outputs),
 }
 # Every input is declared optional: Triton's ensemble does not check for missing inputs (a request
 # without one would end in "unexpected deadlock"), so the runner checks them and names the missing
@@ -251,20 +250,22 @@ def _string_params(values: dict) -> dict:
 
 
 def admission_params(name: str, models: dict) -> dict:
-    """The RunnerParams fields of the pipeline's in-flight limit (vlaserve.admission), or none."""
+    """The RunnerParams fields of the pipeline's in-flight limit (vlaserve.admission), or none: the first
+    model of the pipeline takes a slot per request before it computes, the last gives it back."""
     limit = models[io.POLICY].get("max_in_flight")
-    if not limit:
+    first, last = RUNNER_MODELS[0], RUNNER_MODELS[-1]
+    if not limit or name not in (first, last):
         return {}
 
     def timeout_s(model: str, default: float) -> float:
         batching = models[model].get("dynamic_batching") or {}
         return batching.get("queue_timeout_microseconds", default * 1e6) / 1e6
 
-    params = {"admission_role": "acquire" if name == io.ENCODER else "release", "admission_limit": limit}
-    # a slot nobody gives back is lent again after the decoder's queue timeout and 10 s more
-    params["admission_ttl_s"] = timeout_s(io.DECODER, 20.0) + 10.0
-    if name == io.ENCODER:  # how long a batch waits for room before it is answered UNAVAILABLE
-        params["admission_wait_s"] = timeout_s(io.ENCODER, 5.0)
+    params = {"admission_role": "acquire" if name == first else "release", "admission_limit": limit}
+    # a slot nobody gives back is lent again after the last model's queue timeout and 10 s more
+    params["admission_ttl_s"] = timeout_s(last, 20.0) + 10.0
+    if name == first:  # how long a batch waits for room before it is answered UNAVAILABLE
+        params["admission_wait_s"] = timeout_s(first, 5.0)
     return params
 
 
@@ -339,10 +340,8 @@ def runner_config(name: str, m: dict, dims, admission: dict | None = None) -> di
 
 
 def policy_config(spec: dict, dims) -> dict:
-    """The ensemble: encoder -> decoder, answering with actions."""
+    """The ensemble: the pipeline's steps in order, answering with the last step's outputs."""
     inputs, outputs = MODEL_IO[io.POLICY]
-    enc_in, enc_out = MODEL_IO[io.ENCODER]
-    dec_in, dec_out = MODEL_IO[io.DECODER]
     return {
         "name": io.POLICY,
         "platform": "ensemble",
@@ -352,17 +351,12 @@ def policy_config(spec: dict, dims) -> dict:
         "ensemble_scheduling": {
             "step": [
                 {
-                    "model_name": io.ENCODER,
+                    "model_name": step.model,
                     "model_version": -1,
-                    "input_map": {n: n for n in enc_in},
-                    "output_map": {n: n for n in enc_out},
-                },
-                {
-                    "model_name": io.DECODER,
-                    "model_version": -1,
-                    "input_map": {n: n for n in dec_in},
-                    "output_map": {n: n for n in dec_out},
-                },
+                    "input_map": {n: n for n in MODEL_IO[step.model][0]},
+                    "output_map": {n: n for n in step.outputs},
+                }
+                for step in io.PIPELINE
             ]
         },
     }

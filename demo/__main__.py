@@ -40,7 +40,7 @@ def send_requests(server: TritonServer) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     parser.add_argument("--repository", default="model_repository")
     parser.add_argument("--duration", type=int, default=6, help="seconds per load step (default: 6)")
     parser.add_argument("--out", help="report folder (default: reports/demo-<timestamp>)")
