@@ -12,6 +12,8 @@ REPO ?= model_repository
 HOST ?= 127.0.0.1
 MPS ?=
 ARGS ?=
+# the compose stack's own model repository, filled by its export with the image's torch (make up)
+COMPOSE_REPO ?= $(CURDIR)/.vlaserve/compose-repository
 
 .DEFAULT_GOAL := help
 .PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
@@ -74,10 +76,11 @@ mps-status: $(STAMP) ## every running instance: process, device, MPS percentage,
 mps-check: $(STAMP) ## on a GPU: which MPS thread percentages give right answers here (ARGS="--percentages 25,50")
 	$(PY) -m vlaserve.mps_check --repository $(REPO) $(ARGS)
 
-up: ## docker compose up, the GPU form (MPS sidecar + Triton): builds, exports inside the image if $(REPO) has no export, serves
-	VLASERVE_REPOSITORY=$(abspath $(REPO)) docker compose build
-	test -f $(REPO)/encoder/1/manifest.json || VLASERVE_REPOSITORY=$(abspath $(REPO)) docker compose run --rm export
-	VLASERVE_REPOSITORY=$(abspath $(REPO)) docker compose up
+up: ## docker compose up, the GPU form (MPS sidecar + Triton): builds, exports pi0 inside the image unless done, serves
+	mkdir -p $(COMPOSE_REPO)
+	VLASERVE_REPOSITORY=$(COMPOSE_REPO) docker compose build
+	test -f $(COMPOSE_REPO)/encoder/1/manifest.json || VLASERVE_REPOSITORY=$(COMPOSE_REPO) docker compose run --rm export
+	VLASERVE_REPOSITORY=$(COMPOSE_REPO) docker compose up
 
 down: ## docker compose down
 	docker compose down

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from profile_runtime import kernel_times, replay_ms  # noqa: E402  (this folder: the script's own)
 
-from vlaserve.model.parity import compare, random_request  # noqa: E402
-from vlaserve.model.policy import Decoder, Encoder, attention_math, attention_override, build_policy  # noqa: E402
-from vlaserve.model.presets import get_preset  # noqa: E402
-from vlaserve.runtimes import CudaGraphs, sdpa_choices  # noqa: E402
+from vlaserve.model.parity import compare, random_request
+from vlaserve.model.policy import Decoder, Encoder, attention_math, attention_override, build_policy
+from vlaserve.model.presets import get_preset
+from vlaserve.runtimes import CudaGraphs, sdpa_choices
 
 
 def log(msg: str) -> None:

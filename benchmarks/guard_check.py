@@ -20,9 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vlaserve import repository  # noqa: E402
-from vlaserve.client import PolicyClient, make_request  # noqa: E402
-from vlaserve.server import variant_server  # noqa: E402
+from vlaserve import repository
+from vlaserve.client import PolicyClient, make_request
+from vlaserve.server import variant_server
 
 
 def shm_regions() -> set[str]:

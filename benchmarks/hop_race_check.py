@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from loadtest.reliability import Load, Reference, rel_error  # noqa: E402
-from vlaserve.client import PolicyClient, make_request  # noqa: E402
-from vlaserve.model.parity import REL_TOLERANCE  # noqa: E402
-from vlaserve.repository import read_manifest  # noqa: E402
-from vlaserve.server import ServerOptions, TritonServer  # noqa: E402
-from vlaserve.value_check import golden_reference  # noqa: E402
+from loadtest.reliability import Load, Reference, rel_error
+from vlaserve.client import PolicyClient, make_request
+from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.repository import read_manifest
+from vlaserve.server import ServerOptions, TritonServer
+from vlaserve.value_check import golden_reference
 
 CONFIGS = {
     "host hand-off (the default)": {},

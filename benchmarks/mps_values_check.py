@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vlaserve import repository  # noqa: E402
-from vlaserve.client import PolicyClient  # noqa: E402
-from vlaserve.model.parity import REL_TOLERANCE as GOLDEN_TOLERANCE  # noqa: E402
-from vlaserve.server import variant_server  # noqa: E402
-from vlaserve.status import format_table, read_status  # noqa: E402
-from vlaserve.value_check import golden_reference  # noqa: E402
+from vlaserve import repository
+from vlaserve.client import PolicyClient
+from vlaserve.model.parity import REL_TOLERANCE as GOLDEN_TOLERANCE
+from vlaserve.server import variant_server
+from vlaserve.status import format_table, read_status
+from vlaserve.value_check import golden_reference
 
 
 def check_split(args, encoder_pct: int, decoder_pct: int) -> dict:

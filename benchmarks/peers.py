@@ -37,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest import metrics as loadmetrics  # noqa: E402
-from loadtest import report  # noqa: E402
-from loadtest import sweep as loadsweep  # noqa: E402
-from vlaserve import interface as io  # noqa: E402
-from vlaserve import repository  # noqa: E402
-from vlaserve.model.parity import REL_TOLERANCE  # noqa: E402
-from vlaserve.value_check import golden_reference  # noqa: E402
+from loadtest import metrics as loadmetrics
+from loadtest import report
+from loadtest import sweep as loadsweep
+from vlaserve import interface as io
+from vlaserve import repository
+from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.value_check import golden_reference
 
 TRITON_CONFIGS = {
     "triton_naive": "gpu_naive", "triton_tuned": "gpu", "triton_tuned_mps": "gpu_mps",

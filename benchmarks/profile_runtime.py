@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from vlaserve import repository  # noqa: E402
-from vlaserve.runtimes import load_runtime, static_input  # noqa: E402
+from vlaserve import repository
+from vlaserve.runtimes import load_runtime, static_input
 
 
 def replay_ms(run, repeats: int = 20) -> float:

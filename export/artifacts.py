@@ -126,6 +126,7 @@ class Exporter:
     write: Callable  # (module, example inputs as a tuple, input names, output names, folder) -> files written
     run: Callable  # (folder, inputs by name as torch tensors) -> outputs in order
     dtypes: tuple[str, ...]  # the export dtypes this format can hold
+    files: tuple[str, ...]  # every file it may write (a new export removes them first)
 
 
 def _write_torchscript(module, example, input_names, output_names, out_dir: Path) -> list[str]:
@@ -143,8 +144,9 @@ def _run_torchscript_parity(out_dir: Path, inputs: dict) -> tuple:
 # Every artifact format export can write, in the order it writes them. A runtime (vlaserve.runtimes.RUNTIMES)
 # executes one of these formats; docs/DESIGN.md says how to add either.
 EXPORTERS = {
-    "onnx": Exporter(export_onnx, _run_onnx_parity, ("fp32", "fp16")),  # ONNX Runtime has no bf16 kernels
-    "torchscript": Exporter(_write_torchscript, _run_torchscript_parity, ("fp32", "fp16", "bf16")),
+    # ONNX Runtime has no bf16 kernels for most operators: bf16 ships as TorchScript only
+    "onnx": Exporter(export_onnx, _run_onnx_parity, ("fp32", "fp16"), (ONNX_FILE, ONNX_DATA_FILE)),
+    "torchscript": Exporter(_write_torchscript, _run_torchscript_parity, ("fp32", "fp16", "bf16"), (TORCHSCRIPT_FILE,)),
 }
 
 
@@ -153,6 +155,11 @@ def exporter(fmt: str) -> Exporter:
     if fmt not in EXPORTERS:
         raise VlaserveError("artifact format", fmt, f"one of {list(EXPORTERS)} (export.artifacts.EXPORTERS)")
     return EXPORTERS[fmt]
+
+
+def all_files() -> tuple[str, ...]:
+    """Every file any exporter may write."""
+    return tuple(f for e in EXPORTERS.values() for f in e.files)
 
 
 def formats_for(dtype: str) -> tuple[str, ...]:

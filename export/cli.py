@@ -27,9 +27,6 @@ from vlaserve.model.policy import Decoder, Encoder, build_policy
 from vlaserve.model.presets import PRESETS, get_preset
 
 TORCH_DTYPES = {name: getattr(torch, dtype) for name, dtype in value_check.TORCH_DTYPE.items()}
-ARTIFACT_FILES = (
-    io.ONNX_FILE, io.ONNX_DATA_FILE, io.TORCHSCRIPT_FILE, io.GOLDEN_FILE, io.MANIFEST_FILE,
-)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -222,7 +219,7 @@ def run(args: argparse.Namespace) -> Path:
         for name in models:
             version_dir = repo / name / "1"
             version_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ARTIFACT_FILES:
+            for stale in (*artifacts.all_files(), io.GOLDEN_FILE, io.MANIFEST_FILE):
                 (version_dir / stale).unlink(missing_ok=True)
             for f in (staging / name).iterdir():
                 f.replace(version_dir / f.name)

@@ -33,16 +33,20 @@ def test_types_and_groups_round_trip():
     back = RunnerParams.from_config(config)
     assert back.batch_buckets == (1, 2, 4) and back.limits("encoder_gpu").mps_thread_percentage == 50
     assert back.admission_wait_s == 5.0 and back.compile is True and back.cuda_graphs is False
+    assert back == RunnerParams(**{**params.__dict__, "batch_buckets": (1, 2, 4)})  # buckets come back sorted
+    odd = RunnerParams(admission_role="release", admission_limit=8, admission_ttl_s=11.234567)
+    assert RunnerParams.from_config(odd.to_config()) == odd  # every digit of a float survives
 
 
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"runtim": "onnxruntime"}, "parameters: runtim"),  # a misspelt key is named, not ignored
+        ({"runtim": "onnxruntime"}, r"parameters: runtim: got 'onnxruntime', expected one of .* \(an unknown key\)"),
         ({"cpu_threads": "two"}, "parameters: cpu_threads"),
         ({"compile": "yes"}, "parameters: compile"),
         ({"mps_thread_percentage.encoder_gpu": "half"}, "mps_thread_percentage.encoder_gpu"),
         ({"admission_role": "borrow"}, "admission_role"),
+        ({"admission_role": "acquire", "admission_ttl_s": "30"}, "admission_limit: got None"),
     ],
 )
 def test_a_parameter_that_does_not_fit_is_named(config, message):

@@ -56,7 +56,7 @@ def spec_with(tmp_path: Path, runtime: str) -> Path:
 
 
 def test_a_toy_runtime_added_through_the_registries_is_exported_checked_configured_and_served(tmp_path, monkeypatch):
-    monkeypatch.setitem(artifacts.EXPORTERS, "toy", artifacts.Exporter(write_toy, run_toy, ("fp32",)))
+    monkeypatch.setitem(artifacts.EXPORTERS, "toy", artifacts.Exporter(write_toy, run_toy, ("fp32",), (TOY_FILE,)))
     monkeypatch.setitem(runtimes.RUNTIMES, "toy", ToyRuntime)
     repo = spec_with(tmp_path, "toy")
     assert export_main(["--repository", str(repo)]) == 0

