@@ -617,8 +617,8 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
 def variant_server(spec: dict, artifacts_from: Path, repo_dir: Path, workdir: Path, **options) -> TritonServer:
     """A server (not started) over ``spec`` with the artifacts exported in ``artifacts_from``: the spec's
     repository is written to ``repo_dir``, the server works in ``workdir`` on free ports, under MPS when the
-    spec sets any percentage. ``options`` are further ServerOptions fields. The one way the sweep's compare,
-    the demo's benchmarks and the GPU benchmarks serve a variant."""
+    spec sets any percentage. ``options`` are further ServerOptions fields. The one way the sweep's compare
+    (and so make demo's) and the GPU benchmarks serve a variant."""
     from vlaserve import repository
 
     settings = repository.read_manifest_settings(Path(artifacts_from))
