@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vlaserve import repository
 from vlaserve.client import PolicyClient, make_request
+from vlaserve.manifest import read_manifest, read_manifest_settings
 from vlaserve.server import variant_server
 
 
@@ -47,10 +48,10 @@ def main() -> int:
     parser.add_argument("--out", default="/tmp/guard.json")
     args = parser.parse_args()
     repo = Path(args.repository)
-    settings = repository.read_manifest_settings(repo)
+    settings = read_manifest_settings(repo)
     spec = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
-    manifest = repository.read_manifest(repo, "encoder")
-    request = make_request(1, settings.views, seed=0, with_noise=True, vocab_size=manifest["vocab_size"])
+    manifest = read_manifest(repo, "encoder")
+    request = make_request(1, settings.views, seed=0, with_noise=True, vocab_size=manifest.vocab_size)
     rows = []
     for guard in (True, False):
         before = shm_regions()

@@ -24,8 +24,8 @@ import numpy as np
 
 from loadtest.reliability import Load, Reference, rel_error
 from vlaserve.client import PolicyClient, make_request
+from vlaserve.manifest import read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
-from vlaserve.repository import read_manifest
 from vlaserve.server import ServerOptions, TritonServer
 from vlaserve.value_check import golden_reference
 
@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--out", default="hop.json")
     args = parser.parse_args()
     rows, first = [], None
-    tolerance = REL_TOLERANCE[read_manifest(Path(args.repository), "encoder")["dtype"]]  # the export's parity
+    tolerance = REL_TOLERANCE[read_manifest(Path(args.repository), "encoder").dtype]  # the export's parity
     for name in args.configs.split(","):
         for k in ("VLASERVE_DEVICE_HANDOFF",):
             os.environ.pop(k, None)

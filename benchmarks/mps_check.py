@@ -35,11 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     src = Path(args.repository)
     percentages = [int(p) for p in args.percentages.split(",")]
-    spec = repository.load_spec(src / "spec.yaml", "gpu")
-    spec["models"]["encoder"]["instance_groups"] = [
+    groups = [
         {"name": f"encoder_mps{p}", "count": 1, "kind": "gpu", "gpus": [0], "mps_thread_percentage": p}
         for p in percentages
     ]
+    spec = repository.load_spec(src / "spec.yaml", "gpu").with_model("encoder", instance_groups=groups)
     result = {"percentages": percentages}
     with variant_server(spec, src, Path("/tmp/mps_check_repo"), Path("/tmp/mps_check")) as server:
         result["total_sms"] = server.sidecar.total_sms

@@ -13,6 +13,7 @@ are compared with the actions the export computed for it. Prints a table last an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,8 +33,8 @@ def check_split(args, encoder_pct: int, decoder_pct: int) -> dict:
     repo, workdir = Path(args.repository), Path(args.workdir)
     spec = repository.load_spec(Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml", args.variant)
     for name, pct in zip(repository.RUNNER_MODELS, (encoder_pct, decoder_pct)):
-        for group in spec["models"][name]["instance_groups"]:
-            group["mps_thread_percentage"] = pct
+        groups = [{**dataclasses.asdict(g), "mps_thread_percentage": pct} for g in spec.runners[name].instance_groups]
+        spec = spec.with_model(name, instance_groups=groups)
     label = f"{encoder_pct}:{decoder_pct}"
     server = variant_server(spec, repo, workdir / f"repo_{encoder_pct}_{decoder_pct}", workdir,
                             cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip

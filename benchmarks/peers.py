@@ -42,7 +42,9 @@ from loadtest import report
 from loadtest import sweep as loadsweep
 from vlaserve import interface as io
 from vlaserve import repository
+from vlaserve.manifest import ModelSettings, read_manifest, read_manifest_settings
 from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.spec import Spec
 from vlaserve.value_check import golden_reference
 
 TRITON_CONFIGS = {
@@ -89,7 +91,7 @@ def inprocess(args) -> dict:
     from vlaserve.model.presets import get_preset
 
     repo = Path(args.repository)
-    manifests = {m: repository.read_manifest(repo, m) for m in repository.RUNNER_MODELS}
+    manifests = {m: read_manifest(repo, m) for m in repository.RUNNER_MODELS}
     cfg = get_preset(args.preset, args.views)
     device = "cuda:0" if args.device == "cuda" else "cpu"
     request = make_request(1, args.views, seed=0, with_noise=True, vocab_size=cfg.vocab_size)
@@ -98,7 +100,7 @@ def inprocess(args) -> dict:
     results, actions = {}, {}
 
     log(f"eager: building the {cfg.name} policy on {device} ...")
-    policy = build_policy(cfg, seed=manifests[io.ENCODER]["seed"], dtype=TORCH_DTYPES[args.dtype], device=device)
+    policy = build_policy(cfg, seed=manifests[io.ENCODER].seed, dtype=TORCH_DTYPES[args.dtype], device=device)
 
     def eager(batch_inputs=host):
         with torch.inference_mode():
@@ -136,13 +138,13 @@ def served_inprocess(args, peer: str, manifests: dict, buckets: list, host: dict
     repo = Path(args.repository)
     runtimes, notes = {}, []
     for name in repository.RUNNER_MODELS:
-        outputs = list(manifests[name]["outputs"])
+        outputs = list(manifests[name].outputs)
         runtimes[name] = load_runtime("torchscript", repo / name / "1", outputs, device)
         started = time.perf_counter()
         if peer == "compiled":
             why_not = runtimes[name].compile(manifests[name], batch=buckets[0])
             notes.append(why_not or f"{name}: compiled in {time.perf_counter() - started:.1f} s")
-        why_not = runtimes[name].capture_graphs(buckets, manifests[name]["inputs"])
+        why_not = runtimes[name].capture_graphs(buckets, manifests[name].inputs)
         graphs = runtimes[name].graphs
         chosen = ", ".join(f"{b}: {graphs.chosen[b]}" for b in buckets) if graphs else ""
         notes.append(
@@ -196,7 +198,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- Triton peers --------------------------------------------------------------------------------
-def variant_spec(variant: str, device: str) -> tuple[dict, str]:
+def variant_spec(variant: str, device: str) -> tuple[Spec, str]:
     """The spec of ``variant``; on a CPU run its GPU instance groups become CPU ones (MPS dropped, noted)."""
     spec = repository.load_spec(
         Path(__file__).resolve().parents[1] / "model_repository" / repository.SPEC_FILE, variant
@@ -204,11 +206,11 @@ def variant_spec(variant: str, device: str) -> tuple[dict, str]:
     note = ""
     if device == "cpu":
         for name in repository.RUNNER_MODELS:
-            for group in spec["models"][name]["instance_groups"]:
-                group["kind"] = "cpu"
-                group.pop("gpus", None)
-                if group.pop("mps_thread_percentage", None) is not None:
-                    note = "no GPU: MPS percentages dropped (the same config without MPS)"
+            groups = spec.runners[name].instance_groups
+            if any(g.mps_thread_percentage is not None for g in groups):
+                note = "no GPU: MPS percentages dropped (the same config without MPS)"
+            on_cpu = [{"name": g.name, "count": g.count, "kind": "cpu"} for g in groups]
+            spec = spec.with_model(name, instance_groups=on_cpu)
     return spec, note
 
 
@@ -275,8 +277,8 @@ def serve_and_measure(args, peer: str, variant: str, reference: np.ndarray, requ
 
 
 def settings_vocab(args) -> int:
-    manifest = repository.read_manifest(Path(args.repository), io.ENCODER)
-    return manifest["vocab_size"]
+    manifest = read_manifest(Path(args.repository), io.ENCODER)
+    return manifest.vocab_size
 
 
 def gpu_name() -> str:
@@ -294,8 +296,8 @@ def gpu_name() -> str:
 def ensure_export(args) -> float | None:
     """Export into --repository unless it already holds this preset/views/dtype; returns the seconds taken."""
     repo = Path(args.repository)
-    settings = repository.read_manifest_settings(repo) if repo.is_dir() else None
-    if settings == repository.ModelSettings(args.preset, args.views, args.dtype):
+    settings = read_manifest_settings(repo) if repo.is_dir() else None
+    if settings == ModelSettings(args.preset, args.views, args.dtype):
         log(f"using the export in {repo}")
         return None
     repo.mkdir(parents=True, exist_ok=True)

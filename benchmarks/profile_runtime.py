@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vlaserve import repository
+from vlaserve.manifest import read_manifest
 from vlaserve.runtimes import load_runtime, static_input
 
 
@@ -54,14 +55,14 @@ def main() -> None:
     repo, buckets = Path(args.repository), [int(b) for b in args.buckets.split(",")]
     rows = []
     for name in repository.RUNNER_MODELS:
-        manifest = repository.read_manifest(repo, name)
-        runtime = load_runtime("torchscript", repo / name / "1", list(manifest["outputs"]), "cuda:0")
+        manifest = read_manifest(repo, name)
+        runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
         if args.compile:
             print(f"{name}: compile: {runtime.compile(manifest, batch=buckets[0]) or 'ok'}", flush=True)
-        runtime.capture_graphs(buckets, manifest["inputs"])
+        runtime.capture_graphs(buckets, manifest.inputs)
         for batch in buckets:
             graph = runtime.graphs.graphs[batch][0]
-            inputs = [static_input(torch, spec, batch, "cuda:0") for spec in manifest["inputs"].values()]
+            inputs = [static_input(torch, spec, batch, "cuda:0") for spec in manifest.inputs.values()]
             with torch.inference_mode():
                 eager_ms = replay_ms(lambda i=inputs, r=runtime: r._call(*i), 5)
             ms = replay_ms(graph.replay)

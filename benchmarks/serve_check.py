@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from benchmarks.peers import latencies
-from vlaserve import repository
 from vlaserve.client import PolicyClient, make_request
+from vlaserve.manifest import read_manifest
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
 from vlaserve.server import ServerOptions, TritonServer
@@ -55,10 +55,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     repo = Path(args.repository)
-    manifest = repository.read_manifest(repo, "encoder")
-    cfg = get_preset(manifest["preset"], manifest["views"])
-    policy = build_policy(cfg, manifest["seed"], DTYPES[manifest["dtype"]], device="cuda")
-    result = {"preset": cfg.name, "views": cfg.views, "dtype": manifest["dtype"], "gpu": torch.cuda.get_device_name()}
+    manifest = read_manifest(repo, "encoder")
+    cfg = get_preset(manifest.preset, manifest.views)
+    policy = build_policy(cfg, manifest.seed, DTYPES[manifest.dtype], device="cuda")
+    result = {"preset": cfg.name, "views": cfg.views, "dtype": manifest.dtype, "gpu": torch.cuda.get_device_name()}
 
     def local(request):
         t = {k: torch.from_numpy(v).cuda() for k, v in request.items()}

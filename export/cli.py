@@ -7,7 +7,6 @@ happens in a staging folder inside the repository and is moved into place at the
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -22,8 +21,9 @@ from export.checkpoint import load_checkpoint
 from vlaserve import interface as io
 from vlaserve import value_check
 from vlaserve.errors import VlaserveError
+from vlaserve.manifest import Manifest, ModelSettings, TensorSpec
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
-from vlaserve.model.policy import Decoder, Encoder, build_policy
+from vlaserve.model.policy import STAGES, build_policy
 from vlaserve.model.presets import PRESETS, get_preset
 
 TORCH_DTYPES = {name: getattr(torch, dtype) for name, dtype in value_check.TORCH_DTYPE.items()}
@@ -141,7 +141,7 @@ def export_model(name, module, make_inputs, input_names, output_names, formats, 
 
 def tensor_spec(tensors: dict[str, torch.Tensor]) -> dict:
     """{name: {dtype, shape with -1 batch}} for a manifest."""
-    return {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": [-1, *v.shape[1:]]} for k, v in tensors.items()}
+    return {k: TensorSpec(str(v.dtype).removeprefix("torch."), (-1, *v.shape[1:])) for k, v in tensors.items()}
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -162,40 +162,36 @@ def run(args: argparse.Namespace) -> Path:
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"{n_params / 1e6:.1f} M parameters")
 
-    def request(batch, seed):
-        return {k: v.to(device) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed).items()}
+    def example_inputs(step):
+        def make(batch, seed):
+            request = {k: v.to(device) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed).items()}
+            return dict(zip(step.inputs, STAGES[step.model].example_inputs(policy, request)))
 
-    def encoder_inputs(batch, seed):
-        r = request(batch, seed)
-        return {io.IMAGES: r["images"], io.TOKENS: r["tokens"]}
+        return make
 
-    def decoder_inputs(batch, seed):
-        r = request(batch, seed)
-        with torch.no_grad():
-            prefix_kv, prefix_mask = policy.encode(r["images"], r["tokens"])
-        return {io.PREFIX_KV: prefix_kv, io.PREFIX_MASK: prefix_mask, io.STATE: r["state"], io.NOISE: r["noise"]}
-
-    # each step of the pipeline: its module and example inputs (the step declares the tensors' names)
-    modules = {io.ENCODER: (Encoder(policy), encoder_inputs), io.DECODER: (Decoder(policy), decoder_inputs)}
-    models = {step.model: (*modules[step.model], step.inputs, step.outputs) for step in io.PIPELINE}
+    # each step of the pipeline: its module (vlaserve.model.policy.STAGES), example inputs and tensor names
+    models = {
+        step.model: (STAGES[step.model](policy), example_inputs(step), step.inputs, step.outputs)
+        for step in io.PIPELINE
+    }
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo))
     try:
         for name, (module, make_inputs, input_names, output_names) in models.items():
             files, parity, timings, tensors = export_model(
                 name, module, make_inputs, input_names, output_names, formats, args.dtype, batches, staging / name
             )
-            manifest = {
-                "model": name,
-                "preset": cfg.name,
-                "views": cfg.views,
-                "dtype": args.dtype,
-                "seed": args.seed,
-                "init_device": device.type,  # random weights are drawn on this device's generator
-                "checkpoint": args.checkpoint,
-                "vocab_size": cfg.vocab_size,
-                "parameters": n_params,
+            manifest = Manifest(
+                model=name,
+                preset=cfg.name,
+                views=cfg.views,
+                dtype=args.dtype,
+                seed=args.seed,
+                init_device=device.type,
+                checkpoint=args.checkpoint,
+                vocab_size=cfg.vocab_size,
+                parameters=n_params,
                 **tensors,
-                "artifacts": {
+                artifacts={
                     fmt: {
                         f: {
                             "bytes": (staging / name / f).stat().st_size,
@@ -205,16 +201,16 @@ def run(args: argparse.Namespace) -> Path:
                     }
                     for fmt, fs in files.items()
                 },
-                "golden": {
+                golden={
                     "file": io.GOLDEN_FILE,
                     "items": value_check.GOLDEN_ITEMS,
                     "sha256": artifacts.sha256(staging / name / io.GOLDEN_FILE),
                 },
-                "parity": parity,
-                "export_seconds": timings,
-                "torch": torch.__version__,
-            }
-            (staging / name / io.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+                parity=parity,
+                export_seconds=timings,
+                torch=torch.__version__,
+            )
+            manifest.write(staging / name / io.MANIFEST_FILE)
         # Everything passed: move the artifacts into place, then write the configs that describe them.
         for name in models:
             version_dir = repo / name / "1"
@@ -223,7 +219,7 @@ def run(args: argparse.Namespace) -> Path:
                 (version_dir / stale).unlink(missing_ok=True)
             for f in (staging / name).iterdir():
                 f.replace(version_dir / f.name)
-        repository.write_repository(spec, repo, repository.ModelSettings(cfg.name, cfg.views, args.dtype))
+        repository.write_repository(spec, repo, ModelSettings(cfg.name, cfg.views, args.dtype))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"done in {time.perf_counter() - started:.1f} s: {repo}/{{{io.ENCODER},{io.DECODER}}}/1 and configs")

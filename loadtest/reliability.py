@@ -46,8 +46,8 @@ import numpy as np
 from loadtest import hostile, sweep
 from vlaserve import health
 from vlaserve.client import PolicyClient, error_line, make_request
+from vlaserve.manifest import manifest_path, read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
-from vlaserve.repository import manifest_path, read_manifest
 from vlaserve.server import free_ports, group_members, shm_files
 from vlaserve.supervisor import process_alive
 
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
         launcher.start()
         views = PolicyClient(launcher.grpc).views()
         request = make_request(1, views=views, seed=11, with_noise=True)
-        dtype = read_manifest(repository, "decoder")["dtype"]
+        dtype = read_manifest(repository, "decoder").dtype
         ref = Reference(request, PolicyClient(launcher.grpc).infer(request), REL_TOLERANCE[dtype])
         steps = {
             "crash": lambda: crash_requests(launcher, ref),

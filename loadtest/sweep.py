@@ -142,10 +142,11 @@ def sweep(args, out_dir: Path, label: str = "") -> list[dict]:
 def compare(args, out_dir: Path) -> dict[str, list[dict]]:
     """The sweep over each variant of the spec, each served by its own tritonserver."""
     from vlaserve import repository
+    from vlaserve.manifest import read_manifest_settings
     from vlaserve.server import variant_server
 
     repo = Path(args.repository)
-    if repository.read_manifest_settings(repo) is None:
+    if read_manifest_settings(repo) is None:
         raise LoadtestError(f"{repo} has no exported artifacts: run `make export` first")
     results = {}
     for variant in args.compare:

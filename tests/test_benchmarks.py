@@ -12,6 +12,7 @@ import torch
 
 from vlaserve import repository
 from vlaserve.errors import VlaserveError
+from vlaserve.manifest import read_manifest
 from vlaserve.runtimes import load_runtime, python_module, random_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,20 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cuda_graphs_fall_back_to_the_module_on_cpu(tiny_repo):
     from vlaserve.client import make_request
 
-    manifest = json.loads((tiny_repo / "encoder" / "1" / "manifest.json").read_text())
-    plain = load_runtime("torchscript", tiny_repo / "encoder" / "1", list(manifest["outputs"]), "cpu")
-    graphed = load_runtime("torchscript", tiny_repo / "encoder" / "1", list(manifest["outputs"]), "cuda:0")
-    why_not = graphed.capture_graphs([1, 2], manifest["inputs"])
+    manifest = read_manifest(tiny_repo, "encoder")
+    plain = load_runtime("torchscript", tiny_repo / "encoder" / "1", list(manifest.outputs), "cpu")
+    graphed = load_runtime("torchscript", tiny_repo / "encoder" / "1", list(manifest.outputs), "cuda:0")
+    why_not = graphed.capture_graphs([1, 2], manifest.inputs)
     assert "no CUDA device" in why_not and graphed.graphs is None and graphed.device == "cpu"
-    request = make_request(2, 2, seed=3, vocab_size=manifest["vocab_size"])
-    inputs = {k: torch.from_numpy(request[k]) for k in manifest["inputs"]}
+    request = make_request(2, 2, seed=3, vocab_size=manifest.vocab_size)
+    inputs = {k: torch.from_numpy(request[k]) for k in manifest.inputs}
     for got, want in zip(graphed.run(inputs), plain.run(inputs)):
         assert torch.equal(got, want)
 
 
 def _runtime(repo, name, device="cpu"):
-    manifest = json.loads((repo / name / "1" / "manifest.json").read_text())
-    return manifest, load_runtime("torchscript", repo / name / "1", list(manifest["outputs"]), device)
+    manifest = read_manifest(repo, name)
+    return manifest, load_runtime("torchscript", repo / name / "1", list(manifest.outputs), device)
 
 
 def test_compile_falls_back_to_the_torchscript_module_on_cpu(tiny_repo):
@@ -53,7 +54,7 @@ def test_compiled_path_computes_what_the_artifact_does(tiny_repo, name):
     assert all(r < 1e-5 for r in runtime.compiled_rel.values()), runtime.compiled_rel
     assert set(runtime.attention_choices()) == {"default", "efficient", "math", "compiled_math"}
     _, plain = _runtime(tiny_repo, name)
-    inputs = {k: random_input(torch, spec, 3, "cpu", manifest["vocab_size"], seed=5) for k, spec in manifest["inputs"].items()}  # fmt: skip
+    inputs = {k: random_input(torch, spec, 3, "cpu", manifest.vocab_size, seed=5) for k, spec in manifest.inputs.items()}  # fmt: skip
     for got, want in zip(runtime.run(inputs), plain.run(inputs)):
         assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5)
 
@@ -72,9 +73,8 @@ def test_compile_refuses_a_model_that_differs_from_the_artifact(tiny_repo, monke
 
 def test_compile_needs_torchscript():
     spec = repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu")
-    spec["models"]["decoder"].update(runtime="onnxruntime", cuda_graphs=False)
     with pytest.raises(VlaserveError, match="compile"):
-        repository.validate_spec(spec)
+        spec.with_model("decoder", runtime="onnxruntime", cuda_graphs=False)
     spec = repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu")
     assert repository.build_configs(spec)["decoder"].parameters["compile"].string_value == "true"
     naive = repository.build_configs(repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu_naive"))
@@ -87,9 +87,8 @@ def test_cuda_graphs_need_torchscript_and_buckets():
         ({"batch_buckets": []}, "batch_buckets"),
     ):
         spec = repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu")
-        spec["models"]["encoder"].update(override)
         with pytest.raises(VlaserveError, match=problem):
-            repository.validate_spec(spec)
+            spec.with_model("encoder", **override)
     spec = repository.load_spec(ROOT / "model_repository" / "spec.yaml", "gpu")
     config = repository.build_configs(spec)["encoder"]
     assert config.parameters["cuda_graphs"].string_value == "true"

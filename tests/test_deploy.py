@@ -176,7 +176,8 @@ def test_mps_percentages_reach_the_generated_config():
     from vlaserve import repository
 
     spec = repository.load_spec(SPEC, "gpu")
-    spec["models"]["encoder"]["instance_groups"][0]["mps_thread_percentage"] = 60
+    group = {"name": "encoder_gpu", "count": 1, "kind": "gpu", "gpus": [0], "mps_thread_percentage": 60}
+    spec = spec.with_model("encoder", instance_groups=[group])
     config = repository.build_configs(spec)["encoder"]
     assert config.parameters["mps_thread_percentage.encoder_gpu"].string_value == "60"
     assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU

@@ -12,6 +12,8 @@ import torch
 from export import artifacts
 from export.cli import main
 from tests.conftest import SPEC
+from vlaserve.errors import VlaserveError
+from vlaserve.manifest import Manifest, ModelSettings, TensorSpec, manifest_path, read_manifest
 from vlaserve.model.parity import compare, random_request
 
 TOL = 1e-4
@@ -53,9 +55,18 @@ def test_manifest_records_what_was_exported(tiny_repo):
         for fmt in ("onnx", "torchscript"):
             for batch in ("batch_1", "batch_4"):
                 assert all(f.get("rel", 0) < TOL for f in manifest["parity"][fmt][batch].values())
-    enc = json.loads((tiny_repo / "encoder" / "1" / "manifest.json").read_text())
-    assert enc["inputs"]["images"] == {"dtype": "uint8", "shape": [-1, 2, 224, 224, 3]}
-    assert enc["outputs"]["prefix_kv"]["shape"][0] == -1
+    enc = read_manifest(tiny_repo, "encoder")
+    assert enc.inputs["images"] == TensorSpec("uint8", (-1, 2, 224, 224, 3))
+    assert enc.outputs["prefix_kv"].shape[0] == -1 and enc.settings == ModelSettings("tiny", 2, "fp32")
+
+
+def test_a_manifest_of_another_export_version_is_refused(tiny_repo, tmp_path):
+    data = json.loads(manifest_path(tiny_repo, "decoder").read_text())
+    assert Manifest.from_dict(data) == read_manifest(tiny_repo, "decoder")
+    assert json.loads(json.dumps(Manifest.from_dict(data).to_dict())) == data  # written back as read
+    for broken, key in (({**data, "extra": 1}, "extra"), ({k: v for k, v in data.items() if k != "torch"}, "torch")):
+        with pytest.raises(VlaserveError, match=f"manifest: {key}.*make export"):
+            Manifest.from_dict(broken)
 
 
 def snapshot(folder: Path) -> dict:

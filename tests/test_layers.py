@@ -38,12 +38,20 @@ def test_the_model_stands_on_the_interface_alone():
         assert {m for m in ours if not m.startswith("vlaserve.model")} <= allowed, path
 
 
+def test_the_ground_floor_imports_only_itself():
+    ground = {"vlaserve.interface", "vlaserve.errors", "vlaserve.manifest"}
+    for name in ground:
+        path = ROOT / f"{name.replace('.', '/')}.py"
+        ours = {m for m in imported(path) if m.split(".")[0] in ("vlaserve", "export", "loadtest", "benchmarks")}
+        assert ours - {"vlaserve"} <= ground, path
+
+
 def test_serving_imports_with_export_unimportable():
     """The serving side imports, and its runtime rebuilds the model, with no ``export`` package at all."""
     code = (
         "import sys; sys.modules['export'] = None\n"  # any `import export...` now raises ImportError
         "import vlaserve.server, vlaserve.runner, vlaserve.runtimes, vlaserve.value_check, vlaserve.repository\n"
-        "import vlaserve.guard, vlaserve.health, vlaserve.status, vlaserve.client, vlaserve.mps_check\n"
+        "import vlaserve.guard, vlaserve.health, vlaserve.status, vlaserve.client, vlaserve.mps_check, vlaserve.spec\n"
         "from vlaserve.model.policy import build_policy\n"
         "from vlaserve.model.presets import get_preset\n"
         "from vlaserve.model.parity import compare\n"

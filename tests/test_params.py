@@ -11,7 +11,7 @@ from vlaserve.params import GroupLimits, RunnerParams
 
 
 def test_every_generated_config_reads_back_to_the_params_that_wrote_it():
-    for variant in [None, *repository.load_spec(SPEC)["variants"]]:
+    for variant in [None, *repository.load_spec(SPEC).variants]:
         spec = repository.load_spec(SPEC, variant)
         for name, config in repository.build_configs(spec).items():
             if name not in repository.RUNNER_MODELS:
@@ -19,7 +19,7 @@ def test_every_generated_config_reads_back_to_the_params_that_wrote_it():
             params = RunnerParams.of_model_config(config)
             written = {k: v.string_value for k, v in config.parameters.items()}
             assert params.to_config() == written, (variant, name)
-            expected = repository.runner_params(spec["models"][name], repository.admission_params(name, spec["models"]))
+            expected = repository.runner_params(spec.runners[name], repository.admission_params(name, spec))
             assert params == expected, (variant, name)
 
 

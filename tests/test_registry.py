@@ -17,6 +17,7 @@ from tests.conftest import SPEC
 from vlaserve import interface as io
 from vlaserve import repository, runtimes
 from vlaserve.errors import VlaserveError
+from vlaserve.manifest import read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
 from vlaserve.value_check import golden_batch, load_golden
 
@@ -62,13 +63,13 @@ def test_a_toy_runtime_added_through_the_registries_is_exported_checked_configur
     assert export_main(["--repository", str(repo)]) == 0
 
     version = repo / io.ENCODER / "1"
-    manifest = repository.read_manifest(repo, io.ENCODER)
-    assert (version / TOY_FILE).is_file() and set(manifest["artifacts"]) == {"onnx", "torchscript", "toy"}
-    assert manifest["parity"]["toy"]["batch_1"]  # export ran the toy artifact back and checked it
+    manifest = read_manifest(repo, io.ENCODER)
+    assert (version / TOY_FILE).is_file() and set(manifest.artifacts) == {"onnx", "torchscript", "toy"}
+    assert manifest.parity["toy"]["batch_1"]  # export ran the toy artifact back and checked it
     config = repository.read_config(version.parent / repository.CONFIG_FILE)
     assert config.parameters["runtime"].string_value == "toy"
 
-    runtime = runtimes.load_runtime("toy", version, manifest["outputs"])
+    runtime = runtimes.load_runtime("toy", version, manifest.outputs)
     inputs, expected = golden_batch(load_golden(version), 2)
     for got, (name, want) in zip(runtime(inputs), expected.items()):
         err = (got.float() - want.float()).norm() / max(want.float().norm(), 1e-12)

@@ -17,6 +17,7 @@ from loadtest import hostile
 from tests.conftest import SPEC, start_server
 from vlaserve import repository
 from vlaserve.client import PolicyClient, make_request
+from vlaserve.spec import load_raw, parse_spec
 
 
 def reference_actions(policy, request) -> np.ndarray:
@@ -138,12 +139,13 @@ def test_overload_is_shed_fast_and_before_any_compute(tiny_repo, tiny_policy, tm
     rejections, accepted requests are right, and the encoder computed nothing that went unanswered."""
     from loadtest import metrics
 
-    spec = repository.load_spec(SPEC)
-    spec["models"]["policy"]["max_in_flight"] = 8
+    raw = load_raw(SPEC)
+    raw["models"]["policy"]["max_in_flight"] = 8
     for name, queue in (("encoder", 2), ("decoder", 8)):
-        spec["models"][name]["dynamic_batching"].update(max_queue_size=queue, max_queue_delay_microseconds=0)
-        spec["models"][name]["instance_groups"] = [{"name": f"{name}_cpu", "count": 1, "kind": "cpu"}]
-        spec["models"][name]["warmup_batch_sizes"] = []
+        raw["models"][name]["dynamic_batching"].update(max_queue_size=queue, max_queue_delay_microseconds=0)
+        raw["models"][name]["instance_groups"] = [{"name": f"{name}_cpu", "count": 1, "kind": "cpu"}]
+        raw["models"][name]["warmup_batch_sizes"] = []
+    spec = parse_spec(raw)
     repo = repository.write_repository(spec, tmp_path / "repo", artifacts_from=tiny_repo)
     srv = start_server(repo, tmp_path / "work")
     try:
@@ -171,7 +173,7 @@ def test_overload_is_shed_fast_and_before_any_compute(tiny_repo, tiny_policy, tm
         # Shed at once, not after waiting in the queue: a rejection must come well before the queue timeout
         # (5 s in the spec). Comparing with the accepted requests' latency was flaky here: on 2 shared
         # cores the 24 clients' own serialization of 2.4 MB requests dominates both.
-        timeout_s = spec["models"]["encoder"]["dynamic_batching"]["queue_timeout_microseconds"] / 1e6
+        timeout_s = spec.runners["encoder"].dynamic_batching.queue_timeout_microseconds / 1e6
         assert max(t for _, t in rejected) < timeout_s / 2, sorted(t for _, t in rejected)
         for actions, _ in accepted:
             np.testing.assert_allclose(actions, expected, atol=1e-4)
@@ -187,7 +189,7 @@ def test_a_full_pipeline_answers_retryable_before_the_encoder_computes(server, t
     from loadtest import metrics
     from vlaserve import admission
 
-    limit = repository.load_spec(SPEC)["models"]["policy"]["max_in_flight"]
+    limit = repository.load_spec(SPEC).policy.max_in_flight
     slots = np.memmap(server.status_dir / admission.ADMISSION_FILE, dtype=np.float64, mode="r+")
     good = make_request(1, views=2, seed=4, with_noise=True)
     client = PolicyClient(server.grpc_url)

@@ -12,19 +12,16 @@ import torch
 from tests.conftest import ROOT, SPEC, start_server
 from vlaserve import repository, value_check
 from vlaserve.errors import VlaserveError
+from vlaserve.manifest import ModelSettings, read_manifest, read_manifest_settings
 from vlaserve.model.parity import compare
 from vlaserve.runtimes import load_runtime
 from vlaserve.status import format_table, read_status
 
 
-def manifest_of(repo, model: str) -> dict:
-    return json.loads((repo / model / "1" / "manifest.json").read_text())
-
-
 def test_export_writes_golden_samples_the_policy_reproduces(tiny_repo, tiny_policy):
     encoder, decoder = (value_check.load_golden(tiny_repo / m / "1") for m in repository.RUNNER_MODELS)
     for model in repository.RUNNER_MODELS:
-        golden = manifest_of(tiny_repo, model)["golden"]
+        golden = read_manifest(tiny_repo, model).golden
         assert golden["file"] == value_check.GOLDEN_FILE and golden["items"] == value_check.GOLDEN_ITEMS
     images, tokens = encoder["inputs"]["images"], encoder["inputs"]["tokens"]
     assert len(images) == value_check.GOLDEN_ITEMS and not torch.equal(images[0], images[1])  # two requests
@@ -40,7 +37,7 @@ def test_export_writes_golden_samples_the_policy_reproduces(tiny_repo, tiny_poli
 
 
 def test_products_are_recorded_from_the_model_at_each_batch_size(tiny_repo):
-    products = value_check.record_products(manifest_of(tiny_repo, "decoder"), [1, 4])
+    products = value_check.record_products(read_manifest(tiny_repo, "decoder"), [1, 4])
     assert products and {p["op"] for p in products} <= set(value_check.PRODUCT_OPS)
     by_batch = {b: [p for p in products if p["batch"] == b] for b in (1, 4)}
     assert by_batch[1] and by_batch[4]
@@ -50,7 +47,7 @@ def test_products_are_recorded_from_the_model_at_each_batch_size(tiny_repo):
 
 
 def test_recorded_products_are_kept_for_the_next_start(tiny_repo, tmp_path, monkeypatch):
-    manifest = manifest_of(tiny_repo, "decoder")
+    manifest = read_manifest(tiny_repo, "decoder")
     first = value_check.cached_products(manifest, [1, 2], tmp_path)
     assert len(list(tmp_path.glob("decoder-*.json"))) == 1
 
@@ -64,7 +61,7 @@ def test_recorded_products_are_kept_for_the_next_start(tiny_repo, tmp_path, monk
 
 
 def test_product_screen_passes_right_products_and_catches_a_wrong_tile(tiny_repo, monkeypatch):
-    products = value_check.record_products(manifest_of(tiny_repo, "encoder"), [1, 2])
+    products = value_check.record_products(read_manifest(tiny_repo, "encoder"), [1, 2])
     right = value_check.screen_products(products, "fp32", "cpu")
     assert value_check.passed(right) and right["products"] == len(products) and right["worst"] < 1e-5
     monkeypatch.setenv(value_check.FAULT_ENV, "products")
@@ -124,8 +121,8 @@ def test_a_wrong_product_refuses_to_load_or_only_warns_if_told(tiny_repo, tmp_pa
         start_server(tiny_repo, tmp_path / "refused")
     spec = repository.load_spec(SPEC)
     for model in repository.RUNNER_MODELS:
-        spec["models"][model]["value_check"] = "warn"
-    settings = repository.read_manifest_settings(tiny_repo)
+        spec = spec.with_model(model, value_check="warn")
+    settings = read_manifest_settings(tiny_repo)
     warned = repository.write_repository(spec, tmp_path / "warn_repo", settings, artifacts_from=tiny_repo)
     server = start_server(warned, tmp_path / "warned")
     try:
@@ -139,19 +136,20 @@ def test_a_wrong_product_refuses_to_load_or_only_warns_if_told(tiny_repo, tmp_pa
 def test_value_check_setting_is_validated_and_reaches_the_config():
     spec = repository.load_spec(SPEC, "gpu")
     assert repository.build_configs(spec)["decoder"].parameters["value_check"].string_value == "refuse"
-    spec["models"]["decoder"]["value_check"] = "maybe"
     with pytest.raises(VlaserveError, match="models.decoder.value_check"):
-        repository.validate_spec(spec)
+        spec.with_model("decoder", value_check="maybe")
 
 
 def test_safe_percentages_and_the_refusal_line(tmp_path):
     report = tmp_path / "mps-check.json"
     rows = [{"percentage": p, "right": p in (25, 50, 100)} for p in (25, 40, 50, 60, 100)]
-    pi0 = {"preset": "pi0", "views": 2, "dtype": "bf16", "model": "encoder"}
+    pi0 = ModelSettings("pi0", 2, "bf16")
     report.write_text(json.dumps({"gpu": "NVIDIA H200", "model": value_check.model_key(pi0), "rows": rows}))
     assert value_check.safe_percentages("NVIDIA H200", pi0, str(report)) == [25, 50, 100]
     assert value_check.safe_percentages("NVIDIA H100 80GB HBM3", pi0, str(report)) is None  # another GPU
-    assert value_check.safe_percentages("NVIDIA H200", {**pi0, "dtype": "fp16"}, str(report)) is None  # another model
+    assert (
+        value_check.safe_percentages("NVIDIA H200", ModelSettings("pi0", 2, "fp16"), str(report)) is None
+    )  # another model
     result = {"worst": float("inf"), "tolerance": 0.02, "where": "linear 2x256x1152 x 3456x1152 (batch 1)"}
     line = value_check.refusal_line("encoder_gpu_0", "NVIDIA H200, mps_thread_percentage 40 (52 SMs)",
                                     "bf16 matrix products", result, True, [25, 50, 100])  # fmt: skip

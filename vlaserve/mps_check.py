@@ -29,6 +29,7 @@ from pathlib import Path
 from vlaserve import interface as io
 from vlaserve import repository, value_check
 from vlaserve.errors import VlaserveError
+from vlaserve.manifest import manifest_path, read_manifest
 from vlaserve.params import RunnerParams
 
 GRID = (10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100)
@@ -73,9 +74,7 @@ def model_products(repo: Path, cache_dir: Path | None = None) -> dict[str, list[
     """Every product each model runs at its configured batch sizes (meta device: no CUDA context here), kept in
     ``cache_dir`` as the server's instances keep theirs (so neither records what the other did)."""
     return {
-        model: value_check.cached_products(
-            repository.read_manifest(repo, model), served_batches(repo, model), cache_dir
-        )
+        model: value_check.cached_products(read_manifest(repo, model), served_batches(repo, model), cache_dir)
         for model in repository.RUNNER_MODELS
     }
 
@@ -94,14 +93,14 @@ def check_share(repo: Path, golden: bool, device: str = "cuda:0", products: dict
         row["tflops"] = value_check.matmul_tflops(torch, device)
     for model in repository.RUNNER_MODELS:
         version_dir = repo / model / "1"
-        manifest = repository.read_manifest(repo, model)
+        manifest = read_manifest(repo, model)
         batches = served_batches(repo, model)
         screened = (products or {}).get(model) or value_check.record_products(manifest, batches)
-        row[f"{model}_products"] = value_check.screen_products(screened, manifest["dtype"], device)
+        row[f"{model}_products"] = value_check.screen_products(screened, manifest.dtype, device)
         if golden:
             from vlaserve.runtimes import load_runtime
 
-            runtime = load_runtime("torchscript", version_dir, list(manifest["outputs"]), device)
+            runtime = load_runtime("torchscript", version_dir, list(manifest.outputs), device)
 
             def run(inputs, runtime=runtime):
                 out = runtime.run(inputs)
@@ -110,7 +109,7 @@ def check_share(repo: Path, golden: bool, device: str = "cuda:0", products: dict
                 return out
 
             row[f"{model}_golden"] = value_check.check_golden(run, value_check.load_golden(version_dir), batches,
-                                                              manifest["dtype"])  # fmt: skip
+                                                              manifest.dtype)  # fmt: skip
             runtime = None
             if on_gpu:
                 torch.cuda.empty_cache()
@@ -168,7 +167,7 @@ class MpsDaemon:
 def preflight(repo: Path, golden: bool = True) -> int:
     """Every reason this cannot run, as one VlaserveError; returns the GPU's full SM count."""
     for model in repository.RUNNER_MODELS:
-        if not repository.manifest_path(repo, model).is_file():
+        if not manifest_path(repo, model).is_file():
             raise VlaserveError("--repository", str(repo), "an exported model repository (run `make export`)")
     from vlaserve.server import _gpu_sm_count
 
@@ -185,7 +184,7 @@ def preflight(repo: Path, golden: bool = True) -> int:
         )  # fmt: skip
     if os.geteuid() != 0:
         raise VlaserveError("user", f"uid {os.geteuid()}", "root: the MPS control daemon is run as root here")
-    traced = repository.read_manifest(repo, repository.RUNNER_MODELS[0]).get("init_device")
+    traced = read_manifest(repo, repository.RUNNER_MODELS[0]).init_device
     if golden and traced != "cuda":
         raise VlaserveError(
             "--repository", f"{repo} (exported on {traced})",
@@ -259,13 +258,13 @@ def sweep(args) -> dict:
     finally:
         daemon.stop()
     gpu = next((r["gpu"] for r in rows if "gpu" in r), "unknown")
-    manifest = repository.read_manifest(repo, repository.RUNNER_MODELS[0])
+    manifest = read_manifest(repo, repository.RUNNER_MODELS[0])
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
         "total_sms": total,
         "repository": str(repo.resolve()),
-        "model": value_check.model_key(manifest),
+        "model": value_check.model_key(manifest.settings),
         "golden": not args.no_golden,
         "safe": sorted(r["percentage"] for r in rows if r.get("right")),
         "rows": rows,

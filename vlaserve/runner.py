@@ -20,6 +20,7 @@ import numpy as np
 from vlaserve import admission, validation, value_check
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
+from vlaserve.manifest import Manifest
 from vlaserve.params import GroupLimits, RunnerParams
 from vlaserve.runtimes import load_runtime
 
@@ -97,21 +98,21 @@ class TritonPythonModel:
         manifest_path = version_dir / io.MANIFEST_FILE
         if not manifest_path.is_file():
             raise VlaserveError(f"{self.model_name} manifest", str(manifest_path), "a file written by `make export`")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.input_shapes = {k: v["shape"][1:] for k, v in self.manifest["inputs"].items()}
+        self.manifest = Manifest.read(manifest_path)
+        self.input_shapes = {k: list(v.shape[1:]) for k, v in self.manifest.inputs.items()}
         # Request inputs the config gives this model besides the artifact's own: checked here, not computed on
         # (the encoder checks the decoder's state and noise, so that no compute is spent on a request the
         # decoder would reject).
         self.check_only = {i["name"]: i["dims"] for i in config["input"] if i["name"] not in self.input_shapes}
-        self.output_names = list(self.manifest["outputs"])
+        self.output_names = list(self.manifest.outputs)
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         runtime_name = params.runtime
         if runtime_name == "torchscript":
             import torch
 
-            check_torch_version(self.instance, self.manifest.get("torch", ""), torch.__version__)
-        traced_on = self.manifest.get("init_device", "cpu")
+            check_torch_version(self.instance, self.manifest.torch, torch.__version__)
+        traced_on = self.manifest.init_device
         if runtime_name == "torchscript" and traced_on != device.split(":")[0]:
             raise VlaserveError(
                 f"{self.instance}: instance kind",
@@ -136,7 +137,7 @@ class TritonPythonModel:
             status_dir = os.environ.get(STATUS_DIR_ENV)
             cache = Path(status_dir).parent / value_check.PRODUCTS_CACHE if status_dir else None
             products = value_check.cached_products(self.manifest, checked_batches, cache)
-            self._judge("products", value_check.screen_products(products, self.manifest["dtype"], device))
+            self._judge("products", value_check.screen_products(products, self.manifest.dtype, device))
         self.runtime = load_runtime(runtime_name, version_dir, self.output_names, device, params.cpu_threads or 0)
         self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
         if params.compile:
@@ -146,9 +147,7 @@ class TritonPythonModel:
         if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
             golden = value_check.load_golden(version_dir)
             as_numpy = self.runtime.tensor_kind == "numpy"
-            result = value_check.check_golden(
-                self._run_synced, golden, checked_batches, self.manifest["dtype"], as_numpy
-            )
+            result = value_check.check_golden(self._run_synced, golden, checked_batches, self.manifest.dtype, as_numpy)
             self._judge("golden", result)
         self.status.setdefault("value_check", "off" if self.value_check == "off" else "pass")
         seed = (params.noise_seed or 0) + int(args["model_instance_device_id"]) * 1000
@@ -194,8 +193,8 @@ class TritonPythonModel:
         self.status[f"{check}_check"] = result
         if value_check.passed(result):
             return
-        safe = value_check.safe_percentages(self.status.get("gpu", ""), self.manifest)
-        label = {"products": f"{self.manifest['dtype']} matrix products", "golden": "golden-sample outputs"}[check]
+        safe = value_check.safe_percentages(self.status.get("gpu", ""), self.manifest.settings)
+        label = {"products": f"{self.manifest.dtype} matrix products", "golden": "golden-sample outputs"}[check]
         line = value_check.refusal_line(self.instance, self._share(), label, result, "sm_count" in self.status, safe)
         if self.value_check == "warn":
             self.status["value_check"] = f"FAILED {check}, serving anyway (warn)"
@@ -260,7 +259,7 @@ class TritonPythonModel:
         import time
 
         started = time.perf_counter()
-        why_not = self.runtime.capture_graphs(self.buckets, self.manifest["inputs"])
+        why_not = self.runtime.capture_graphs(self.buckets, self.manifest.inputs)
         if why_not:
             self._log_warn(f"{self.instance}: cuda_graphs requested, {why_not}")
             return {"cuda_graphs": [], "cuda_graphs_note": why_not}
@@ -314,7 +313,7 @@ class TritonPythonModel:
                 raise VlaserveError(name, "no such input", f"every input of {required} (noise may be left out)")
             validation.check_batch(name, value, self.input_shapes[name])
             if name == io.TOKENS:
-                validation.check_tokens(value, self.manifest["vocab_size"])
+                validation.check_tokens(value, self.manifest.vocab_size)
             elif name in (io.STATE, io.NOISE):
                 validation.check_finite(name, value)
             inputs[name] = value

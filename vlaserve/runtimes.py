@@ -14,6 +14,7 @@ import numpy as np
 
 from vlaserve.errors import VlaserveError
 from vlaserve.interface import ONNX_FILE, TORCHSCRIPT_FILE
+from vlaserve.manifest import Manifest, TensorSpec
 
 
 class OnnxRuntime:
@@ -92,7 +93,7 @@ class TorchScriptRuntime:
         impl = _compiled_attention_math(self.torch, backend)
         return {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
 
-    def compile(self, manifest: dict, batch: int = 1, backend: str = "inductor") -> str:
+    def compile(self, manifest: Manifest, batch: int = 1, backend: str = "inductor") -> str:
         """Run the Python model the artifact was traced from (``manifest``'s preset and views, the artifact's
         own weights) with each layer compiled by ``torch.compile`` (fused elementwise kernels, a few seconds
         per layer kind and batch size); returns why not, or "" when in use.
@@ -115,9 +116,9 @@ class TorchScriptRuntime:
             torch._inductor.config.compile_threads = 1
         try:
             module = python_module(torch, manifest, self.module.state_dict())
-            compile_layers(torch, module, manifest["model"], backend)
-            inputs = [random_input(torch, spec, batch, self.device, manifest["vocab_size"], seed=i)
-                      for i, spec in enumerate(manifest["inputs"].values())]  # fmt: skip
+            compile_layers(torch, module, backend)
+            inputs = [random_input(torch, spec, batch, self.device, manifest.vocab_size, seed=i)
+                      for i, spec in enumerate(manifest.inputs.values())]  # fmt: skip
             rel = {}
             with torch.inference_mode():
                 with torch.jit.optimized_execution(False):
@@ -131,7 +132,7 @@ class TorchScriptRuntime:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)
             return f"compiling failed, running the TorchScript module: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        tolerance = REL_TOLERANCE[manifest["dtype"]]
+        tolerance = REL_TOLERANCE[manifest.dtype]
         bad = {name: r for name, r in rel.items() if not r <= tolerance}  # NaN is bad too
         if bad:
             name, r = next(iter(bad.items()))
@@ -143,10 +144,10 @@ class TorchScriptRuntime:
         self.compiled_rel = {k: float(f"{v:.3g}") for k, v in rel.items()}
         return ""
 
-    def capture_graphs(self, buckets, input_specs: dict) -> str:
+    def capture_graphs(self, buckets, input_specs: dict[str, TensorSpec]) -> str:
         """Capture one CUDA graph per batch size in ``buckets``; returns why not, or "" when captured.
 
-        ``input_specs`` is the manifest's {name: {dtype, shape}}; the graphs' static inputs are made from
+        ``input_specs`` is the manifest's inputs; the graphs' static inputs are made from
         it. On a CPU instance (or without CUDA) nothing is captured and every call runs the module."""
         if not self.device.startswith("cuda"):
             return f"no CUDA device here ({self.device} instance): running without CUDA graphs"
@@ -171,22 +172,22 @@ class TorchScriptRuntime:
             return self._call(*(t.to(self.device, non_blocking=True) for t in tensors))
 
 
-def static_input(torch, spec: dict, batch: int, device: str):
+def static_input(torch, spec: TensorSpec, batch: int, device: str):
     """A valid input of ``spec`` (manifest dtype and per-item shape) at ``batch``: ones for masks and token
     ids (a valid token, an all-valid mask: no empty attention row), zeros for everything else."""
-    dtype = getattr(torch, spec["dtype"])
-    shape = (batch, *spec["shape"][1:])
+    dtype = getattr(torch, spec.dtype)
+    shape = (batch, *spec.shape[1:])
     if dtype in (torch.bool, torch.int32, torch.int64):
         return torch.ones(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def random_input(torch, spec: dict, batch: int, device: str, vocab_size: int, seed: int):
+def random_input(torch, spec: TensorSpec, batch: int, device: str, vocab_size: int, seed: int):
     """A random valid input of ``spec``: frames in 0..255, token ids in 1..vocab-1, masks valid at the first
     position and random after it, normal values for floating tensors."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, spec["dtype"])
-    shape = (batch, *spec["shape"][1:])
+    dtype = getattr(torch, spec.dtype)
+    shape = (batch, *spec.shape[1:])
     if dtype == torch.uint8:
         value = torch.randint(0, 256, shape, generator=gen, dtype=dtype)
     elif dtype in (torch.int32, torch.int64):
@@ -199,7 +200,7 @@ def random_input(torch, spec: dict, batch: int, device: str, vocab_size: int, se
     return value.to(device)
 
 
-def python_module(torch, manifest: dict, state_dict: dict):
+def python_module(torch, manifest: Manifest, state_dict: dict):
     """The ``vlaserve.model.policy`` Encoder or Decoder of ``manifest`` (preset, views), holding ``state_dict``'s
     tensors themselves (no copy: built on the meta device, then assigned)."""
     from vlaserve.value_check import meta_module
@@ -208,14 +209,14 @@ def python_module(torch, manifest: dict, state_dict: dict):
     missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
         raise VlaserveError(
-            f"{manifest['model']} artifact weights",
+            f"{manifest.model} artifact weights",
             f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})",
             "the parameter layout of vlaserve/model/policy.py (re-export: make export)",
         )
     return module.eval()
 
 
-def compile_layers(torch, module, model: str, backend: str = "inductor") -> None:
+def compile_layers(torch, module, backend: str = "inductor") -> None:
     """Replace each layer's methods by ``torch.compile``'d ones (static shapes). One layer at a time rather
     than the whole model: every layer of a kind shares one compiled graph (its weights are inputs), so
     compiling takes seconds, not the minutes a whole unrolled pi0 takes (131 s with mode="reduce-overhead"
@@ -225,12 +226,8 @@ def compile_layers(torch, module, model: str, backend: str = "inductor") -> None
     def compiled(fn):
         return torch.compile(fn, dynamic=False, backend=backend)
 
-    policy = module.policy
-    if model == "encoder":
-        for block in policy.vision.blocks:
-            block.forward = compiled(block.forward)
-    for layer in policy.prefix_layers if model == "encoder" else policy.expert_layers:
-        layer.qkv, layer.finish = compiled(layer.qkv), compiled(layer.finish)
+    for owner, method in module.compile_targets():  # each model's module names its layers
+        setattr(owner, method, compiled(getattr(owner, method)))
 
 
 _COMPILED_ATTENTION: dict[str, object] = {}

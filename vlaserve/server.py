@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlaserve import admission
 from vlaserve import interface as io
@@ -34,6 +35,9 @@ from vlaserve.errors import VlaserveError
 from vlaserve.runner import STATUS_DIR_ENV
 from vlaserve.supervisor import Supervisor
 from vlaserve.value_check import MPS_CHECK_ENV, MPS_CHECK_FILE
+
+if TYPE_CHECKING:
+    from vlaserve.spec import Spec
 
 # The Python backend's shared-memory region per stub: the default (1 MB, growing by 1 MB) is grown
 # under load many times a second with camera-sized requests, and Triton 2.51 then aborted with
@@ -614,18 +618,19 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(**values)
 
 
-def variant_server(spec: dict, artifacts_from: Path, repo_dir: Path, workdir: Path, **options) -> TritonServer:
+def variant_server(spec: Spec, artifacts_from: Path, repo_dir: Path, workdir: Path, **options) -> TritonServer:
     """A server (not started) over ``spec`` with the artifacts exported in ``artifacts_from``: the spec's
     repository is written to ``repo_dir``, the server works in ``workdir`` on free ports, under MPS when the
     spec sets any percentage. ``options`` are further ServerOptions fields. The one way the sweep's compare
     (and so make demo's) and the GPU benchmarks serve a variant."""
     from vlaserve import repository
+    from vlaserve.manifest import read_manifest_settings
 
-    settings = repository.read_manifest_settings(Path(artifacts_from))
+    settings = read_manifest_settings(Path(artifacts_from))
     if settings is None:
         raise VlaserveError("model repository", str(artifacts_from), "one with exported artifacts (make export)")
     repo = repository.write_repository(spec, Path(repo_dir), settings, artifacts_from=Path(artifacts_from))
-    fields = {"http_port": 0, "grpc_port": 0, "metrics_port": 0, "mps": repository.uses_mps(spec), **options}
+    fields = {"http_port": 0, "grpc_port": 0, "metrics_port": 0, "mps": spec.uses_mps, **options}
     return TritonServer(ServerOptions(model_repository=repo, workdir=Path(workdir), **fields))
 
 

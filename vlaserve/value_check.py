@@ -27,6 +27,7 @@ not load, and the server does not start), ``warn`` (log and serve anyway: danger
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from vlaserve.errors import VlaserveError
 from vlaserve.interface import GOLDEN_FILE
+from vlaserve.manifest import Manifest, ModelSettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,20 +64,18 @@ class ValueCheckError(VlaserveError):
 
 
 # ---- the model's products ---------------------------------------------------------------------------
-def meta_module(torch, manifest: dict):
-    """The ``vlaserve.model.policy`` Encoder or Decoder of ``manifest`` (preset, views, dtype) on the meta device:
-    its structure and shapes, no weights."""
-    from vlaserve.model.policy import Decoder, Encoder, Policy
+def meta_module(torch, manifest: Manifest):
+    """The module of ``manifest``'s model (``vlaserve.model.policy.STAGES``) for its preset, views and dtype, on
+    the meta device: its structure and shapes, no weights."""
+    from vlaserve.model.policy import STAGES, Policy
     from vlaserve.model.presets import get_preset
 
     with torch.device("meta"):
-        policy = Policy(get_preset(manifest["preset"], manifest["views"])).to(
-            getattr(torch, TORCH_DTYPE[manifest["dtype"]])
-        )
-    return {"encoder": Encoder, "decoder": Decoder}[manifest["model"]](policy).eval()
+        policy = Policy(get_preset(manifest.preset, manifest.views)).to(getattr(torch, TORCH_DTYPE[manifest.dtype]))
+    return STAGES[manifest.model](policy).eval()
 
 
-def cached_products(manifest: dict, batches, cache_dir: Path | None) -> list[dict]:
+def cached_products(manifest: Manifest, batches, cache_dir: Path | None) -> list[dict]:
     """:func:`record_products`, kept in ``cache_dir`` (keyed by the model's structure, the batch sizes and the
     torch version): recording walks the whole model on the meta device, which took 23 s of CPU for pi0's
     decoder at five batch sizes on a 2-core machine; a restart reads the file."""
@@ -85,11 +85,12 @@ def cached_products(manifest: dict, batches, cache_dir: Path | None) -> list[dic
 
     if cache_dir is None:
         return record_products(manifest, batches)
-    what = [manifest[k] for k in ("model", "preset", "views", "dtype", "inputs")] + [
+    what = [getattr(manifest, k) for k in ("model", "preset", "views", "dtype")] + [
+        {name: dataclasses.asdict(spec) for name, spec in manifest.inputs.items()},
         sorted(set(batches)),
         torch.__version__,
     ]
-    path = Path(cache_dir) / f"{manifest['model']}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.json"
+    path = Path(cache_dir) / f"{manifest.model}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
     products = record_products(manifest, batches)
@@ -100,7 +101,7 @@ def cached_products(manifest: dict, batches, cache_dir: Path | None) -> list[dic
     return products
 
 
-def record_products(manifest: dict, batches) -> list[dict]:
+def record_products(manifest: Manifest, batches) -> list[dict]:
     """Every distinct matrix product the model runs at each batch size in ``batches``, with both attention
     implementations the runtime may serve with (SDPA, and :func:`vlaserve.model.policy.attention_math`):
     ``[{"op", "shapes", "strides", "dtypes", "batch"}]`` (the first batch size a product was seen at)."""
@@ -127,8 +128,8 @@ def record_products(manifest: dict, batches) -> list[dict]:
 
     module = meta_module(torch, manifest)
     for batch in sorted(set(batches)):
-        inputs = [torch.empty((batch, *s["shape"][1:]), dtype=getattr(torch, s["dtype"]), device="meta")
-                  for s in manifest["inputs"].values()]  # fmt: skip
+        inputs = [torch.empty((batch, *s.shape[1:]), dtype=getattr(torch, s.dtype), device="meta")
+                  for s in manifest.inputs.values()]  # fmt: skip
         for override in (None, attention_math):
             recorder = Recorder()
             recorder.batch = batch
@@ -307,9 +308,9 @@ def matmul_tflops(torch, device: str, size: int = 8192, repeats: int = 10) -> fl
     return round(rate, 1)
 
 
-def safe_percentages(gpu: str, model: dict, path: str | None = None) -> list[int] | None:
+def safe_percentages(gpu: str, model: ModelSettings, path: str | None = None) -> list[int] | None:
     """The thread percentages that ``make mps-check`` found right on a GPU of this name for a model of this
-    preset and dtype (``model``: a manifest), if it ran here."""
+    preset, views and dtype, if it ran here."""
     path = path or os.environ.get(MPS_CHECK_ENV)
     if not path or not Path(path).is_file():
         return None
@@ -322,9 +323,9 @@ def safe_percentages(gpu: str, model: dict, path: str | None = None) -> list[int
     return sorted(r["percentage"] for r in report.get("rows", []) if r.get("right"))
 
 
-def model_key(manifest: dict) -> dict:
+def model_key(settings: ModelSettings) -> dict:
     """What an mps-check report must have checked to speak for a model: its preset, views and dtype."""
-    return {k: manifest.get(k) for k in ("preset", "views", "dtype")}
+    return dataclasses.asdict(settings)
 
 
 def refusal_line(instance: str, share: str, check: str, result: dict, on_gpu: bool, safe: list[int] | None) -> str:

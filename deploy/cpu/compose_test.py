@@ -39,7 +39,7 @@ from pathlib import Path
 from loadtest.hostile import CRASH_BODY
 from loadtest.reliability import rel_error
 from vlaserve.client import PolicyClient
-from vlaserve.repository import read_manifest
+from vlaserve.manifest import read_manifest
 from vlaserve.server import free_ports
 from vlaserve.value_check import golden_reference
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         def export():
             stack("run", "--rm", "export")
             manifest = read_manifest(stack.repo, "encoder")
-            return f"tiny preset, torch {manifest.get('torch', '?')} in the image"
+            return f"tiny preset, torch {manifest.torch} in the image"
 
         step("export in the image", export)
         step(

@@ -20,7 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlaserve.interface import ACTION_DIM, ACTION_HORIZON, IMAGE_SIZE, NUM_FLOW_STEPS, STATE_DIM
+from vlaserve.interface import (
+    ACTION_DIM,
+    ACTION_HORIZON,
+    DECODER,
+    ENCODER,
+    IMAGE_SIZE,
+    IMAGES,
+    NOISE,
+    NUM_FLOW_STEPS,
+    STATE,
+    STATE_DIM,
+    TOKENS,
+)
 from vlaserve.model.presets import GemmaConfig, PolicyConfig, VisionConfig
 
 ROPE_BASE = 10_000.0
@@ -399,6 +411,16 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.policy.encode(images, tokens)
 
+    @staticmethod
+    def example_inputs(policy: Policy, request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Its inputs, in ``forward``'s order, for a request as ``vlaserve.model.parity.random_request`` makes."""
+        return request[IMAGES], request[TOKENS]
+
+    def compile_targets(self):
+        """(object, method name) pairs that ``compile: true`` compiles one layer at a time."""
+        yield from ((block, "forward") for block in self.policy.vision.blocks)
+        yield from ((layer, m) for layer in self.policy.prefix_layers for m in ("qkv", "finish"))
+
 
 class Decoder(nn.Module):
     """The served decoder: (prefix_kv, prefix_mask, state fp32 [B,32], noise fp32 [B,50,32]) -> actions fp32."""
@@ -409,6 +431,21 @@ class Decoder(nn.Module):
 
     def forward(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
         return self.policy.decode(prefix_kv, prefix_mask, state, noise)
+
+    @staticmethod
+    def example_inputs(policy: Policy, request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            prefix_kv, prefix_mask = policy.encode(request[IMAGES], request[TOKENS])
+        return prefix_kv, prefix_mask, request[STATE], request[NOISE]
+
+    def compile_targets(self):
+        yield from ((layer, m) for layer in self.policy.expert_layers for m in ("qkv", "finish"))
+
+
+# The module of each pipeline step (vlaserve.interface.PIPELINE), by model name: export traces it, the
+# runner rebuilds it to compile its layers, the product screen walks it without weights. Each takes the
+# whole policy and keeps its own part; its forward takes the step's inputs in the step's order.
+STAGES: dict[str, type[nn.Module]] = {ENCODER: Encoder, DECODER: Decoder}
 
 
 def build_policy(cfg: PolicyConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Policy:

@@ -1,0 +1,71 @@
+"""The typed spec: one parse, errors that name the YAML path, and edits that are checked like the file."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from tests.conftest import SPEC
+from vlaserve.errors import VlaserveError
+from vlaserve.spec import InstanceGroup, RunnerModel, load_raw, load_spec, parse_spec, variant_names
+
+
+def test_every_variant_parses_into_frozen_typed_sections():
+    for variant in [None, *variant_names(SPEC)]:
+        spec = load_spec(SPEC, variant)
+        for model in spec.runners.values():
+            assert isinstance(model, RunnerModel) and all(isinstance(g, InstanceGroup) for g in model.instance_groups)
+    gpu = load_spec(SPEC, "gpu_split_mps").runners["decoder"]
+    assert gpu.batch_buckets == (1, 2, 4, 8, 16) and gpu.instance_groups[0].mps_thread_percentage == 50
+    assert gpu.instance_groups[0].gpus == (0,) and gpu.dynamic_batching.preferred_batch_size == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        gpu.runtime = "onnxruntime"
+
+
+@pytest.mark.parametrize(
+    "edit, path, expected",
+    [
+        (lambda r: r["models"]["encoder"]["instance_groups"][0].update(kind="tpu"),
+         "models.encoder.instance_groups[0].kind", "one of ['cpu', 'gpu']"),
+        (lambda r: r["models"]["decoder"]["instance_groups"][0].pop("count"),
+         "models.decoder.instance_groups[0].count", "required"),
+        (lambda r: r["models"]["encoder"]["dynamic_batching"].update(priority_levels=2, default_priority_level=3),
+         "models.encoder.dynamic_batching.default_priority_level", "1..2"),
+        (lambda r: r["models"]["encoder"].update(warmup_batch_sizes=[1, 9]), "models.encoder.warmup_batch_sizes", "1..8"),
+        (lambda r: r["models"]["encoder"].update(compile="yes"), "models.encoder.compile", "true or false"),
+        (lambda r: r["model"].update(views=4), "model.views", "1..3"),
+        (lambda r: r["models"].update(planner={}), "models.planner", "one of the keys"),
+        (lambda r: r.update(modles={}), "spec.modles", "one of the keys"),
+        (lambda r: r["models"]["decoder"]["instance_groups"].append({"name": "decoder_cpu", "count": 1}),
+         "models.decoder.instance_groups[1].name", "unique"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_is_named_by_its_yaml_path(edit, path, expected):
+    raw = load_raw(SPEC)
+    edit(raw)
+    with pytest.raises(VlaserveError) as caught:
+        parse_spec(raw)
+    assert caught.value.field == path and expected in caught.value.expected, caught.value
+
+
+def test_with_model_checks_the_edit_as_the_file_would():
+    spec = load_spec(SPEC)
+    edited = spec.with_model("encoder", instance_groups=[{"name": "e", "count": 3}], cpu_threads=2)
+    assert edited.runners["encoder"].instance_groups == (InstanceGroup("e", 3),)
+    assert edited.runners["decoder"] == spec.runners["decoder"] and spec.runners["encoder"].cpu_threads == 1
+    assert spec.with_model("policy", max_in_flight=None).policy.max_in_flight is None
+    with pytest.raises(VlaserveError, match=r"models.encoder.instance_groups\[0\].count"):
+        spec.with_model("encoder", instance_groups=[{"name": "e", "count": 0}])
+    with pytest.raises(VlaserveError, match="models.policy.max_in_flight"):  # below the encoder's batch of 8
+        spec.with_model("policy", max_in_flight=4)
+
+
+def test_a_variant_is_checked_as_the_base_is(tmp_path):
+    raw = load_raw(SPEC)
+    raw["variants"]["broken"] = {"models": {"decoder": {"runtime": "tensorrt"}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    assert load_spec(tmp_path / "spec.yaml").runners["decoder"].runtime == "onnxruntime"
+    with pytest.raises(VlaserveError, match="models.decoder.runtime"):
+        load_spec(tmp_path / "spec.yaml", "broken")
+    with pytest.raises(VlaserveError, match="variant"):
+        load_spec(tmp_path / "spec.yaml", "nope")
