@@ -1,0 +1,44 @@
+"""The fused decoder kernels (vlaserve.model.kernels) against the reference decoder, in Triton's CPU
+interpreter (float32; the GPU run in bfloat16 is benchmarks/fused_decoder.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+CHECK = """
+import dataclasses, json, torch
+from vlaserve.model.kernels import FusedDecoder
+from vlaserve.model.parity import compare, random_request
+from vlaserve.model.policy import build_policy
+from vlaserve.model.presets import get_preset
+
+cfg = get_preset("tiny", 2)
+# head_dim 32: the kernels' products need 16 columns per half head, as Triton's dot does on a GPU
+cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=32),
+                          expert=dataclasses.replace(cfg.expert, head_dim=32))
+policy = build_policy(cfg, seed=0)
+rows = []
+for batch, splits in ((2, 0), (1, 1)):
+    r = random_request(batch, 2, cfg.vocab_size, seed=batch)
+    with torch.no_grad():
+        kv, mask = policy.encode(r["images"], r["tokens"])
+        mask[0, 40:] = False  # a prompt shorter than the pad: masked prefix keys must not count
+        ref = policy.decode(kv, mask, r["state"], r["noise"])
+        out = FusedDecoder(policy, {"splits": splits}).decode(kv, mask, r["state"], r["noise"])
+        other = policy.decode(kv, mask, r["state"], r["noise"] + 1)
+    rows.append({"batch": batch, "splits": splits, **compare(out, ref), "moved": compare(out, other)["rel"]})
+print(json.dumps(rows))
+"""
+
+
+def test_fused_decoder_matches_the_reference_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    for row in rows:
+        assert row["rel"] < 1e-5, row  # float32 throughout: the same arithmetic up to summation order
+        assert row["moved"] > 1e-2, row  # against other noise's actions it differs: the check can fail
