@@ -23,7 +23,7 @@ import torch
 from profile_runtime import kernel_times, replay_ms  # noqa: E402  (this folder: the script's own)
 
 from vlaserve.model.parity import compare, random_request
-from vlaserve.model.policy import Decoder, Encoder, attention_math, attention_override, build_policy
+from vlaserve.model.policy import STAGES, attention_math, attention_override, build_policy
 from vlaserve.model.presets import get_preset
 from vlaserve.runtimes import CudaGraphs, sdpa_choices
 
@@ -43,8 +43,9 @@ VARIANTS = {  # name: (model, what is compiled)
 }
 
 
-def compile_parts(policy, model: str, what: str | None) -> list:
-    """Replace methods by torch.compile'd ones on the instances; returns the (object, name) pairs to undo."""
+def compile_parts(module, what: str | None) -> list:
+    """Replace methods by torch.compile'd ones on the instances; returns the (object, name) pairs to undo.
+    "blocks" compiles what the runtime compiles (the module's ``compile_targets``), "step" a whole Euler step."""
     done = []
 
     def swap(obj, name):
@@ -52,14 +53,10 @@ def compile_parts(policy, model: str, what: str | None) -> list:
         done.append((obj, name))
 
     if what and what.startswith("blocks"):
-        if model == "encoder":
-            for block in policy.vision.blocks:
-                swap(block, "forward")
-        for layer in policy.prefix_layers if model == "encoder" else policy.expert_layers:
-            swap(layer, "qkv")
-            swap(layer, "finish")
+        for obj, name in module.compile_targets():
+            swap(obj, name)
     elif what == "step":
-        swap(policy, "velocity")
+        swap(module.policy, "velocity")
     return done
 
 
@@ -90,12 +87,12 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         model, what = VARIANTS[variant]
-        module = Encoder(policy) if model == "encoder" else Decoder(policy)
+        module = STAGES[model](policy)
         fresh = {b: inputs(model, b, seed=100 + b) for b in buckets}
         if what is None:
             with torch.inference_mode():
                 refs.update({(model, b): _tuple(module(*fresh[b]))[0].float() for b in buckets})
-        undo = compile_parts(module.policy, model, what)
+        undo = compile_parts(module, what)
         choices = {"default": contextlib.nullcontext} if what else sdpa_choices(torch)
         graphs = CudaGraphs(torch, lambda *t, m=module: list(_tuple(m(*t))), "cuda:0", choices=choices)
         try:

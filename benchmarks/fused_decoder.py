@@ -28,12 +28,29 @@ from vlaserve.model.presets import get_preset
 from vlaserve.runtimes import CudaGraphs, _compiled_attention_math, compile_layers
 
 DEVICE = "cuda:0"
-TILES = {  # candidate matmul blocks (columns, reduction) per kernel kind, tried at the first batch size
-    "a": {"qkv": (32, 64), "o": (32, 64), "geglu": (32, 64), "down": (32, 64)},
-    "b": {"qkv": (32, 128), "o": (32, 128), "geglu": (64, 64), "down": (32, 128)},
-    "c": {"qkv": (64, 64), "o": (16, 128), "geglu": (32, 128), "down": (16, 256)},
-    "d": {"qkv": (32, 64), "o": (32, 128), "geglu": (64, 128), "down": (32, 256)},
+# Launch options per kernel kind (vlaserve.model.kernels.TILES_BY_ROWS says what each number is). The sweep
+# runs set i = the i-th option of every kind, times each kind's kernels in a profiled replay, and keeps the
+# fastest option per kind: the kinds are independent kernels, so the best ones combine.
+OPTIONS = {
+    "qkv": [(16, 128, 4, 4), (16, 64, 4, 5), (32, 128, 4, 4), (16, 256, 4, 3), (32, 64, 4, 5), (64, 64, 4, 3)],
+    "attention": [(16, 64, 4, 3), (16, 32, 4, 3), (16, 128, 4, 2), (32, 64, 4, 3), (16, 64, 2, 3), (64, 32, 4, 3)],
+    "out": [(16, 256, 4, 3), (16, 128, 4, 5), (32, 128, 4, 4), (16, 512, 4, 2), (32, 256, 4, 3), (64, 64, 4, 3)],
+    "geglu": [(32, 128, 4, 3), (16, 128, 4, 4), (32, 64, 4, 5), (16, 256, 4, 3), (64, 64, 4, 4), (64, 64, 4, 3)],
+    "down": [(16, 256, 4, 3), (16, 128, 4, 5), (32, 128, 4, 4), (16, 512, 4, 2), (32, 256, 4, 3), (64, 64, 4, 3)],
 }
+KIND_OF_KERNEL = {
+    "_norm_qkv_kernel": "qkv", "_attention_kernel": "attention", "_combine_kernel": "attention",
+    "_out_proj_kernel": "out", "_norm_geglu_kernel": "geglu", "_down_proj_kernel": "down",
+}  # fmt: skip
+
+
+def per_kind(by_name: dict) -> dict[str, float]:
+    """GPU ms per kernel kind (the rest of a step, PyTorch's kernels, under "other")."""
+    times: dict[str, float] = {}
+    for name, (_, ms) in by_name.items():
+        kind = next((k for n, k in KIND_OF_KERNEL.items() if n in name), "other")
+        times[kind] = times.get(kind, 0.0) + ms
+    return {k: round(v, 3) for k, v in times.items()}
 
 
 def graphed(fn, inputs, choices) -> CudaGraphs:
@@ -52,11 +69,21 @@ def measure(graphs: CudaGraphs, batch: int, inputs, reference) -> dict:
         torch.cuda.synchronize()
         error = compare(static_outputs[0], reference)
         ms = replay_ms(graph.replay, 50)
-        count, busy, _ = kernel_times(graph)
+        count, busy, by_name = kernel_times(graph)
     return {
         "graph_ms": round(ms, 3), "kernels": count, "busy_ms": round(busy, 3), "rel": float(f"{error['rel']:.3g}"),
         "right": error["rel"] <= REL_TOLERANCE["bf16"], "attention": graphs.chosen.get(batch),
+        "kinds_ms": per_kind(by_name),
     }  # fmt: skip
+
+
+def fused_run(policy, tiles: dict, batch: int, inputs, reference) -> dict:
+    fused = FusedDecoder(policy, tiles)
+    started = time.perf_counter()
+    graphs = graphed(lambda *i: [fused.decode(*i)], inputs, {"fused": contextlib.nullcontext})
+    result = measure(graphs, batch, inputs, reference)
+    result.update(tiles=tiles, setup_s=round(time.perf_counter() - started, 1))
+    return result
 
 
 def main() -> None:
@@ -64,9 +91,7 @@ def main() -> None:
     parser.add_argument("--preset", default="pi0")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--batches", default="1,2,4,8,16")
-    parser.add_argument(
-        "--tiles", default=",".join(TILES), help=f"tile sets to try at the first batch ({', '.join(TILES)})"
-    )
+    parser.add_argument("--sweep", type=int, default=len(OPTIONS["qkv"]), help="launch-option sets to try per batch")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -78,7 +103,7 @@ def main() -> None:
     compile_layers(torch, served)
     math_impl = _compiled_attention_math(torch)
     served_choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(math_impl)}
-    rows, best_tiles = [], None
+    rows = []
     for batch in batches:
         request = {k: v.to(DEVICE) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed=batch).items()}
         with torch.inference_mode():
@@ -86,37 +111,41 @@ def main() -> None:
             inputs = [prefix_kv, mask, request["state"], request["noise"]]
             reference = policy.decode(*inputs)
         t0 = time.perf_counter()
-        row = {
-            "batch": batch,
-            "served": measure(graphed(lambda *i: [served(*i)], inputs, served_choices), batch, inputs, reference),
-        }
+        served_graphs = graphed(lambda *i: [served(*i)], inputs, served_choices)
+        row = {"batch": batch, "served": measure(served_graphs, batch, inputs, reference)}
         row["served"]["setup_s"] = round(time.perf_counter() - t0, 1)
-        candidates = [best_tiles] if best_tiles else args.tiles.split(",")
-        for name in candidates:
-            fused = FusedDecoder(policy, TILES[name])
-            t0 = time.perf_counter()
-            result = measure(graphed(lambda *i, f=fused: [f.decode(*i)], inputs, {"fused": contextlib.nullcontext}), batch, inputs, reference)  # fmt: skip
-            result.update(tiles=name, setup_s=round(time.perf_counter() - t0, 1))
-            row.setdefault("fused_tries", []).append(result)
-            print(f"[fused] batch {batch} tiles {name}: {result}", flush=True)
-        right = [r for r in row["fused_tries"] if r["right"]]
-        row["fused"] = min(right, key=lambda r: r["graph_ms"]) if right else row["fused_tries"][0]
-        best_tiles = best_tiles or row["fused"]["tiles"]
-        rows.append(row)
+        del served_graphs
         print(f"[fused] batch {batch}: served {row['served']}", flush=True)
+        tries = []
+        for i in range(args.sweep):
+            tiles = {kind: options[i] for kind, options in OPTIONS.items()}
+            try:
+                tries.append(fused_run(policy, tiles, batch, inputs, reference))
+            except Exception as exc:  # noqa: BLE001 - e.g. Triton's OutOfResources: a block too large for this GPU
+                torch.cuda.synchronize()
+                tries.append({"tiles": tiles, "right": False, "error": str(exc).splitlines()[0][:200]})
+            print(f"[fused] batch {batch} set {i}: {tries[-1]}", flush=True)
+        right = [r for r in tries if r["right"]]
+        best = {kind: min(right, key=lambda r: r["kinds_ms"].get(kind, 0.0))["tiles"][kind] for kind in OPTIONS} if right else {}  # fmt: skip
+        row["fused"] = fused_run(policy, best, batch, inputs, reference)
+        row["sweep"] = tries
+        print(f"[fused] batch {batch} best per kind: {row['fused']}", flush=True)
+        rows.append(row)
     result = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "preset": cfg.name, "views": cfg.views, "tiles": TILES, "rows": rows,
+        "preset": cfg.name, "views": cfg.views, "options": OPTIONS, "rows": rows,
     }  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(
-        f"\n{'batch':>5} | {'served ms':>9} {'kernels':>7} {'rel':>8} | {'fused ms':>8} {'kernels':>7} {'rel':>8} {'tiles':>5} | speed-up"
+        f"\n{'batch':>5} | {'served ms':>9} {'kernels':>7} {'rel':>8} | {'fused ms':>8} {'kernels':>7} {'rel':>8} | speed-up"
     )
     for r in rows:
         s, f = r["served"], r["fused"]
         mark = "" if f["right"] else "  WRONG (void)"
         print(f"{r['batch']:5d} | {s['graph_ms']:9.2f} {s['kernels']:7d} {s['rel']:8.2g} | {f['graph_ms']:8.2f} "
-              f"{f['kernels']:7d} {f['rel']:8.2g} {f['tiles']:>5} | {s['graph_ms'] / f['graph_ms']:.2f}x{mark}")  # fmt: skip
+              f"{f['kernels']:7d} {f['rel']:8.2g} | {s['graph_ms'] / f['graph_ms']:7.2f}x{mark}")  # fmt: skip
+    for r in rows:
+        print(f"batch {r['batch']}: fused ms per kind {r['fused']['kinds_ms']}; options {r['fused']['tiles']}")
 
 
 if __name__ == "__main__":

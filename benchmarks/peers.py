@@ -25,6 +25,7 @@ Exports the model first unless ``--repository`` holds an export of the same pres
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -209,7 +210,9 @@ def variant_spec(variant: str, device: str) -> tuple[Spec, str]:
             groups = spec.runners[name].instance_groups
             if any(g.mps_thread_percentage is not None for g in groups):
                 note = "no GPU: MPS percentages dropped (the same config without MPS)"
-            on_cpu = [{"name": g.name, "count": g.count, "kind": "cpu"} for g in groups]
+            on_cpu = [
+                {**dataclasses.asdict(g), "kind": "cpu", "gpus": None, "mps_thread_percentage": None} for g in groups
+            ]
             spec = spec.with_model(name, instance_groups=on_cpu)
     return spec, note
 

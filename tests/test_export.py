@@ -64,7 +64,13 @@ def test_a_manifest_of_another_export_version_is_refused(tiny_repo, tmp_path):
     data = json.loads(manifest_path(tiny_repo, "decoder").read_text())
     assert Manifest.from_dict(data) == read_manifest(tiny_repo, "decoder")
     assert json.loads(json.dumps(Manifest.from_dict(data).to_dict())) == data  # written back as read
-    for broken, key in (({**data, "extra": 1}, "extra"), ({k: v for k, v in data.items() if k != "torch"}, "torch")):
+    broken_inputs = {**data, "inputs": {"prefix_kv": {"dtype": "bfloat16"}}}
+    for broken, key in (
+        ({**data, "extra": 1}, "extra"),
+        ({k: v for k, v in data.items() if k != "torch"}, "torch"),
+        ({**data, "format": 0}, "format"),
+        (broken_inputs, "inputs.prefix_kv"),
+    ):
         with pytest.raises(VlaserveError, match=f"manifest: {key}.*make export"):
             Manifest.from_dict(broken)
 

@@ -10,9 +10,9 @@ from tests.conftest import ROOT
 
 CHECK = """
 import dataclasses, json, torch
-from vlaserve.model.kernels import FusedDecoder
+from vlaserve.model.kernels import FusedDecoder, fused_forward
 from vlaserve.model.parity import compare, random_request
-from vlaserve.model.policy import build_policy
+from vlaserve.model.policy import Decoder, build_policy
 from vlaserve.model.presets import get_preset
 
 cfg = get_preset("tiny", 2)
@@ -27,7 +27,13 @@ for batch, splits in ((2, 0), (1, 1)):
         kv, mask = policy.encode(r["images"], r["tokens"])
         mask[0, 40:] = False  # a prompt shorter than the pad: masked prefix keys must not count
         ref = policy.decode(kv, mask, r["state"], r["noise"])
-        out = FusedDecoder(policy, {"splits": splits}).decode(kv, mask, r["state"], r["noise"])
+        if batch == 1:  # as the runtime offers it: the served module, inside fused_forward
+            module = Decoder(policy)
+            with fused_forward(module, {"splits": splits}):
+                out = module(kv, mask, r["state"], r["noise"])
+            assert "forward" not in module.__dict__  # the module's own forward again
+        else:
+            out = FusedDecoder(policy, {"splits": splits}).decode(kv, mask, r["state"], r["noise"])
         other = policy.decode(kv, mask, r["state"], r["noise"] + 1)
     rows.append({"batch": batch, "splits": splits, **compare(out, ref), "moved": compare(out, other)["rel"]})
 print(json.dumps(rows))

@@ -38,6 +38,7 @@ def test_every_variant_parses_into_frozen_typed_sections():
         (lambda r: r.update(modles={}), "spec.modles", "one of the keys"),
         (lambda r: r["models"]["decoder"]["instance_groups"].append({"name": "decoder_cpu", "count": 1}),
          "models.decoder.instance_groups[1].name", "unique"),
+        (lambda r: r["models"]["decoder"].update(fused_kernels=True), "models.decoder.fused_kernels", "compile"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_named_by_its_yaml_path(edit, path, expected):
@@ -69,3 +70,32 @@ def test_a_variant_is_checked_as_the_base_is(tmp_path):
         load_spec(tmp_path / "spec.yaml", "broken")
     with pytest.raises(VlaserveError, match="variant"):
         load_spec(tmp_path / "spec.yaml", "nope")
+
+
+def test_an_empty_section_reads_as_absent_and_zero_means_no_limit():
+    raw = load_raw(SPEC)
+    raw["models"]["encoder"]["dynamic_batching"] = {}  # as `null`: no dynamic batching
+    raw["models"]["decoder"]["dynamic_batching"].update(queue_timeout_microseconds=0)  # Triton: no timeout
+    raw["models"]["decoder"]["compile"] = None  # a variant turning it off
+    spec = parse_spec(raw)
+    assert spec.runners["encoder"].dynamic_batching is None and not spec.runners["decoder"].compile
+    assert spec.runners["decoder"].dynamic_batching.queue_timeout_microseconds == 0
+    with pytest.raises(TypeError):
+        spec.runners["encoder"] = spec.runners["decoder"]  # read-only: edits go through with_model
+    with pytest.raises(VlaserveError, match="model: got 'planner'"):
+        spec.with_model("planner", max_batch_size=1)
+    raw["variants"] = {"broken": None}
+    with pytest.raises(VlaserveError, match="variants"):
+        parse_spec(raw)
+
+
+def test_fused_kernels_are_the_decoders_and_reach_its_config():
+    from vlaserve import repository
+
+    spec = load_spec(SPEC, "gpu")
+    assert spec.runners["decoder"].fused_kernels and not spec.runners["encoder"].fused_kernels
+    configs = repository.build_configs(spec)
+    assert configs["decoder"].parameters["fused_kernels"].string_value == "true"
+    assert "fused_kernels" not in configs["encoder"].parameters
+    with pytest.raises(VlaserveError, match="models.encoder.fused_kernels: got True, expected false: only the decoder"):
+        spec.with_model("encoder", fused_kernels=True)

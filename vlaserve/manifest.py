@@ -14,6 +14,9 @@ from pathlib import Path
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 
+FORMAT = 1  # the manifest's layout; a change to its fields or their meaning raises it
+REEXPORT = "a manifest of this version's export (re-export: make export)"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
@@ -52,6 +55,7 @@ class Manifest:
     parity: dict  # format -> batch -> output -> {"max_abs", "rel"}: the export's check of each artifact
     export_seconds: dict
     torch: str  # the torch version that exported (TorchScript artifacts need the same one)
+    format: int = FORMAT
 
     @property
     def settings(self) -> ModelSettings:
@@ -59,14 +63,22 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "manifest") -> Manifest:
+        if not isinstance(data, dict):
+            raise VlaserveError(where, type(data).__name__, REEXPORT)
         names = {f.name for f in dataclasses.fields(cls)}
         for key in sorted(set(data) ^ names):
             got = "missing" if key in names else f"an unknown key {key!r}"
-            raise VlaserveError(f"{where}: {key}", got, "a manifest of this version's export (re-export: make export)")
-        tensors = {
-            side: {name: TensorSpec(spec["dtype"], tuple(spec["shape"])) for name, spec in data[side].items()}
-            for side in ("inputs", "outputs")
-        }
+            raise VlaserveError(f"{where}: {key}", got, REEXPORT)
+        if data["format"] != FORMAT:
+            raise VlaserveError(f"{where}: format", data["format"], f"format {FORMAT}, {REEXPORT}")
+        tensors = {}
+        for side in ("inputs", "outputs"):
+            entries = data[side] if isinstance(data[side], dict) else {None: None}
+            for name, spec in entries.items():
+                fits = isinstance(spec, dict) and set(spec) == {"dtype", "shape"} and isinstance(spec["dtype"], str)
+                if not fits or not all(isinstance(n, int) for n in spec["shape"]):
+                    raise VlaserveError(f"{where}: {side}.{name}", spec, f"{{dtype, shape}} in {REEXPORT}")
+                tensors.setdefault(side, {})[name] = TensorSpec(spec["dtype"], tuple(spec["shape"]))
         return cls(**{**data, **tensors})
 
     @classmethod

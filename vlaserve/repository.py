@@ -112,8 +112,9 @@ def runner_params(m: RunnerModel, admission: dict | None = None) -> RunnerParams
         noise_seed=m.noise_seed,
         value_check=m.value_check,
         batch_buckets=m.batch_buckets,
-        compile=m.compile,
-        cuda_graphs=m.cuda_graphs,
+        compile=bool(m.compile),
+        cuda_graphs=bool(m.cuda_graphs),
+        fused_kernels=bool(m.fused_kernels),
         groups={
             g.name: GroupLimits(g.mps_thread_percentage, g.mps_pinned_memory_limit_mb)
             for g in m.instance_groups

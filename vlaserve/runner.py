@@ -140,6 +140,7 @@ class TritonPythonModel:
             self._judge("products", value_check.screen_products(products, self.manifest.dtype, device))
         self.runtime = load_runtime(runtime_name, version_dir, self.output_names, device, params.cpu_threads or 0)
         self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
+        self.runtime.fused_kernels = params.fused_kernels  # a graph choice of the compiled model
         if params.compile:
             self.status.update(self._compile())
         if params.cuda_graphs:

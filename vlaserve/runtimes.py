@@ -68,6 +68,7 @@ class TorchScriptRuntime:
         self.compiled = None  # the Python module with compiled layers, once compile() succeeded
         self.compiled_rel: dict[str, float] = {}  # attention choice -> rel error against the TorchScript module
         self.compile_backend = ""
+        self.fused_kernels = False  # offer the decoder's fused Triton kernels as a choice (vlaserve.model.kernels)
 
     def _call(self, *tensors) -> list:
         if self.compiled is not None:
@@ -83,15 +84,21 @@ class TorchScriptRuntime:
         """The attention implementations a CUDA graph may be captured with: {name: context manager factory}."""
         choices = sdpa_choices(self.torch)
         if self.compiled is not None:
-            choices.update(self._compiled_choices(self.compile_backend))
+            choices.update(self._compiled_choices(self.compile_backend, self.compiled))
         return choices
 
-    def _compiled_choices(self, backend: str) -> dict:
-        """SDPA as it comes, and :func:`vlaserve.model.policy.attention_math` compiled: what :meth:`compile` checks."""
+    def _compiled_choices(self, backend: str, module) -> dict:
+        """SDPA as it comes, :func:`vlaserve.model.policy.attention_math` compiled, and with ``fused_kernels``
+        the decoder's fused Triton kernels: what :meth:`compile` checks."""
         from vlaserve.model.policy import attention_override
 
         impl = _compiled_attention_math(self.torch, backend)
-        return {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
+        choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
+        if self.fused_kernels and backend == "inductor":  # Triton kernels: a CUDA device
+            from vlaserve.model.kernels import fused_forward
+
+            choices["fused"] = lambda: fused_forward(module)
+        return choices
 
     def compile(self, manifest: Manifest, batch: int = 1, backend: str = "inductor") -> str:
         """Run the Python model the artifact was traced from (``manifest``'s preset and views, the artifact's
@@ -124,7 +131,7 @@ class TorchScriptRuntime:
                 with torch.jit.optimized_execution(False):
                     ref = self.module(*inputs)
                 ref = ref[0] if isinstance(ref, tuple) else ref
-                for name, context in self._compiled_choices(backend).items():
+                for name, context in self._compiled_choices(backend, module).items():
                     with context():
                         out = module(*inputs)
                     rel[name] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]

@@ -48,8 +48,8 @@ class Batching:
     max_queue_delay_microseconds: int = _field(0, minimum=0)
     priority_levels: int = _field(0, minimum=0)  # 0: no priorities
     default_priority_level: int | None = _field(None, minimum=1)
-    max_queue_size: int | None = _field(None, minimum=1)  # beyond it, requests are rejected at once
-    queue_timeout_microseconds: int | None = _field(None, minimum=1)
+    max_queue_size: int | None = _field(None, minimum=0)  # beyond it, requests are rejected at once (0: no limit)
+    queue_timeout_microseconds: int | None = _field(None, minimum=0)  # 0: no timeout
 
     def check_sizes(self, where: str, max_batch_size: int) -> None:
         for size in self.preferred_batch_size:
@@ -88,8 +88,11 @@ class RunnerModel:
     warmup_batch_sizes: tuple[int, ...] = _field((), minimum=1)
     warmup_count: int = _field(1, minimum=1)
     batch_buckets: tuple[int, ...] = _field((), minimum=1)  # batches are padded up to these sizes
-    cuda_graphs: bool = False
-    compile: bool = False
+    cuda_graphs: bool | None = False  # null reads as false, as in a variant that turns it off
+    compile: bool | None = False
+    # the decoder's expert layers as fused Triton kernels (vlaserve.model.kernels): one more CUDA-graph
+    # choice per bucket, checked against the artifact like the others and kept where it replays fastest
+    fused_kernels: bool | None = False
     value_check: str | None = _field(None, choices=VALUE_CHECK_MODES)  # None: the runner's default (refuse)
 
     def check(self, where: str) -> None:
@@ -111,6 +114,10 @@ class RunnerModel:
             )
         if self.compile and self.runtime != "torchscript":
             raise VlaserveError(f"{where}.compile", True, "runtime torchscript (it compiles the traced model)")
+        if self.fused_kernels and not (self.compile and self.cuda_graphs):
+            raise VlaserveError(
+                f"{where}.fused_kernels", True, "compile and cuda_graphs (a graph choice of the compiled model)"
+            )
 
     @property
     def uses_mps(self) -> bool:
@@ -130,11 +137,20 @@ class Spec:
     """The whole spec: what was exported, each runner model in pipeline order, and the ensemble."""
 
     model: ModelSettings
-    runners: Mapping[str, RunnerModel]
+    runners: Mapping[str, RunnerModel]  # read-only (a MappingProxyType): edits go through with_model
     policy: PolicySettings
     variants: Mapping[str, dict] = dataclasses.field(default_factory=dict)  # as written: merged before a parse
 
+    def __post_init__(self):
+        object.__setattr__(self, "runners", types.MappingProxyType(dict(self.runners)))
+        object.__setattr__(self, "variants", types.MappingProxyType(dict(self.variants)))
+
     def check(self) -> None:
+        for name, model in self.runners.items():
+            if model.fused_kernels and name != io.DECODER:
+                raise VlaserveError(
+                    f"models.{name}.fused_kernels", True, f"false: only the {io.DECODER} has fused kernels"
+                )
         where = f"models.{io.POLICY}"
         limit = min(m.max_batch_size for m in self.runners.values())
         if self.policy.max_batch_size > limit:
@@ -162,6 +178,8 @@ class Spec:
         """This spec with settings of one model (a runner or the policy) replaced, given as spec.yaml writes
         them (``instance_groups=[{"name": ..., "count": 1}]``) and checked as the file's would be."""
         where = f"models.{name}"
+        if name not in (*self.runners, io.POLICY):
+            raise VlaserveError("model", name, f"one of {[*self.runners, io.POLICY]}")
         if name == io.POLICY:
             policy = parse_section(PolicySettings, {**dataclasses.asdict(self.policy), **changes}, where)
             spec = dataclasses.replace(self, policy=policy)
@@ -177,7 +195,7 @@ def _value(kind, value, where: str, meta: Mapping):
     """``value`` checked against the annotation ``kind`` (and ``meta``'s bounds), converted to it."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if value is None:
+        if value is None or (value == {} and dataclasses.is_dataclass(options[0])):  # an empty section: none
             return None
         return _value(options[0], value, where, meta)
     if dataclasses.is_dataclass(kind):
@@ -250,11 +268,14 @@ def parse_spec(raw: Mapping) -> Spec:
         raise VlaserveError(
             f"models.{unknown[0]}", models[unknown[0]], f"one of the keys {[*RUNNER_MODELS, io.POLICY]}"
         )
+    variants = top.get("variants") or {}
+    if not isinstance(variants, Mapping) or not all(isinstance(v, Mapping) for v in variants.values()):
+        raise VlaserveError("variants", variants, "a mapping of variant names to spec overrides (mappings)")
     spec = Spec(
         model=parse_section(ModelSettings, top.get("model") or {}, "model"),
         runners={name: parse_section(RunnerModel, models.get(name), f"models.{name}") for name in RUNNER_MODELS},
         policy=parse_section(PolicySettings, models.get(io.POLICY) or {}, f"models.{io.POLICY}"),
-        variants=copy.deepcopy(dict(top.get("variants") or {})),
+        variants=copy.deepcopy(dict(variants)),
     )
     spec.check()
     return spec
@@ -277,8 +298,12 @@ def load_raw(path: Path, variant: str | None = None) -> dict:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if variant:
         variants = raw.get("variants") or {}
-        if variant not in variants:
-            raise VlaserveError("variant", variant, f"one of {sorted(variants)}")
+        if not isinstance(variants, Mapping) or variant not in variants:
+            raise VlaserveError(
+                "variant", variant, f"one of {sorted(variants) if isinstance(variants, Mapping) else []}"
+            )
+        if not isinstance(variants[variant], Mapping):
+            raise VlaserveError(f"variants.{variant}", variants[variant], "a mapping of spec overrides")
         raw = _deep_merge(raw, variants[variant])
     return raw
 

@@ -11,12 +11,13 @@ expert layer is five kernels:
 2. :func:`_attention_kernel`: attention of the folded query heads over the prefix and suffix keys, the
    mask made from the prefix validity and the suffix's fixed structure (no bias tensor), split over the
    keys so that a batch of 1 still fills the GPU; :func:`_combine_kernel` merges the splits.
-3. :func:`_matmul_residual_kernel`: the output projection added to the residual stream, in place.
+3. :func:`_out_proj_kernel`: the output projection added to the residual stream, in place.
 4. :func:`_norm_geglu_kernel`: RMSNorm, the gate and up projections and GeGLU (tanh GELU) in one pass.
-5. :func:`_matmul_residual_kernel` again: the down projection added to the residual stream.
+5. :func:`_down_proj_kernel`: the down projection added to the residual stream, in place.
 
-The arithmetic is the reference model's (vlaserve.model.policy): float32 accumulation, and the products'
-outputs rounded to the weights' dtype where the reference rounds them. Results are checked against the
+The arithmetic is the reference model's (vlaserve.model.policy) up to rounding: float32 accumulation, the
+products' outputs rounded to the weights' dtype where the reference rounds them, and RMSNorm's 1 / RMS
+applied after the product instead of before it (the reference rounds the normalized input to bfloat16). Results are checked against the
 reference by whoever uses them (tests, benchmarks/fused_decoder.py); they are close, not bit-equal.
 
 Triton runs these on a CUDA GPU; with ``TRITON_INTERPRET=1`` it runs them on the CPU (float32 only:
@@ -25,6 +26,7 @@ the interpreter's bfloat16 products are wrong), which is how the tests check the
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,25 +40,16 @@ GELU_C = math.sqrt(2.0 / math.pi)
 
 
 @triton.jit
-def _rms(x_ptr, rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / RMS of each row of x [rows, K] (float32)."""
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
-        x = x.to(tl.float32)
-        total += tl.sum(x * x, axis=1)
-    return 1.0 / tl.sqrt(total / K + eps)
-
-
-@triton.jit
-def _normed(x_ptr, nw_ptr, rows, row_ok, rstd, k0, K, BLOCK_K: tl.constexpr):
-    """Columns k0.. of RMSNorm(x) as Gemma computes it: float32, times (1 + weight), then the input's dtype."""
+def _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
+    """Columns k0.. of x times Gemma's norm scale (1 + weight), in x's dtype, and the float32 sum of squares
+    of x's columns there. RMSNorm(x) @ w^T = rstd * ((x * scale) @ w^T): the per-row 1 / RMS is applied to
+    the product afterwards, so x is read once, in the same loop as the weights."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    xf = x.to(tl.float32)
     scale = 1.0 + tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (x.to(tl.float32) * rstd[:, None] * scale[None, :]).to(x.dtype), cols, col_ok
+    return (xf * scale[None, :]).to(x.dtype), tl.sum(xf * xf, axis=1), cols, col_ok
 
 
 @triton.jit
@@ -74,18 +67,21 @@ def _norm_qkv_kernel(
     row_ok = rows < M
     half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
     first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
-    rstd = _rms(x_ptr, rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        y, cols, col_ok = _normed(x_ptr, nw_ptr, rows, row_ok, rstd, k0, K, BLOCK_K)
-        w1 = tl.load(w_ptr + first[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
-        w2 = tl.load(w_ptr + (first + D // 2)[None, :] * K + cols[:, None], mask=col_ok[:, None], other=0.0)
-        acc1 += tl.dot(y, w1)
-        acc2 += tl.dot(y, w2)
+        y, chunk_squares, cols, col_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
+        squares += chunk_squares
+        # weight tiles [BLOCK_N, BLOCK_K] as stored (rows of w contiguous), transposed for the product
+        w1 = tl.load(w_ptr + first[:, None] * K + cols[None, :], mask=col_ok[None, :], other=0.0)
+        w2 = tl.load(w_ptr + (first + D // 2)[:, None] * K + cols[None, :], mask=col_ok[None, :], other=0.0)
+        acc1 += tl.dot(y, tl.trans(w1))
+        acc2 += tl.dot(y, tl.trans(w2))
     dtype = w_ptr.dtype.element_ty
-    a1 = acc1.to(dtype).to(tl.float32)  # the projection's output in the weights' dtype, as the reference's
-    a2 = acc2.to(dtype).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    a1 = (acc1 * rstd[:, None]).to(dtype).to(tl.float32)  # the projection's output in the weights' dtype
+    a2 = (acc2 * rstd[:, None]).to(dtype).to(tl.float32)
     if head < H + HKV:  # q or k: rotate-half RoPE with the tables of vlaserve.model.policy.rope_tables
         t1 = rows[:, None] * D + half[None, :]
         cos1 = tl.load(cos_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -192,10 +188,7 @@ def _combine_kernel(
 
 
 @triton.jit
-def _matmul_residual_kernel(
-    a_ptr, w_ptr, x_ptr, M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+def _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x [M, N] += a [M, K] @ w [N, K]^T, in place, the product rounded to x's dtype before the sum (as
     the reference's ``x + linear(a)``)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -207,13 +200,28 @@ def _matmul_residual_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += tl.dot(a, w)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(a, tl.trans(w))
     dtype = x_ptr.dtype.element_ty
     ptrs = x_ptr + rows[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     tl.store(ptrs, (x + acc.to(dtype).to(tl.float32)).to(dtype), mask=ok)
+
+
+@triton.jit
+def _out_proj_kernel(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The attention's output projection added to the residual stream (a kernel of its own name, so that a
+    profile tells it from the down projection)."""
+    _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _down_proj_kernel(
+    a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """The MLP's down projection added to the residual stream."""
+    _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -227,21 +235,23 @@ def _norm_geglu_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < F
-    rstd = _rms(x_ptr, rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        y, ks, k_ok = _normed(x_ptr, nw_ptr, rows, row_ok, rstd, k0, K, BLOCK_K)
-        wg = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        wu = tl.load(w_ptr + (cols + F)[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        gate += tl.dot(y, wg)
-        up += tl.dot(y, wu)
+        y, chunk_squares, ks, k_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
+        squares += chunk_squares
+        wg = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        wu = tl.load(w_ptr + (cols + F)[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        gate += tl.dot(y, tl.trans(wg))
+        up += tl.dot(y, tl.trans(wu))
     dtype = w_ptr.dtype.element_ty
-    g = gate.to(dtype).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    g = (gate * rstd[:, None]).to(dtype).to(tl.float32)
     z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (x + 0.044715 x^3)
     tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
     act = (0.5 * g * (1.0 + tanh)).to(dtype).to(tl.float32)
-    out = act * up.to(dtype).to(tl.float32)
+    out = act * (up * rstd[:, None]).to(dtype).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -249,24 +259,40 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
+# Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the products, and
+# (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for the attention; "splits" is the attention's
+# key splits (0: enough to keep about `target_programs` programs busy). Per row count (batch x 51 tokens):
+# the fastest that benchmarks/fused_decoder.py found for pi0 on the H200 at batch 1 (51 rows) and at
+# batch 4 (docs/BENCHMARKS.md).
+TILES_BY_ROWS = (
+    (64, {"qkv": (16, 64, 4, 5), "attention": (16, 128, 4, 2), "out": (16, 128, 4, 5),
+          "geglu": (32, 64, 4, 5), "down": (16, 128, 4, 5), "splits": 0}),
+    (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 3), "out": (32, 128, 4, 4),
+            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4), "splits": 0}),
+)  # fmt: skip
+
+
 class FusedDecoder:
     """The decoder (``Policy.decode``) with each expert layer as the five kernels above; the rest of a flow
     step (action-time MLP, final norm, output projection, Euler update) stays in PyTorch.
 
-    ``tiles`` sets the matmul blocks: {"n": columns, "k": reduction} per kernel kind, and "splits" the
-    attention's key splits (0: as many as keep about ``target_programs`` programs busy)."""
+    ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count."""
 
     def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132):
         self.policy, self.cfg = policy, policy.cfg
         e = self.cfg.expert
         if e.head_dim & (e.head_dim - 1) or e.num_heads % e.num_kv_heads:
             raise ValueError(f"head_dim {e.head_dim} must be a power of two and heads a multiple of kv heads")
-        self.tiles = {"qkv": (32, 64), "o": (32, 64), "geglu": (32, 64), "down": (32, 64), "splits": 0, **(tiles or {})}
+        self.overrides = dict(tiles or {})
         self.target_programs = target_programs
 
-    def _splits(self, batch: int, row_blocks: int, keys: int) -> int:
-        if self.tiles["splits"]:
-            return self.tiles["splits"]
+    def tiles_for(self, rows: int) -> dict:
+        tiles = next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
+        return {**tiles, **self.overrides}
+
+    def _splits(self, tiles: dict, batch: int, row_blocks: int, keys: int) -> int:
+        if tiles["splits"]:
+            return tiles["splits"]
         programs = batch * self.cfg.expert.num_kv_heads * row_blocks
         return max(1, min(keys // 64, -(-self.target_programs // programs)))
 
@@ -280,19 +306,21 @@ class FusedDecoder:
         keys = kv.shape[4]
         kv_i = kv[:, i]  # [B, 2, HKV, S, D]
         bm = _block_m(m)
-        bn, bk = self.tiles["qkv"]
+        tiles = self.tiles_for(m)
+        bn, bk, warps, stages = tiles["qkv"]
         bn = min(bn, d // 2)
         q = scratch["q"]
         _norm_qkv_kernel[(triton.cdiv(m, bm), h + 2 * hkv, (d // 2) // bn)](
             x, layer.input_norm.weight, layer.qkv_proj.weight, cos, sin, q, kv_i,
             m, w, t, RMS_EPS, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), p,
-            H=h, HKV=hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            H=h, HKV=hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         g = h // hkv
-        am = 16 if t * g <= 16 else 32 if d > 128 else 64
+        am, an, warps, stages = tiles["attention"]
+        am = 16 if t * g <= 16 else am
         row_blocks = triton.cdiv(t * g, am)
-        splits = self._splits(b, row_blocks, keys)
-        per_split = triton.cdiv(triton.cdiv(keys, splits), 32) * 32
+        splits = self._splits(tiles, b, row_blocks, keys)
+        per_split = triton.cdiv(triton.cdiv(keys, splits), an) * an
         splits = triton.cdiv(keys, per_split)
         attn = scratch["attn"]
         part = attn  # unused with one split
@@ -304,25 +332,27 @@ class FusedDecoder:
         _attention_kernel[(b * hkv, row_blocks, splits)](
             q, kv_i, prefix_mask, attn, part, t, keys, p, d**-0.5, per_split,
             kv_i.stride(0), kv_i.stride(1), kv_i.stride(2),
-            H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=am, BLOCK_N=32,
+            H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=am, BLOCK_N=an, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if splits > 1:
             _combine_kernel[(b * hkv, row_blocks)](part, attn, t, H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=am)
-        bn, bk = self.tiles["o"]
-        _matmul_residual_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bn))](
-            attn, layer.o_proj.weight, x, m, w, h * d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
-        )
+        bn, bk, warps, stages = tiles["out"]
+        _out_proj_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bn))](
+            attn, layer.o_proj.weight, x, m, w, h * d,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
         f = e.mlp_dim
-        bn, bk = self.tiles["geglu"]
+        bn, bk, warps, stages = tiles["geglu"]
         hidden = scratch["hidden"]
         _norm_geglu_kernel[(triton.cdiv(m, bm), triton.cdiv(f, bn))](
             x, layer.mlp_norm.weight, layer.gate_up_proj.weight, hidden, m, f, w, RMS_EPS,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        bn, bk = self.tiles["down"]
-        _matmul_residual_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bn))](
-            hidden, layer.down_proj.weight, x, m, w, f, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
-        )
+        bn, bk, warps, stages = tiles["down"]
+        _down_proj_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bn))](
+            hidden, layer.down_proj.weight, x, m, w, f,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
 
     @torch.no_grad()
     def decode(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
@@ -358,3 +388,16 @@ class FusedDecoder:
                 self.layer(i, x, kv, cos, sin, mask, scratch)
             x_t = x_t + dt * policy.action_out_proj(policy.expert_norm(x)[:, 1:]).float()
         return x_t
+
+
+@contextlib.contextmanager
+def fused_forward(module, tiles: dict | None = None):
+    """Within the block, ``module`` (a ``vlaserve.model.policy.Decoder``) computes through :class:`FusedDecoder`:
+    a CUDA graph captured inside it keeps the fused kernels. The runtime offers this as one more graph choice
+    (spec ``fused_kernels: true``), checked against the artifact and kept per bucket where it is fastest."""
+    fused = FusedDecoder(module.policy, tiles)
+    module.forward = fused.decode
+    try:
+        yield
+    finally:
+        del module.forward  # the class's forward again
