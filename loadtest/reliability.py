@@ -135,6 +135,7 @@ class Load:
     def __init__(self, targets: list[tuple[str, str]], ref: Reference):
         self.targets, self.ref = targets, ref
         self.outcomes: list[tuple[float, str, str]] = []  # (time, outcome, message)
+        self.latencies: list[tuple[float, float]] = []  # (time, seconds) of every right answer
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=t, daemon=True) for t in targets]
 
@@ -145,6 +146,8 @@ class Load:
             try:
                 err = rel_error(client.infer(self.ref.request), self.ref.actions)
                 good = err <= self.ref.tolerance
+                if good:
+                    self.latencies.append((started, time.time() - started))
                 self.outcomes.append((started, "ok" if good else "wrong", "" if good else f"rel error {err:.3g}"))
             except Exception as exc:  # noqa: BLE001 - each failure is classified, not raised
                 self.outcomes.append((started, classify(exc), error_line(exc)[:160]))

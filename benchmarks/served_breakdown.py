@@ -1,0 +1,142 @@
+"""Where a request's time goes through Triton, one request at a time and under load, every answer checked.
+
+For each spec variant (and each ``--env`` setting, one server start each), served through
+``vlaserve.server.variant_server`` over the artifacts exported in ``--repository``:
+- ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up): client p50 / p99, and
+  Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request);
+- then, for each count in ``--clients``, that many closed-loop gRPC clients for ``--seconds``: right answers
+  per second, their p50 / p99, wrong answers and errors, and the batch each model formed on average.
+The request is the export's golden sample (item 0); every answer is compared with the actions the export
+computed for it in-process (over the export's parity tolerance: wrong). Prints a table last.
+
+    python -m benchmarks.served_breakdown --repository /tmp/pi0_repo --variants gpu,gpu_unfused \\
+        --requests 200 --clients 16,64 --seconds 20 --out $OUT/served.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from loadtest import metrics
+from loadtest.reliability import Load, Reference, rel_error
+from vlaserve import interface as io
+from vlaserve.client import PolicyClient
+from vlaserve.manifest import read_manifest
+from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.server import variant_server
+from vlaserve.spec import load_spec
+from vlaserve.value_check import golden_reference
+
+SPEC = Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml"
+MODELS = tuple(step.model for step in io.PIPELINE)
+FIGURES = {
+    "queue": "nv_inference_queue_duration_us",
+    "input": "nv_inference_compute_input_duration_us",
+    "infer": "nv_inference_compute_infer_duration_us",
+    "output": "nv_inference_compute_output_duration_us",
+    "request": "nv_inference_request_duration_us",
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 2) if values else float("nan")
+
+
+def per_model(before: dict, after: dict) -> dict:
+    out = {}
+    for model in (*MODELS, io.POLICY):
+        start, end = before["models"].get(model, {}), after["models"][model]
+        d = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in end}
+        count = d.get("nv_inference_request_success", 0.0) or 1.0
+        out[model] = {k: round(d.get(m, 0.0) / count / 1e3, 2) for k, m in FIGURES.items()}
+        out[model]["batch"] = round(
+            d.get("nv_inference_count", 0.0) / max(d.get("nv_inference_exec_count", 0.0), 1.0), 2
+        )
+    return out
+
+
+def run_config(args, variant: str, env: str, workdir: Path) -> dict:
+    settings = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    repo = Path(args.repository)
+    row = {"variant": variant, "env": env or "(default)"}
+    try:
+        server = variant_server(load_spec(SPEC, variant), repo, workdir / "repo", workdir / "work",
+                                cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip
+        started = time.perf_counter()
+        with server:
+            row["ready_s"] = round(time.perf_counter() - started, 1)
+            client = PolicyClient(server.grpc_url)
+            request, reference = golden_reference(repo)
+            tolerance = REL_TOLERANCE[read_manifest(repo, io.ENCODER).dtype]
+            for _ in range(5):
+                client.infer(request)
+            before = metrics.scrape(server.metrics_url)
+            latencies, wrong = [], 0
+            for _ in range(args.requests):
+                t0 = time.perf_counter()
+                actions = client.infer(request)
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                wrong += not rel_error(actions, reference) <= tolerance
+            row["sequential"] = {"requests": args.requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
+                                 "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url))}  # fmt: skip
+            for clients in [int(c) for c in args.clients.split(",") if c]:
+                before = metrics.scrape(server.metrics_url)
+                with Load([("grpc", server.grpc_url)] * clients, Reference(request, reference, tolerance)) as load:
+                    time.sleep(args.seconds)
+                after = metrics.scrape(server.metrics_url)
+                counts = load.counts()
+                ms = [s * 1e3 for _, s in load.latencies]
+                row[f"clients_{clients}"] = {
+                    "right_per_s": round(counts["ok"] / args.seconds, 1), "wrong": counts["wrong"],
+                    "errors": counts["permanent"] + counts["retryable"], "p50_ms": percentile(ms, 0.5),
+                    "p99_ms": percentile(ms, 0.99), **per_model(before, after),
+                }  # fmt: skip
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", required=True, help="the exported artifacts (make export)")
+    parser.add_argument("--variants", default="gpu", help="spec variants to serve, comma-separated")
+    parser.add_argument("--env", action="append", default=None,
+                        help='KEY=VALUE[,KEY=VALUE] for one server start per variant; repeat for more ("" = as it is)')  # fmt: skip
+    parser.add_argument("--requests", type=int, default=200, help="batch-1 requests one after another")
+    parser.add_argument("--clients", default="", help="closed-loop client counts for the load phases, e.g. 16,64")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = []
+    for variant in args.variants.split(","):
+        for env in args.env or [""]:
+            rows.append(run_config(args, variant, env, Path(f"/tmp/served_breakdown_{len(rows)}")))
+            print(json.dumps(rows[-1]), flush=True)
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(
+        f"\n{'variant, env':36} {'batch-1 p50/p99 ms':>18} {'wrong':>5} | per request ms: model queue/input/infer/output"
+    )
+    for r in rows:
+        s = r["sequential"]
+        parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in MODELS)
+        print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts}")
+    print(
+        f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  batch enc/dec"
+    )
+    for r in rows:
+        for key in [k for k in r if k.startswith("clients_")]:
+            c = r[key]
+            print(f"{r['variant'] + ', ' + r['env']:36} {key[8:]:>7} {c['right_per_s']:8.1f} {c['p50_ms']:7.1f} "
+                  f"{c['p99_ms']:7.1f} {c['wrong']:5d} {c['errors']:6d}  {c[MODELS[0]]['batch']}/{c[MODELS[-1]]['batch']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
