@@ -53,6 +53,27 @@ def _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, w_rows1, w_rows2, w_ok, K, eps,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """RMSNorm(x[rows]) @ w[w_rows1]^T and RMSNorm(x[rows]) @ w[w_rows2]^T, float32 [BLOCK_M, BLOCK_N] each:
+    x and both weight tiles read once per step of one loop over K (the weight tiles [BLOCK_N, BLOCK_K] as
+    stored, rows of w contiguous, transposed for the product)."""
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        y, chunk_squares, ks, k_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
+        squares += chunk_squares
+        ok = w_ok[:, None] & k_ok[None, :]
+        w1 = tl.load(w_ptr + w_rows1[:, None] * K + ks[None, :], mask=ok, other=0.0)
+        w2 = tl.load(w_ptr + w_rows2[:, None] * K + ks[None, :], mask=ok, other=0.0)
+        acc1 += tl.dot(y, tl.trans(w1))
+        acc2 += tl.dot(y, tl.trans(w2))
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    return acc1 * rstd[:, None], acc2 * rstd[:, None]
+
+
+@triton.jit
 def _norm_qkv_kernel(
     x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr,
     M, K, T, eps,
@@ -67,21 +88,11 @@ def _norm_qkv_kernel(
     row_ok = rows < M
     half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
     first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        y, chunk_squares, cols, col_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
-        squares += chunk_squares
-        # weight tiles [BLOCK_N, BLOCK_K] as stored (rows of w contiguous), transposed for the product
-        w1 = tl.load(w_ptr + first[:, None] * K + cols[None, :], mask=col_ok[None, :], other=0.0)
-        w2 = tl.load(w_ptr + (first + D // 2)[:, None] * K + cols[None, :], mask=col_ok[None, :], other=0.0)
-        acc1 += tl.dot(y, tl.trans(w1))
-        acc2 += tl.dot(y, tl.trans(w2))
+    acc1, acc2 = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, first, first + D // 2, half < D // 2, K, eps,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     dtype = w_ptr.dtype.element_ty
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
-    a1 = (acc1 * rstd[:, None]).to(dtype).to(tl.float32)  # the projection's output in the weights' dtype
-    a2 = (acc2 * rstd[:, None]).to(dtype).to(tl.float32)
+    a1 = acc1.to(dtype).to(tl.float32)  # the projection's output in the weights' dtype, as the reference's
+    a2 = acc2.to(dtype).to(tl.float32)
     if head < H + HKV:  # q or k: rotate-half RoPE with the tables of vlaserve.model.policy.rope_tables
         t1 = rows[:, None] * D + half[None, :]
         cos1 = tl.load(cos_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -235,23 +246,14 @@ def _norm_geglu_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < F
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        y, chunk_squares, ks, k_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
-        squares += chunk_squares
-        wg = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        wu = tl.load(w_ptr + (cols + F)[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        gate += tl.dot(y, tl.trans(wg))
-        up += tl.dot(y, tl.trans(wu))
+    gate, up = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, cols, cols + F, col_ok, K, eps,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     dtype = w_ptr.dtype.element_ty
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
-    g = (gate * rstd[:, None]).to(dtype).to(tl.float32)
+    g = gate.to(dtype).to(tl.float32)
     z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (x + 0.044715 x^3)
     tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
     act = (0.5 * g * (1.0 + tanh)).to(dtype).to(tl.float32)
-    out = act * (up * rstd[:, None]).to(dtype).to(tl.float32)
+    out = act * up.to(dtype).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
