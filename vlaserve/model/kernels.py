@@ -27,7 +27,6 @@ the interpreter's bfloat16 products are wrong), which is how the tests check the
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
@@ -35,8 +34,6 @@ import triton.language as tl
 
 from vlaserve.interface import ACTION_HORIZON, NUM_FLOW_STEPS
 from vlaserve.model.policy import RMS_EPS, Policy, rope_tables, time_embedding
-
-GELU_C = math.sqrt(2.0 / math.pi)
 
 
 @triton.jit
