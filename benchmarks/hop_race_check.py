@@ -57,7 +57,7 @@ def main() -> int:
     rows, first = [], None
     tolerance = REL_TOLERANCE[read_manifest(Path(args.repository), "encoder").dtype]  # the export's parity
     for name in args.configs.split(","):
-        for k in ("VLASERVE_DEVICE_HANDOFF",):
+        for k in ("VLASERVE_DEVICE_HANDOFF", "VLASERVE_PAGEABLE_HANDOFF"):
             os.environ.pop(k, None)
         os.environ.update(CONFIGS[name])
         opts = ServerOptions(

@@ -45,6 +45,7 @@ from vlaserve import interface as io
 from vlaserve import repository
 from vlaserve.manifest import ModelSettings, read_manifest, read_manifest_settings
 from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.params import RunnerParams
 from vlaserve.spec import Spec
 from vlaserve.value_check import golden_reference
 
@@ -142,7 +143,9 @@ def served_inprocess(args, peer: str, manifests: dict, buckets: list, host: dict
         outputs = list(manifests[name].outputs)
         runtimes[name] = load_runtime("torchscript", repo / name / "1", outputs, device)
         started = time.perf_counter()
-        if peer == "compiled":
+        if peer == "compiled":  # as the repository's config has it (the gpu variant: the decoder's fused kernels)
+            config = repository.read_config(repo / name / repository.CONFIG_FILE)
+            runtimes[name].fused_kernels = RunnerParams.of_model_config(config).fused_kernels
             why_not = runtimes[name].compile(manifests[name], batch=buckets[0])
             notes.append(why_not or f"{name}: compiled in {time.perf_counter() - started:.1f} s")
         why_not = runtimes[name].capture_graphs(buckets, manifests[name].inputs)

@@ -15,6 +15,7 @@ import torch
 
 from vlaserve import repository
 from vlaserve.manifest import read_manifest
+from vlaserve.params import RunnerParams
 from vlaserve.runtimes import load_runtime, static_input
 
 
@@ -57,7 +58,9 @@ def main() -> None:
     for name in repository.RUNNER_MODELS:
         manifest = read_manifest(repo, name)
         runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
-        if args.compile:
+        if args.compile:  # as the repository's config has it (the gpu variant: the decoder's fused kernels)
+            config = repository.read_config(repo / name / repository.CONFIG_FILE)
+            runtime.fused_kernels = RunnerParams.of_model_config(config).fused_kernels
             print(f"{name}: compile: {runtime.compile(manifest, batch=buckets[0]) or 'ok'}", flush=True)
         runtime.capture_graphs(buckets, manifest.inputs)
         for batch in buckets:

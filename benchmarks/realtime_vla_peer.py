@@ -32,7 +32,7 @@ from vlaserve.model.kernels import FusedDecoder
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
 from vlaserve.model.policy import STAGES, attention_override, build_policy
 from vlaserve.model.presets import get_preset
-from vlaserve.runtimes import _compiled_attention_math, compile_layers
+from vlaserve.runtimes import _compiled_attention_math, compile_layers, sdpa_choices
 
 DEVICE = "cuda:0"
 PEERS = Path(__file__).resolve().parents[1] / ".peers" / "realtime-vla"
@@ -70,7 +70,7 @@ def vlaserve(views: int, repeats: int) -> dict:
     cfg = get_preset("pi0", views)
     policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
     math_impl = _compiled_attention_math(torch)
-    choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(math_impl)}
+    choices = {**sdpa_choices(torch), "compiled_math": lambda: attention_override(math_impl)}  # as the runtime
     request = {k: v.to(DEVICE) for k, v in random_request(1, views, cfg.vocab_size, seed=1).items()}
     enc_inputs = [request["images"], request["tokens"]]
     with torch.inference_mode():  # eager references first: compiling patches the layers the policy shares

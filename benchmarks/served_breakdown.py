@@ -16,6 +16,7 @@ computed for it in-process (over the export's parity tolerance: wrong). Prints a
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import time
@@ -72,6 +73,8 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
         started = time.perf_counter()
         with server:
             row["ready_s"] = round(time.perf_counter() - started, 1)
+            # what each instance did at start: compile check, the graph choice per bucket, replay times
+            row["instances"] = [json.loads(p.read_text()) for p in sorted(server.status_dir.glob("*.json"))]
             client = PolicyClient(server.grpc_url)
             request, reference = golden_reference(repo)
             tolerance = REL_TOLERANCE[read_manifest(repo, io.ENCODER).dtype]
@@ -89,10 +92,13 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
             for clients in [int(c) for c in args.clients.split(",") if c]:
                 before = metrics.scrape(server.metrics_url)
                 with Load([("grpc", server.grpc_url)] * clients, Reference(request, reference, tolerance)) as load:
+                    start = time.time()
                     time.sleep(args.seconds)
+                    end = time.time()
                 after = metrics.scrape(server.metrics_url)
-                counts = load.counts()
-                ms = [s * 1e3 for _, s in load.latencies]
+                # requests started within the window (the clients' last requests finish after it)
+                counts = collections.Counter(o for t, o, _ in load.outcomes if start <= t < end)
+                ms = [s * 1e3 for t, s in load.latencies if start <= t < end]
                 row[f"clients_{clients}"] = {
                     "right_per_s": round(counts["ok"] / args.seconds, 1), "wrong": counts["wrong"],
                     "errors": counts["permanent"] + counts["retryable"], "p50_ms": percentile(ms, 0.5),

@@ -48,3 +48,54 @@ def test_fused_decoder_matches_the_reference_in_the_interpreter():
     for row in rows:
         assert row["rel"] < 1e-5, row  # float32 throughout: the same arithmetic up to summation order
         assert row["moved"] > 1e-2, row  # against other noise's actions it differs: the check can fail
+
+
+def test_a_choice_that_fails_to_capture_is_skipped_not_fatal():
+    """A graph choice raising something other than RuntimeError (Triton's OutOfResources is an Exception)
+    is left out of that bucket and named; the default choice still has to capture."""
+    import contextlib
+    import types
+
+    from vlaserve.runtimes import CudaGraphs
+
+    class OutOfResources(Exception):  # noqa: N818 - named as Triton names it
+        pass
+
+    fake_torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(graph_pool_handle=lambda: None, synchronize=lambda *a: None)
+    )
+    graphs = CudaGraphs(
+        fake_torch, None, "cuda:0", {"default": contextlib.nullcontext, "fused": contextlib.nullcontext}
+    )
+    calls = []
+
+    def capture_one(static_inputs):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the second choice, "fused"
+            raise OutOfResources("out of resource: shared memory")
+        return f"graph{len(calls)}", ["out"]
+
+    graphs._capture_one, graphs._replay_ms = capture_one, lambda graph: 1.0
+    graphs.capture([[0, 0]])
+    assert graphs.chosen[2] == "default" and "OutOfResources" in graphs.failed[2]["fused"]
+    calls.clear()
+    graphs._capture_one = lambda static_inputs: (_ for _ in ()).throw(OutOfResources("default fails"))
+    try:
+        graphs.capture([[0]])
+    except OutOfResources:
+        pass
+    else:
+        raise AssertionError("a default choice that cannot capture must fail the capture")
+
+
+def test_fused_kernels_refuse_a_head_too_small_for_the_gpu_products():
+    from vlaserve.model.kernels import FusedDecoder
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    try:
+        FusedDecoder(build_policy(get_preset("tiny", 2)))  # head_dim 16
+    except ValueError as exc:
+        assert "head_dim 16" in str(exc)
+    else:
+        raise AssertionError("head_dim 16 must be refused")

@@ -253,6 +253,7 @@ class TritonPythonModel:
             "compiled": True,
             "compile_s": round(time.perf_counter() - started, 2),
             "compiled_rel": self.runtime.compiled_rel,
+            **({"fused_note": self.runtime.fused_note} if getattr(self.runtime, "fused_note", "") else {}),
         }
 
     def _capture_graphs(self) -> dict:
@@ -271,6 +272,7 @@ class TritonPythonModel:
             "capture_s": round(time.perf_counter() - started, 2),
             "attention": {str(b): graphs.chosen[b] for b in self.buckets},
             "replay_ms": {str(b): graphs.timings[b] for b in self.buckets},
+            **({"capture_failed": {str(b): f for b, f in graphs.failed.items()}} if graphs.failed else {}),
         }
 
     def _write_status(self) -> None:
@@ -416,7 +418,8 @@ class TritonPythonModel:
             # 16 clients (relative error 0.58 to 0.68, the same request each time), with the producing stream
             # synchronized first and the tensors kept alive for 8 more batches; on the host, none of 2,699
             # (docs/BENCHMARKS.md). The copy to the host waits for the stream's work.
-            # VLASERVE_DEVICE_HANDOFF=1 hands over on the device, only to reproduce that.
+            # VLASERVE_DEVICE_HANDOFF=1 hands over on the device, only to reproduce that;
+            # VLASERVE_PAGEABLE_HANDOFF=1 copies to ordinary memory, only to compare with the page-locked copy.
             if os.environ.get("VLASERVE_DEVICE_HANDOFF") == "1":
                 import torch
 

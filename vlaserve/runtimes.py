@@ -69,6 +69,7 @@ class TorchScriptRuntime:
         self.compiled_rel: dict[str, float] = {}  # attention choice -> rel error against the TorchScript module
         self.compile_backend = ""
         self.fused_kernels = False  # offer the decoder's fused Triton kernels as a choice (vlaserve.model.kernels)
+        self.fused_note = ""  # why they were dropped, if they were
 
     def _call(self, *tensors) -> list:
         if self.compiled is not None:
@@ -99,6 +100,21 @@ class TorchScriptRuntime:
 
             choices["fused"] = lambda: fused_forward(module)
         return choices
+
+    def _check_fused(self, context, module, inputs, ref, tolerance: float, rel: dict) -> str:
+        """Run the fused choice once against the artifact's answer; returns why it is dropped, or ""."""
+        from vlaserve.model.parity import compare
+
+        try:
+            with self.torch.inference_mode(), context():
+                out = module(*inputs)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Triton compile error on another GPU or Triton version
+            self.torch.cuda.synchronize(self.device)
+            return f"fused kernels dropped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        rel["fused"] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]
+        if not rel["fused"] <= tolerance:
+            return f"fused kernels dropped: rel {rel['fused']:.2g} against the artifact > {tolerance:g}"
+        return ""
 
     def compile(self, manifest: Manifest, batch: int = 1, backend: str = "inductor") -> str:
         """Run the Python model the artifact was traced from (``manifest``'s preset and views, the artifact's
@@ -131,7 +147,9 @@ class TorchScriptRuntime:
                 with torch.jit.optimized_execution(False):
                     ref = self.module(*inputs)
                 ref = ref[0] if isinstance(ref, tuple) else ref
-                for name, context in self._compiled_choices(backend, module).items():
+                choices = self._compiled_choices(backend, module)
+                fused = choices.pop("fused", None)
+                for name, context in choices.items():
                     with context():
                         out = module(*inputs)
                     rel[name] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]
@@ -140,6 +158,9 @@ class TorchScriptRuntime:
                 torch.cuda.synchronize(self.device)
             return f"compiling failed, running the TorchScript module: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         tolerance = REL_TOLERANCE[manifest.dtype]
+        if fused is not None:  # the fused kernels are one optional choice: if they fail, only they are dropped
+            self.fused_note = self._check_fused(fused, module, inputs, ref, tolerance, rel)
+            self.fused_kernels = not self.fused_note
         bad = {name: r for name, r in rel.items() if not r <= tolerance}  # NaN is bad too
         if bad:
             name, r = next(iter(bad.items()))
@@ -274,6 +295,7 @@ class CudaGraphs:
         self.graphs: dict[int, tuple] = {}  # batch -> (graph, static inputs, static outputs)
         self.timings: dict[int, dict[str, float]] = {}  # batch -> {choice: replay ms}
         self.chosen: dict[int, str] = {}
+        self.failed: dict[int, dict[str, str]] = {}  # batch -> {choice: why it did not capture}
 
     def has(self, batch: int) -> bool:
         return batch in self.graphs
@@ -308,10 +330,11 @@ class CudaGraphs:
             try:
                 with context():
                     graph, outputs = self._capture_one(static_inputs)
-            except RuntimeError:
+            except Exception as exc:  # noqa: BLE001 - e.g. Triton's OutOfResources, not a RuntimeError
                 if i == 0:
                     raise  # the default must capture; the others may not apply to this model
                 self.torch.cuda.synchronize(self.device)
+                self.failed.setdefault(batch, {})[choice] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 continue
             ms = self._replay_ms(graph)
             self.timings.setdefault(batch, {})[choice] = round(ms, 3)

@@ -280,8 +280,12 @@ class FusedDecoder:
     def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132):
         self.policy, self.cfg = policy, policy.cfg
         e = self.cfg.expert
-        if e.head_dim & (e.head_dim - 1) or e.num_heads % e.num_kv_heads:
-            raise ValueError(f"head_dim {e.head_dim} must be a power of two and heads a multiple of kv heads")
+        if e.head_dim & (e.head_dim - 1) or e.head_dim < 32 or e.num_heads % e.num_kv_heads:
+            # 32: each half head is a product of at least 16 columns, the least Triton's dot takes on a GPU
+            raise ValueError(f"head_dim {e.head_dim} must be a power of two >= 32, and heads a multiple of kv heads")
+        for name, weight in policy.expert_layers.named_parameters():
+            if not weight.is_contiguous():
+                raise ValueError(f"expert_layers.{name} is not contiguous: the kernels index weights as stored")
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
 
