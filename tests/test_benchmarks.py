@@ -129,3 +129,30 @@ def test_peers_benchmark_produces_table_and_results_on_cpu(tiny_repo, tmp_path, 
     assert {c["target"].split(" ")[0] for c in doc["targets"]} == {"batch-1", "throughput", "Triton"}
     assert "target" in printed and "results.json" in printed
     assert np.load(out / "inprocess_actions.npz")["graphs"].shape == (1, 50, 32)
+
+
+@pytest.mark.parametrize("failure", ["wrong", "raises"])
+def test_a_failing_fused_choice_drops_only_itself(tiny_repo, monkeypatch, failure):
+    """The decoder's fused kernels are an optional graph choice: wrong answers or a compile error drop that
+    choice (named in fused_note), and the compiled decoder still serves."""
+    import contextlib
+
+    manifest, runtime = _runtime(tiny_repo, "decoder")
+    runtime.fused_kernels = True
+    offered = runtime._compiled_choices
+
+    @contextlib.contextmanager
+    def broken_fused(module):
+        if failure == "raises":
+            raise RuntimeError("Triton: out of resource")  # as a compile error on another GPU would
+        module.forward = lambda *inputs: torch.zeros(len(inputs[0]), 50, 32)
+        try:
+            yield
+        finally:
+            del module.forward
+
+    monkeypatch.setattr(runtime, "_compiled_choices",
+                        lambda backend, module: {**offered(backend, module), "fused": lambda: broken_fused(module)})  # fmt: skip
+    assert runtime.compile(manifest, batch=2, backend="eager") == ""
+    assert runtime.compiled is not None and not runtime.fused_kernels
+    assert runtime.fused_note.startswith("fused kernels dropped: " + ("RuntimeError" if failure == "raises" else "rel"))
