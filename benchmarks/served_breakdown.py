@@ -34,13 +34,6 @@ from vlaserve.value_check import golden_reference
 
 SPEC = Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml"
 MODELS = tuple(step.model for step in io.PIPELINE)
-FIGURES = {
-    "queue": "nv_inference_queue_duration_us",
-    "input": "nv_inference_compute_input_duration_us",
-    "infer": "nv_inference_compute_infer_duration_us",
-    "output": "nv_inference_compute_output_duration_us",
-    "request": "nv_inference_request_duration_us",
-}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,16 +42,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def per_model(before: dict, after: dict) -> dict:
-    out = {}
-    for model in (*MODELS, io.POLICY):
-        start, end = before["models"].get(model, {}), after["models"][model]
-        d = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in end}
-        count = d.get("nv_inference_request_success", 0.0) or 1.0
-        out[model] = {k: round(d.get(m, 0.0) / count / 1e3, 2) for k, m in FIGURES.items()}
-        out[model]["batch"] = round(
-            d.get("nv_inference_count", 0.0) / max(d.get("nv_inference_exec_count", 0.0), 1.0), 2
-        )
-    return out
+    """Per model and request (loadtest.metrics.deltas): queue, input, infer, output and whole
+    request ms, and the average batch."""
+    models = metrics.deltas(before, after)["models"]
+    keys = {
+        "queue": "queue_ms",
+        "input": "input_ms",
+        "infer": "infer_ms",
+        "output": "output_ms",
+        "request": "request_ms",
+    }
+    return {
+        model: {
+            **{k: round(models[model][m], 2) for k, m in keys.items()},
+            "batch": round(models[model]["avg_batch_size"], 2),
+        }
+        for model in (*MODELS, io.POLICY)
+    }
 
 
 def run_config(args, variant: str, env: str, workdir: Path) -> dict:

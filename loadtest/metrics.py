@@ -78,6 +78,10 @@ def deltas(before: dict, after: dict) -> dict:
             "compute_ms": ms["nv_inference_compute_input_duration_us"]
             + ms["nv_inference_compute_infer_duration_us"]
             + ms["nv_inference_compute_output_duration_us"],
+            # the compute's three parts: inputs into the model, the model's execute, outputs out of it
+            "input_ms": ms["nv_inference_compute_input_duration_us"],
+            "infer_ms": ms["nv_inference_compute_infer_duration_us"],
+            "output_ms": ms["nv_inference_compute_output_duration_us"],
         }
     gpus = {
         uuid: {
