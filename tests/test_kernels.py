@@ -21,7 +21,10 @@ cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=3
                           expert=dataclasses.replace(cfg.expert, head_dim=32))
 policy = build_policy(cfg, seed=0)
 rows = []
-for batch, splits in ((2, 0), (1, 1)):
+# BLOCK_K 16 gives the tiny expert's products (K 64 to 128) several steps, so that splitting K (the fifth
+# number) really splits: 2 and 3 splits, uneven at 3, and one split for every kind of the batch-2 case
+split_k = {"qkv": (16, 16, 4, 1, 2), "out": (16, 16, 4, 1, 3), "geglu": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2)}
+for batch, tiles in ((2, {"splits": 0}), (1, {"splits": 1, **split_k})):
     r = random_request(batch, 2, cfg.vocab_size, seed=batch)
     with torch.no_grad():
         kv, mask = policy.encode(r["images"], r["tokens"])
@@ -29,13 +32,13 @@ for batch, splits in ((2, 0), (1, 1)):
         ref = policy.decode(kv, mask, r["state"], r["noise"])
         if batch == 1:  # as the runtime offers it: the served module, inside fused_forward
             module = Decoder(policy)
-            with fused_forward(module, {"splits": splits}):
+            with fused_forward(module, tiles):
                 out = module(kv, mask, r["state"], r["noise"])
             assert "forward" not in module.__dict__  # the module's own forward again
         else:
-            out = FusedDecoder(policy, {"splits": splits}).decode(kv, mask, r["state"], r["noise"])
+            out = FusedDecoder(policy, tiles).decode(kv, mask, r["state"], r["noise"])
         other = policy.decode(kv, mask, r["state"], r["noise"] + 1)
-    rows.append({"batch": batch, "splits": splits, **compare(out, ref), "moved": compare(out, other)["rel"]})
+    rows.append({"batch": batch, "tiles": str(tiles), **compare(out, ref), "moved": compare(out, other)["rel"]})
 print(json.dumps(rows))
 """
 

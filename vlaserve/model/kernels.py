@@ -50,15 +50,16 @@ def _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, w_rows1, w_rows2, w_ok, K, eps,
+def _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, w_rows1, w_rows2, w_ok, K, k_start, k_stop,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """RMSNorm(x[rows]) @ w[w_rows1]^T and RMSNorm(x[rows]) @ w[w_rows2]^T, float32 [BLOCK_M, BLOCK_N] each:
-    x and both weight tiles read once per step of one loop over K (the weight tiles [BLOCK_N, BLOCK_K] as
-    stored, rows of w contiguous, transposed for the product)."""
+    """(x[rows] * scale) @ w[w_rows1]^T and (x[rows] * scale) @ w[w_rows2]^T over columns k_start..k_stop of
+    K, float32 [BLOCK_M, BLOCK_N] each, and the float32 sum of squares of x's rows there: RMSNorm's 1 / RMS is
+    applied by the epilogue, once the squares of all of K are summed. x and both weight tiles are read once
+    per step of one loop over K (the weight tiles [BLOCK_N, BLOCK_K] as stored, transposed for the product)."""
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         y, chunk_squares, ks, k_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
         squares += chunk_squares
         ok = w_ok[:, None] & k_ok[None, :]
@@ -66,30 +67,58 @@ def _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, w_rows1, w_rows2, w_o
         w2 = tl.load(w_ptr + w_rows2[:, None] * K + ks[None, :], mask=ok, other=0.0)
         acc1 += tl.dot(y, tl.trans(w1))
         acc2 += tl.dot(y, tl.trans(w2))
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
-    return acc1 * rstd[:, None], acc2 * rstd[:, None]
+    return acc1, acc2, squares
 
 
 @triton.jit
-def _norm_qkv_kernel(
-    x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr,
-    M, K, T, eps,
-    kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Program (row block, head, column block): columns c.. of both halves of one q, k or v head, so that
-    RoPE (which pairs column j with j + D/2) is applied before anything is stored."""
-    pid_m, head, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
-    first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
-    acc1, acc2 = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, first, first + D // 2, half < D // 2, K, eps,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    dtype = w_ptr.dtype.element_ty
-    a1 = acc1.to(dtype).to(tl.float32)  # the projection's output in the weights' dtype, as the reference's
-    a2 = acc2.to(dtype).to(tl.float32)
+def _split_arrive(part_ptr, count_ptr, tile, split, acc1, acc2, squares,
+                  SPLITS: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Split-K: store this split's partial sums of output tile ``tile`` (acc1; with NORM also acc2 and the
+    squares) and count it in; true for the split that arrives last, which then sums them all
+    (:func:`_split_sum`) and runs the epilogue. A skinny product (51 rows at batch 1) has too few output
+    tiles to keep the GPU's memory busy; split over K it has SPLITS times as many programs, each a shorter
+    loop, and no extra kernel."""
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    SLAB: tl.constexpr = 2 * TILE + BLOCK_M if NORM else TILE
+    base = part_ptr + (tile * SPLITS + split) * SLAB
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(base + offs, acc1)
+    if NORM:
+        tl.store(base + TILE + offs, acc2)
+        tl.store(base + 2 * TILE + tl.arange(0, BLOCK_M), squares)
+    tl.debug_barrier()  # every thread's stores are made before the count (acq_rel, GPU scope) says so
+    return tl.atomic_add(count_ptr + tile, 1) == SPLITS - 1
+
+
+@triton.jit
+def _split_sum(part_ptr, count_ptr, tile,
+               SPLITS: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The sums over the splits of tile ``tile`` (see :func:`_split_arrive`), its count reset for the next
+    launch; read past the L1 cache, which is not coherent with the other programs' stores."""
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    SLAB: tl.constexpr = 2 * TILE + BLOCK_M if NORM else TILE
+    tl.atomic_xchg(count_ptr + tile, 0)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for split in range(SPLITS):
+        base = part_ptr + (tile * SPLITS + split) * SLAB
+        acc1 += tl.load(base + offs, cache_modifier=".cg")
+        if NORM:
+            acc2 += tl.load(base + TILE + offs, cache_modifier=".cg")
+            squares += tl.load(base + 2 * TILE + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+    return acc1, acc2, squares
+
+
+@triton.jit
+def _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_ptr, q_ptr, kv_ptr, K, T, eps,
+                  kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset, dtype: tl.constexpr,
+                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """1 / RMS, RoPE on q and k, and the stores of :func:`_norm_qkv_kernel`."""
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    a1 = (acc1 * rstd[:, None]).to(dtype).to(tl.float32)  # the projection's output in the weights' dtype
+    a2 = (acc2 * rstd[:, None]).to(dtype).to(tl.float32)
     if head < H + HKV:  # q or k: rotate-half RoPE with the tables of vlaserve.model.policy.rope_tables
         t1 = rows[:, None] * D + half[None, :]
         cos1 = tl.load(cos_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -107,6 +136,38 @@ def _norm_qkv_kernel(
         dst = kv_ptr + base[:, None] + half[None, :]
     tl.store(dst, a1.to(dtype), mask=row_ok[:, None])
     tl.store(dst + D // 2, a2.to(dtype), mask=row_ok[:, None])
+
+
+@triton.jit
+def _norm_qkv_kernel(
+    x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, part_ptr, count_ptr,
+    M, K, T, eps, k_per_split,
+    kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (row block x split of K, head, column block): columns c.. of both halves of one q, k or v head,
+    so that RoPE (which pairs column j with j + D/2) is applied before anything is stored."""
+    pid, head, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, split = pid // SPLITS, pid % SPLITS
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
+    first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
+    k_start = split * k_per_split
+    acc1, acc2, squares = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, first, first + D // 2,
+                                             half < D // 2, K, k_start, tl.minimum(k_start + k_per_split, K),
+                                             BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    dtype: tl.constexpr = w_ptr.dtype.element_ty
+    if SPLITS == 1:
+        _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_ptr, q_ptr, kv_ptr, K, T, eps,
+                      kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset, dtype, H, HKV, D)  # fmt: skip
+    else:
+        tile = (pid_m * tl.num_programs(1) + head) * tl.num_programs(2) + pid_n
+        if _split_arrive(part_ptr, count_ptr, tile, split, acc1, acc2, squares, SPLITS, True, BLOCK_M, BLOCK_N):
+            acc1, acc2, squares = _split_sum(part_ptr, count_ptr, tile, SPLITS, True, BLOCK_M, BLOCK_N)
+            _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_ptr, q_ptr, kv_ptr, K, T,
+                          eps, kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset, dtype, H, HKV, D)  # fmt: skip
 
 
 @triton.jit
@@ -196,20 +257,35 @@ def _combine_kernel(
 
 
 @triton.jit
-def _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matmul_residual(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """x [M, N] += a [M, K] @ w [N, K]^T, in place, the product rounded to x's dtype before the sum (as
-    the reference's ``x + linear(a)``)."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    the reference's ``x + linear(a)``). Program (row block x split of K, column block)."""
+    pid, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, split = pid // SPLITS, pid % SPLITS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(w))
+    if SPLITS == 1:
+        _residual_epilogue(acc, x_ptr, rows, cols, row_ok, col_ok, N)
+    else:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        none = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if _split_arrive(part_ptr, count_ptr, tile, split, acc, acc, none, SPLITS, False, BLOCK_M, BLOCK_N):
+            acc, _, _ = _split_sum(part_ptr, count_ptr, tile, SPLITS, False, BLOCK_M, BLOCK_N)
+            _residual_epilogue(acc, x_ptr, rows, cols, row_ok, col_ok, N)
+
+
+@triton.jit
+def _residual_epilogue(acc, x_ptr, rows, cols, row_ok, col_ok, N):
     dtype = x_ptr.dtype.element_ty
     ptrs = x_ptr + rows[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
@@ -218,51 +294,73 @@ def _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _out_proj_kernel(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _out_proj_kernel(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """The attention's output projection added to the residual stream (a kernel of its own name, so that a
     profile tells it from the down projection)."""
-    _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    _matmul_residual(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS,
+                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
-def _down_proj_kernel(
-    a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-):
+def _down_proj_kernel(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """The MLP's down projection added to the residual stream."""
-    _matmul_residual(a_ptr, w_ptr, x_ptr, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    _matmul_residual(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS,
+                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _geglu_epilogue(gate, up, squares, out_ptr, rows, cols, row_ok, col_ok, F, K, eps, dtype: tl.constexpr):
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    g = (gate * rstd[:, None]).to(dtype).to(tl.float32)
+    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (x + 0.044715 x^3)
+    tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    act = (0.5 * g * (1.0 + tanh)).to(dtype).to(tl.float32)
+    out = act * (up * rstd[:, None]).to(dtype).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _norm_geglu_kernel(
-    x_ptr, nw_ptr, w_ptr, out_ptr, M, F, K, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, F, K, eps, k_per_split,
+    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
-    second F rows of w [2F, K] (the reference's fused gate_up projection, chunked)."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    second F rows of w [2F, K] (the reference's fused gate_up projection, chunked). Program (row block x
+    split of K, column block)."""
+    pid, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, split = pid // SPLITS, pid % SPLITS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < F
-    gate, up = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, cols, cols + F, col_ok, K, eps,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    dtype = w_ptr.dtype.element_ty
-    g = gate.to(dtype).to(tl.float32)
-    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (x + 0.044715 x^3)
-    tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-    act = (0.5 * g * (1.0 + tanh)).to(dtype).to(tl.float32)
-    out = act * up.to(dtype).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+    k_start = split * k_per_split
+    gate, up, squares = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, cols, cols + F, col_ok, K, k_start,
+                                           tl.minimum(k_start + k_per_split, K), BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    dtype: tl.constexpr = w_ptr.dtype.element_ty
+    if SPLITS == 1:
+        _geglu_epilogue(gate, up, squares, out_ptr, rows, cols, row_ok, col_ok, F, K, eps, dtype)
+    else:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if _split_arrive(part_ptr, count_ptr, tile, split, gate, up, squares, SPLITS, True, BLOCK_M, BLOCK_N):
+            gate, up, squares = _split_sum(part_ptr, count_ptr, tile, SPLITS, True, BLOCK_M, BLOCK_N)
+            _geglu_epilogue(gate, up, squares, out_ptr, rows, cols, row_ok, col_ok, F, K, eps, dtype)
+
+
+def _product_tiles(setting) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, splits of K) of a product's launch setting."""
+    return (*setting, 1) if len(setting) == 4 else tuple(setting)
 
 
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-# Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the products, and
-# (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for the attention; "splits" is the attention's
-# key splits (0: enough to keep about `target_programs` programs busy). Per row count (batch x 51 tokens):
-# the fastest that benchmarks/fused_decoder.py found for pi0 on the H200 at batch 1 (51 rows) and at
-# batch 4 (docs/BENCHMARKS.md).
+# Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages[, splits of K]) for the
+# products (splits of K: 1 if left out), and (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for
+# the attention; "splits" is the attention's key splits (0: enough to keep about `target_programs` programs
+# busy). Per row count (batch x 51 tokens): the fastest that benchmarks/fused_decoder.py found for pi0 on
+# the H200 at batch 1 (51 rows) and at batch 4 (docs/BENCHMARKS.md).
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 5), "attention": (16, 128, 4, 2), "out": (16, 128, 4, 5),
           "geglu": (32, 64, 4, 5), "down": (16, 128, 4, 5), "splits": 0}),
@@ -310,13 +408,18 @@ class FusedDecoder:
         kv_i = kv[:, i]  # [B, 2, HKV, S, D]
         bm = _block_m(m)
         tiles = self.tiles_for(m)
-        bn, bk, warps, stages = tiles["qkv"]
+        bn, bk, warps, stages, k_splits = _product_tiles(tiles["qkv"])
         bn = min(bn, d // 2)
+        n_blocks = (d // 2) // bn
+        k_splits, k_per_split, part, counts = self._k_splits(
+            "qkv", k_splits, w, bk, triton.cdiv(m, bm) * (h + 2 * hkv) * n_blocks, 2 * bm * bn + bm, scratch, x.device
+        )
         q = scratch["q"]
-        _norm_qkv_kernel[(triton.cdiv(m, bm), h + 2 * hkv, (d // 2) // bn)](
-            x, layer.input_norm.weight, layer.qkv_proj.weight, cos, sin, q, kv_i,
-            m, w, t, RMS_EPS, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), p,
-            H=h, HKV=hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        _norm_qkv_kernel[(triton.cdiv(m, bm) * k_splits, h + 2 * hkv, n_blocks)](
+            x, layer.input_norm.weight, layer.qkv_proj.weight, cos, sin, q, kv_i, part, counts,
+            m, w, t, RMS_EPS, k_per_split, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), p,
+            H=h, HKV=hkv, D=d, SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
         g = h // hkv
         am, an, warps, stages = tiles["attention"]
@@ -339,23 +442,48 @@ class FusedDecoder:
         )  # fmt: skip
         if splits > 1:
             _combine_kernel[(b * hkv, row_blocks)](part, attn, t, H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=am)
-        bn, bk, warps, stages = tiles["out"]
-        _out_proj_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bn))](
-            attn, layer.o_proj.weight, x, m, w, h * d,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        bn, bk, warps, stages, k_splits = _product_tiles(tiles["out"])
+        k_splits, k_per_split, part, counts = self._k_splits(
+            "out", k_splits, h * d, bk, triton.cdiv(m, bm) * triton.cdiv(w, bn), bm * bn, scratch, x.device
+        )
+        _out_proj_kernel[(triton.cdiv(m, bm) * k_splits, triton.cdiv(w, bn))](
+            attn, layer.o_proj.weight, x, part, counts, m, w, h * d, k_per_split,
+            SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         f = e.mlp_dim
-        bn, bk, warps, stages = tiles["geglu"]
+        bn, bk, warps, stages, k_splits = _product_tiles(tiles["geglu"])
+        k_splits, k_per_split, part, counts = self._k_splits(
+            "geglu", k_splits, w, bk, triton.cdiv(m, bm) * triton.cdiv(f, bn), 2 * bm * bn + bm, scratch, x.device
+        )
         hidden = scratch["hidden"]
-        _norm_geglu_kernel[(triton.cdiv(m, bm), triton.cdiv(f, bn))](
-            x, layer.mlp_norm.weight, layer.gate_up_proj.weight, hidden, m, f, w, RMS_EPS,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        _norm_geglu_kernel[(triton.cdiv(m, bm) * k_splits, triton.cdiv(f, bn))](
+            x, layer.mlp_norm.weight, layer.gate_up_proj.weight, hidden, part, counts, m, f, w, RMS_EPS, k_per_split,
+            SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        bn, bk, warps, stages = tiles["down"]
-        _down_proj_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bn))](
-            hidden, layer.down_proj.weight, x, m, w, f,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        bn, bk, warps, stages, k_splits = _product_tiles(tiles["down"])
+        k_splits, k_per_split, part, counts = self._k_splits(
+            "down", k_splits, f, bk, triton.cdiv(m, bm) * triton.cdiv(w, bn), bm * bn, scratch, x.device
+        )
+        _down_proj_kernel[(triton.cdiv(m, bm) * k_splits, triton.cdiv(w, bn))](
+            hidden, layer.down_proj.weight, x, part, counts, m, w, f, k_per_split,
+            SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
+
+    @staticmethod
+    def _k_splits(kind: str, splits: int, k: int, block_k: int, tiles: int, slab: int, scratch: dict, device):
+        """The splits of K a product really gets (each a whole number of BLOCK_K steps), the columns per
+        split, and its workspace: each split's partial sums per output tile (``slab`` floats), and a count
+        per tile that the last split of each resets (zeros, made once per call)."""
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+        splits = triton.cdiv(k, k_per_split)
+        key = ("k_splits", kind, splits, tiles, slab) if splits > 1 else ("k_splits", "unused")
+        tiles, slab = (tiles, slab) if splits > 1 else (1, 1)
+        if key not in scratch:
+            scratch[key] = (
+                torch.empty((tiles * splits * slab,), dtype=torch.float32, device=device),
+                torch.zeros((tiles,), dtype=torch.int32, device=device),
+            )
+        return splits, k_per_split, *scratch[key]
 
     @torch.no_grad()
     def decode(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
