@@ -362,8 +362,8 @@ def _block_m(m: int) -> int:
 # busy). Per row count (batch x 51 tokens): the fastest that benchmarks/fused_decoder.py found for pi0 on
 # the H200 at batch 1 (51 rows) and at batch 4 (docs/BENCHMARKS.md).
 TILES_BY_ROWS = (
-    (64, {"qkv": (16, 64, 4, 5), "attention": (16, 128, 4, 2), "out": (16, 128, 4, 5),
-          "geglu": (32, 64, 4, 5), "down": (16, 128, 4, 5), "splits": 0}),
+    (64, {"qkv": (32, 64, 4, 4, 4), "attention": (16, 128, 4, 2), "out": (16, 128, 4, 5),
+          "geglu": (32, 64, 4, 4, 2), "down": (16, 128, 4, 4, 4), "splits": 0}),
     (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 3), "out": (32, 128, 4, 4),
             "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4), "splits": 0}),
 )  # fmt: skip
