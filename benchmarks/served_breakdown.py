@@ -58,7 +58,13 @@ def per_model(before: dict, after: dict) -> dict:
             "batch": round(models[model]["avg_batch_size"], 2),
         }
         for model in (*MODELS, io.POLICY)
+        if model in models  # a policy run as one model (spec pipeline one_model) has no step models
     }
+
+
+def shown(figures: dict) -> list[str]:
+    """The models a row's table shows: the steps, or the policy run as one model."""
+    return [m for m in MODELS if m in figures] or [io.POLICY]
 
 
 def run_config(args, variant: str, env: str, workdir: Path) -> dict:
@@ -132,16 +138,16 @@ def main() -> None:
     )
     for r in rows:
         s = r["sequential"]
-        parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in MODELS)
+        parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in shown(s))
         print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts}")
     print(
-        f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  batch enc/dec"
+        f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  avg batch"
     )
     for r in rows:
         for key in [k for k in r if k.startswith("clients_")]:
             c = r[key]
             print(f"{r['variant'] + ', ' + r['env']:36} {key[8:]:>7} {c['right_per_s']:8.1f} {c['p50_ms']:7.1f} "
-                  f"{c['p99_ms']:7.1f} {c['wrong']:5d} {c['errors']:6d}  {c[MODELS[0]]['batch']}/{c[MODELS[-1]]['batch']}")  # fmt: skip
+                  f"{c['p99_ms']:7.1f} {c['wrong']:5d} {c['errors']:6d}  {'/'.join(str(c[m]['batch']) for m in shown(c))}")  # fmt: skip
 
 
 if __name__ == "__main__":

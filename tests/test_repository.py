@@ -7,6 +7,7 @@ import yaml
 from tritonclient.grpc import model_config_pb2
 
 from tests.conftest import ROOT, SPEC
+from vlaserve import interface as io
 from vlaserve import repository
 from vlaserve.errors import VlaserveError
 from vlaserve.spec import parse_spec
@@ -123,3 +124,34 @@ def test_the_pipeline_declared_once_gives_the_configs_and_the_ensemble(monkeypat
     middle = io.Step(io.DECODER, inputs=(io.PREFIX_KV, io.PREFIX_MASK, io.STATE, io.NOISE), outputs=("hidden",))
     monkeypatch.setattr(io, "PIPELINE", (io.PIPELINE[0], middle, head))
     assert io.request_inputs() == (io.IMAGES, io.TOKENS, io.STATE, io.NOISE)
+
+
+def test_a_one_model_policy_is_written_beside_the_export_with_each_steps_artifacts(tmp_path):
+    """pipeline one_model: the policy is a Python model whose version folder links each step's artifacts into
+    a subfolder of the step's name; the steps' own models are not written (a server loads every model)."""
+    source = tmp_path / "exported"
+    for name in repository.RUNNER_MODELS:
+        (source / name / "1").mkdir(parents=True)
+        (source / name / "1" / "model.onnx").write_text(name)
+    spec = repository.load_spec(SPEC, "one_model")
+    out = repository.write_repository(spec, tmp_path / "out", artifacts_from=source)
+    assert sorted(p.name for p in out.iterdir()) == ["policy"]
+    config = repository.read_config(out / "policy" / "config.pbtxt")
+    assert config.backend == "python" and not config.platform and config.max_batch_size == spec.policy.max_batch_size
+    assert [i.name for i in config.input] == list(io.request_inputs()) and [o.name for o in config.output] == [
+        "actions"
+    ]
+    assert [g.name for g in config.instance_group] == ["policy_cpu"] and config.instance_group[0].count == 2
+    for name in repository.RUNNER_MODELS:
+        assert (out / "policy" / "1" / name / "model.onnx").read_text() == name
+    assert (out / "policy" / "1" / "model.py").is_file()
+    assert list(repository.runner_configs(out)) == ["policy"]
+    assert repository.drain_seconds(out) == 10 + 5  # the policy's queue timeout, and 10 s for the compute
+    with pytest.raises(
+        VlaserveError,
+        match="models.policy.pipeline: got 'one_model', expected a repository written into another folder",
+    ):
+        repository.write_repository(spec, source, artifacts_from=source)
+    (source / "encoder" / "config.pbtxt").write_text("")
+    with pytest.raises(VlaserveError, match="expected a folder without the encoder model"):
+        repository.write_repository(spec, source, artifacts_from=tmp_path / "elsewhere")

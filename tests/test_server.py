@@ -302,3 +302,36 @@ def test_a_request_the_decoder_would_reject_is_stopped_before_the_encoder_runs(s
         with pytest.raises(InferenceServerException, match=needle):
             client.infer(request)
         assert stats.statistics("decoder")["execution_count"] == before, needle
+
+
+def test_a_one_model_policy_runs_every_step_in_its_instances(tiny_repo, tiny_policy, tmp_path):
+    """spec pipeline one_model: the policy is one Python model whose instances run encoder and decoder in
+    their own process. It answers as in-process PyTorch does over gRPC and HTTP, draws noise, rejects a bad
+    item alone, and each instance checked each step's golden samples."""
+    from vlaserve.spec import load_spec
+
+    spec = load_spec(SPEC, "one_model")
+    repo = repository.write_repository(spec, tmp_path / "repo", artifacts_from=tiny_repo)
+    srv = start_server(repo, tmp_path / "work")
+    try:
+        for protocol, url in (("grpc", srv.grpc_url), ("http", srv.http_url)):
+            request = make_request(3, views=2, seed=21, with_noise=True)
+            actions = PolicyClient(url, protocol).infer(request)
+            np.testing.assert_allclose(actions, reference_actions(tiny_policy, request), atol=1e-4, rtol=1e-4)
+        client = PolicyClient(srv.grpc_url)
+        drawn = client.infer(make_request(2, views=2, seed=22))
+        assert np.isfinite(drawn).all() and not np.allclose(drawn[0], drawn[1])
+        bad = make_request(1, views=2, seed=23, with_noise=True)
+        bad["state"][0, 0] = np.nan
+        with pytest.raises(InferenceServerException, match="policy: state"):
+            client.infer(bad)
+        assert client.statistics("policy")["success_count"] >= 3
+        assert client.client.is_model_ready("policy") and not client.client.is_model_ready("encoder")
+        statuses = [json.loads(f.read_text()) for f in sorted(srv.status_dir.glob("policy_cpu_*.json"))]
+        assert len(statuses) == 2
+        for status in statuses:
+            assert list(status["steps"]) == ["encoder", "decoder"] and status["value_check"] == "pass"
+            for step in status["steps"].values():
+                assert step["golden_check"]["worst"] < 1e-4 and step["runtime"] == "onnxruntime"
+    finally:
+        srv.stop()

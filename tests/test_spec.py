@@ -99,3 +99,23 @@ def test_fused_kernels_are_the_decoders_and_reach_its_config():
     assert "fused_kernels" not in configs["encoder"].parameters
     with pytest.raises(VlaserveError, match="models.encoder.fused_kernels: got True, expected false: only the decoder"):
         spec.with_model("encoder", fused_kernels=True)
+
+
+def test_a_one_model_policy_needs_steps_that_can_share_its_instances():
+    spec = load_spec(SPEC, "one_model")
+    assert spec.one_model and not load_spec(SPEC).one_model
+    raw = load_raw(SPEC, "one_model")
+    raw["models"]["decoder"]["instance_groups"] = [{"name": "policy_cpu", "count": 1, "kind": "cpu"}]
+    with pytest.raises(VlaserveError) as caught:
+        parse_spec(raw)
+    assert caught.value.field == "models.decoder.instance_groups" and "one process runs every step" in str(caught.value)
+    raw = load_raw(SPEC, "one_model")
+    raw["models"]["decoder"]["runtime"] = "torchscript"
+    with pytest.raises(VlaserveError, match=r"models.decoder.runtime: got 'torchscript', expected the encoder's"):
+        parse_spec(raw)
+    with pytest.raises(
+        VlaserveError, match="models.policy.max_in_flight: got 64, expected none with pipeline one_model"
+    ):
+        spec.with_model("policy", max_in_flight=64)
+    with pytest.raises(VlaserveError, match=r"models.policy.pipeline: got 'chain', expected one of \['ensemble'"):
+        spec.with_model("policy", pipeline="chain")

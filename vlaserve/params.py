@@ -46,6 +46,9 @@ class RunnerParams:
     admission_ttl_s: float | None = None
     admission_wait_s: float | None = None
     groups: Mapping[str, GroupLimits] = dataclasses.field(default_factory=dict)
+    # A policy run as one model (spec pipeline one_model): each step's own parameters, keyed "<step>/<key>";
+    # the model's own runtime then only says how its inputs are read, and its groups' MPS limits apply.
+    steps: Mapping[str, RunnerParams] = dataclasses.field(default_factory=dict)
 
     def limits(self, group: str | None) -> GroupLimits:
         return self.groups.get(group, GroupLimits()) if group else GroupLimits()
@@ -55,7 +58,7 @@ class RunnerParams:
         out = {**FIXED, "runtime": self.runtime}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("runtime", "groups") or value is None or value is False or value == ():
+            if field.name in ("runtime", "groups", "steps") or value is None or value is False or value == ():
                 continue
             if isinstance(value, bool):
                 out[field.name] = "true"
@@ -69,15 +72,21 @@ class RunnerParams:
             for key in GROUP_KEYS:
                 if getattr(limits, key) is not None:
                     out[f"{key}.{group}"] = str(getattr(limits, key))
+        for step, params in self.steps.items():
+            out.update({f"{step}/{k}": v for k, v in params.to_config().items() if k not in FIXED})
         return out
 
     @classmethod
     def from_config(cls, params: Mapping[str, str], where: str = "parameters") -> RunnerParams:
         """Read ``{key: string}`` back; a key or value that does not fit is a VlaserveError naming it."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "groups"}
-        values, groups = {}, {}
+        fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name not in ("groups", "steps")}
+        values, groups, steps = {}, {}, {}
         for key, text in params.items():
             if key in FIXED:
+                continue
+            if "/" in key:  # a step's own parameter (one_model), read below
+                step, step_key = key.split("/", 1)
+                steps.setdefault(step, {})[step_key] = text
                 continue
             if key in fields:
                 kind = fields[key]
@@ -102,7 +111,11 @@ class RunnerParams:
         for needed in ("admission_limit", "admission_ttl_s") if role else ():
             if values.get(needed) is None:
                 raise VlaserveError(f"{where}: {needed}", None, f"a value beside admission_role {role}")
-        return cls(**values, groups={g: GroupLimits(**v) for g, v in groups.items()})
+        return cls(
+            **values,
+            groups={g: GroupLimits(**v) for g, v in groups.items()},
+            steps={step: cls.from_config(sub, f"{where} of step {step}") for step, sub in steps.items()},
+        )
 
     @classmethod
     def of_model_config(cls, config) -> RunnerParams:

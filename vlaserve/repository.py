@@ -124,10 +124,11 @@ def runner_params(m: RunnerModel, admission: dict | None = None) -> RunnerParams
     )
 
 
-def runner_config(name: str, m: RunnerModel, dims, admission: dict | None = None) -> dict:
-    """The ModelConfig (as a dict) of the encoder or the decoder."""
+def runner_config(name: str, m: RunnerModel, dims, admission: dict | None = None, params=None) -> dict:
+    """The ModelConfig (as a dict) of a Python-backend model: the encoder or the decoder, or the policy run as
+    one model (with ``params``: its steps' parameters; its batching and instances are ``m``'s)."""
     inputs, outputs = MODEL_IO[name]
-    params = runner_params(m, admission).to_config()
+    params = (params or runner_params(m, admission)).to_config()
     groups = []
     for g in m.instance_groups:
         group = {"name": g.name, "count": g.count, "kind": KINDS[g.kind]}
@@ -196,13 +197,31 @@ def policy_config(spec: Spec, dims) -> dict:
     }
 
 
+def one_model_config(spec: Spec, dims) -> dict:
+    """The policy as one Python-backend model whose instances run every step (spec pipeline one_model):
+    batched and placed as the first step says, each step with its own runtime settings."""
+    first = spec.runners[RUNNER_MODELS[0]]
+    own = runner_params(first)
+    params = RunnerParams(
+        runtime=first.runtime,
+        groups=own.groups,
+        steps={name: runner_params(spec.runners[name]) for name in RUNNER_MODELS},
+    )
+    config = runner_config(io.POLICY, first, dims, params=params)
+    config["max_batch_size"] = spec.policy.max_batch_size
+    return config
+
+
 def build_configs(spec: Spec, settings: ModelSettings | None = None) -> dict[str, model_config_pb2.ModelConfig]:
     """Every model's ModelConfig message, for ``settings`` (default: the spec's own ``model:`` section)."""
     dims = tensor_dims(settings or spec.model)
-    dicts = {
-        name: runner_config(name, spec.runners[name], dims, admission_params(name, spec)) for name in RUNNER_MODELS
-    }
-    dicts[io.POLICY] = policy_config(spec, dims)
+    if spec.one_model:
+        dicts = {io.POLICY: one_model_config(spec, dims)}
+    else:
+        dicts = {
+            name: runner_config(name, spec.runners[name], dims, admission_params(name, spec)) for name in RUNNER_MODELS
+        }
+        dicts[io.POLICY] = policy_config(spec, dims)
     return {name: json_format.ParseDict(d, model_config_pb2.ModelConfig()) for name, d in dicts.items()}
 
 
@@ -210,19 +229,58 @@ def render(config: model_config_pb2.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
+def _link_artifacts(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for artifact in source.iterdir():
+        if artifact.name != "model.py" and not (target / artifact.name).exists():
+            (target / artifact.name).symlink_to(artifact.resolve())
+
+
 def write_repository(spec: Spec, out: Path, settings: ModelSettings | None = None, artifacts_from: Path | None = None):
-    """Write configs (and the runner entry points) into ``out``; link artifacts from another repository."""
+    """Write configs (and the runner entry points) into ``out``; link artifacts from another repository.
+
+    A one_model policy is written only into another folder: its version folder links each step's artifacts
+    into a subfolder of the step's name (``policy/1/encoder/``), and the steps' own models are left out (a
+    server loads every model of its repository)."""
+    if spec.one_model:
+        if artifacts_from is None or Path(out).resolve() == Path(artifacts_from).resolve():
+            raise VlaserveError(
+                f"models.{io.POLICY}.pipeline",
+                "one_model",
+                "a repository written into another folder (--out): the exported one keeps the steps' models",
+            )
+        for name in RUNNER_MODELS:
+            if (Path(out) / name / CONFIG_FILE).exists():
+                raise VlaserveError(
+                    "--out", str(out), f"a folder without the {name} model (a one_model policy runs the steps itself)"
+                )
     for name, config in build_configs(spec, settings).items():
         version_dir = out / name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         (out / name / CONFIG_FILE).write_text(render(config))
-        if name in RUNNER_MODELS:
+        if name in RUNNER_MODELS or spec.one_model:
             (version_dir / "model.py").write_text(MODEL_PY)
-            if artifacts_from is not None:
-                for artifact in (artifacts_from / name / "1").iterdir():
-                    if artifact.name != "model.py" and not (version_dir / artifact.name).exists():
-                        (version_dir / artifact.name).symlink_to(artifact.resolve())
+        if name in RUNNER_MODELS and artifacts_from is not None:
+            _link_artifacts(artifacts_from / name / "1", version_dir)
+        if name == io.POLICY and spec.one_model:
+            for step in RUNNER_MODELS:
+                _link_artifacts(artifacts_from / step / "1", version_dir / step)
     return out
+
+
+def runner_configs(repo: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    """The configs of a repository's Python-backend models: the steps of an ensemble, or the policy run as
+    one model."""
+    repo = Path(repo)
+    found = {
+        name: read_config(repo / name / CONFIG_FILE) for name in RUNNER_MODELS if (repo / name / CONFIG_FILE).exists()
+    }
+    policy = repo / io.POLICY / CONFIG_FILE
+    if not found and policy.exists():
+        config = read_config(policy)
+        if config.backend == "python":
+            found[io.POLICY] = config
+    return found
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -234,8 +292,7 @@ def drain_seconds(repo: Path) -> int:
     """How long a request admitted just before SIGTERM can still take: the queue timeouts it can wait
     out (the encoder's, its wait for an in-flight slot, the decoder's), plus 10 s for the compute."""
     total = 10.0
-    for name in RUNNER_MODELS:
-        config = read_config(Path(repo) / name / "config.pbtxt")
+    for config in runner_configs(repo).values():
         if config.HasField("dynamic_batching"):
             total += config.dynamic_batching.default_queue_policy.default_timeout_microseconds / 1e6
         total += RunnerParams.of_model_config(config).admission_wait_s or 0.0

@@ -11,6 +11,8 @@ an error response naming the tensor, and the rest of the batch is served.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -80,8 +82,22 @@ def apply_mps_limits(limits: GroupLimits, instance: str) -> dict:
     return applied
 
 
+@dataclasses.dataclass
+class Stage:
+    """One step of the pipeline as an instance runs it: its artifacts, parameters, manifest and runtime. An
+    ensemble's model runs one; the policy run as one model (spec pipeline one_model) runs every step, each
+    from the subfolder of its name, the outputs of one handed to the next where they are (on the GPU)."""
+
+    name: str
+    version_dir: Path
+    params: RunnerParams
+    manifest: Manifest
+    status: dict
+    runtime: object = None
+
+
 class TritonPythonModel:
-    """One instance of the encoder or the decoder."""
+    """One instance of the encoder or the decoder, or of the policy run as one model."""
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -95,35 +111,42 @@ class TritonPythonModel:
         self.status.update(apply_mps_limits(params.limits(group), self.instance))  # before any CUDA context
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        manifest_path = version_dir / io.MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise VlaserveError(f"{self.model_name} manifest", str(manifest_path), "a file written by `make export`")
-        self.manifest = Manifest.read(manifest_path)
-        self.input_shapes = {k: list(v.shape[1:]) for k, v in self.manifest.inputs.items()}
+        self.stages = self._stages(version_dir, params)
+        first = self.stages[0]
+        self.manifest = first.manifest
+        # The request inputs: every step input no earlier step gives (one step: the artifact's inputs).
+        self.input_shapes, produced = {}, set()
+        for stage in self.stages:
+            self.input_shapes.update(
+                {k: list(v.shape[1:]) for k, v in stage.manifest.inputs.items() if k not in produced}
+            )
+            produced.update(stage.manifest.outputs)
         # Request inputs the config gives this model besides the artifact's own: checked here, not computed on
         # (the encoder checks the decoder's state and noise, so that no compute is spent on a request the
         # decoder would reject).
         self.check_only = {i["name"]: i["dims"] for i in config["input"] if i["name"] not in self.input_shapes}
-        self.output_names = list(self.manifest.outputs)
+        self.output_names = list(self.stages[-1].manifest.outputs)
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
-        runtime_name = params.runtime
-        if runtime_name == "torchscript":
-            import torch
+        for stage in self.stages:
+            runtime_name = stage.params.runtime
+            if runtime_name == "torchscript":
+                import torch
 
-            check_torch_version(self.instance, self.manifest.torch, torch.__version__)
-        traced_on = self.manifest.init_device
-        if runtime_name == "torchscript" and traced_on != device.split(":")[0]:
-            raise VlaserveError(
-                f"{self.instance}: instance kind",
-                args["model_instance_kind"],
-                f"{traced_on.upper()}: the TorchScript artifact was traced on {traced_on} (export with --device to match)",
-            )
+                check_torch_version(self.instance, stage.manifest.torch, torch.__version__)
+            traced_on = stage.manifest.init_device
+            if runtime_name == "torchscript" and traced_on != device.split(":")[0]:
+                raise VlaserveError(
+                    f"{self.instance}: instance kind",
+                    args["model_instance_kind"],
+                    f"{traced_on.upper()}: the TorchScript artifact was traced on {traced_on} (export with --device "
+                    "to match)",
+                )
         # Batches are padded up to the next bucket so that only warmed-up shapes ever run (a new shape
         # makes TorchScript's profiling executor re-optimize, seconds for pi0, while requests queue),
         # and, with cuda_graphs, only shapes that have a captured graph.
-        self.buckets = sorted(params.batch_buckets)
-        self.value_check = params.value_check or "refuse"
+        self.buckets = sorted(first.params.batch_buckets)
+        self.value_check = first.params.value_check or "refuse"
         if self.value_check not in value_check.VALUE_CHECK_MODES:
             raise VlaserveError(
                 f"{self.instance}: value_check", self.value_check, f"one of {value_check.VALUE_CHECK_MODES}"
@@ -133,26 +156,35 @@ class TritonPythonModel:
             self.status.update(self._gpu_status(device))  # creates the CUDA context, under the MPS limit
             if "sm_count" not in self.status:
                 device = "cpu"  # this torch has no CUDA: the runtime falls back to the CPU as well
-        if self.value_check != "off":  # before the model loads: a bad share is refused in seconds
+        if self.value_check != "off":  # before the models load: a bad share is refused in seconds
             status_dir = os.environ.get(STATUS_DIR_ENV)
             cache = Path(status_dir).parent / value_check.PRODUCTS_CACHE if status_dir else None
-            products = value_check.cached_products(self.manifest, checked_batches, cache)
-            self._judge("products", value_check.screen_products(products, self.manifest.dtype, device))
-        self.runtime = load_runtime(runtime_name, version_dir, self.output_names, device, params.cpu_threads or 0)
-        self.status.update(runtime=runtime_name, device=self.runtime.device, kind=args["model_instance_kind"])
+            for stage in self.stages:
+                products = value_check.cached_products(stage.manifest, checked_batches, cache)
+                self._judge("products", value_check.screen_products(products, stage.manifest.dtype, device), stage)
+        for stage in self.stages:
+            stage.runtime = load_runtime(
+                stage.params.runtime, stage.version_dir, list(stage.manifest.outputs), device,
+                stage.params.cpu_threads or 0,
+            )  # fmt: skip
+            stage.status.update(runtime=stage.params.runtime, device=stage.runtime.device)
+            stage.runtime.fused_kernels = stage.params.fused_kernels  # a graph choice of the compiled model
+            if stage.params.compile:
+                stage.status.update(self._compile(stage))
+            if stage.params.cuda_graphs:
+                stage.status.update(self._capture_graphs(stage))
+            if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
+                golden = value_check.load_golden(stage.version_dir)
+                as_numpy = stage.runtime.tensor_kind == "numpy"
+                run = functools.partial(self._run_synced, stage.runtime)
+                result = value_check.check_golden(run, golden, checked_batches, stage.manifest.dtype, as_numpy)
+                self._judge("golden", result, stage)
+        self.runtime = first.runtime  # how inputs are read and where outputs are: the steps share it
+        self.status.update(runtime=first.params.runtime, device=self.runtime.device, kind=args["model_instance_kind"])
         self.pinned: dict[int, object] = {}  # page-locked host buffers for the outputs (_to_host)
-        self.runtime.fused_kernels = params.fused_kernels  # a graph choice of the compiled model
-        if params.compile:
-            self.status.update(self._compile())
-        if params.cuda_graphs:
-            self.status.update(self._capture_graphs())
-        if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
-            golden = value_check.load_golden(version_dir)
-            as_numpy = self.runtime.tensor_kind == "numpy"
-            result = value_check.check_golden(self._run_synced, golden, checked_batches, self.manifest.dtype, as_numpy)
-            self._judge("golden", result)
         self.status.setdefault("value_check", "off" if self.value_check == "off" else "pass")
-        seed = (params.noise_seed or 0) + int(args["model_instance_device_id"]) * 1000
+        noise_seed = next((st.params.noise_seed for st in self.stages if io.NOISE in st.manifest.inputs), None)
+        seed = (noise_seed or 0) + int(args["model_instance_device_id"]) * 1000
         self.rng = np.random.default_rng([seed, sum(map(ord, self.instance))])
         self.admission, self.admission_role = None, params.admission_role
         status_dir = os.environ.get(STATUS_DIR_ENV)
@@ -173,13 +205,35 @@ class TritonPythonModel:
             self.computed = family.Metric(labels={"model": self.model_name, "instance": self.instance})
         self._write_status()
 
+    def _stages(self, version_dir: Path, params: RunnerParams) -> list[Stage]:
+        """The steps this model runs: its own artifact, or (params.steps) each step's from its subfolder. One
+        step's status is the instance's; several each have theirs under "steps"."""
+        if params.steps:
+            known = [step.model for step in io.PIPELINE]
+            unknown = sorted(set(params.steps) - set(known))
+            if unknown:
+                raise VlaserveError(f"{self.model_name} parameters: {unknown[0]}/", "a step", f"one of {known}")
+            where = [(name, version_dir / name, params.steps[name]) for name in known if name in params.steps]
+            self.status["steps"] = {name: {} for name, _, _ in where}
+        else:
+            where = [(self.model_name, version_dir, params)]
+        stages = []
+        for name, folder, step_params in where:
+            manifest_path = folder / io.MANIFEST_FILE
+            if not manifest_path.is_file():
+                raise VlaserveError(f"{name} manifest", str(manifest_path), "a file written by `make export`")
+            status = self.status["steps"][name] if params.steps else self.status
+            stages.append(Stage(name, folder, step_params, Manifest.read(manifest_path), status))
+        return stages
+
     # ---- value checks -----------------------------------------------------------------------------
-    def _run_synced(self, inputs: dict) -> list:
-        outputs = self.runtime.run(inputs)
-        if self.runtime.device.startswith("cuda"):
+    @staticmethod
+    def _run_synced(runtime, inputs: dict) -> list:
+        outputs = runtime.run(inputs)
+        if runtime.device.startswith("cuda"):
             import torch
 
-            torch.cuda.synchronize(self.runtime.device)
+            torch.cuda.synchronize(runtime.device)
         return outputs
 
     def _share(self) -> str:
@@ -190,13 +244,15 @@ class TritonPythonModel:
         limit = f"mps_thread_percentage {limit}" if limit is not None else "no MPS thread limit"
         return f"{self.status['gpu']}, {limit} ({self.status['sm_count']} SMs)"
 
-    def _judge(self, check: str, result: dict) -> None:
+    def _judge(self, check: str, result: dict, stage: Stage) -> None:
         """Record a check's result; on a failure refuse to load (value_check: refuse) or warn (warn)."""
-        self.status[f"{check}_check"] = result
+        stage.status[f"{check}_check"] = result
         if value_check.passed(result):
             return
-        safe = value_check.safe_percentages(self.status.get("gpu", ""), self.manifest.settings)
-        label = {"products": f"{self.manifest.dtype} matrix products", "golden": "golden-sample outputs"}[check]
+        safe = value_check.safe_percentages(self.status.get("gpu", ""), stage.manifest.settings)
+        label = {"products": f"{stage.manifest.dtype} matrix products", "golden": "golden-sample outputs"}[check]
+        if len(self.stages) > 1:
+            label = f"the {stage.name}'s {label}"
         line = value_check.refusal_line(self.instance, self._share(), label, result, "sm_count" in self.status, safe)
         if self.value_check == "warn":
             self.status["value_check"] = f"FAILED {check}, serving anyway (warn)"
@@ -235,38 +291,39 @@ class TritonPythonModel:
             )
         return status
 
-    def _compile(self) -> dict:
+    def _compile(self, stage: Stage) -> dict:
         """The traced model as Python with Inductor-compiled layers, checked against the artifact at the
         smallest bucket (vlaserve.runtimes.TorchScriptRuntime.compile); otherwise a warning, and the
         TorchScript module serves."""
         import time
 
         started = time.perf_counter()
-        if not hasattr(self.runtime, "compile"):
-            why_not = f"the {self.status['runtime']} runtime has no compiled path: running it as it is"
+        runtime = stage.runtime
+        if not hasattr(runtime, "compile"):
+            why_not = f"the {stage.params.runtime} runtime has no compiled path: running it as it is"
         else:
-            why_not = self.runtime.compile(self.manifest, batch=self.buckets[0] if self.buckets else 1)
+            why_not = runtime.compile(stage.manifest, batch=self.buckets[0] if self.buckets else 1)
         if why_not:
-            self._log_warn(f"{self.instance}: compile requested, {why_not}")
+            self._log_warn(f"{self.instance}: {stage.name}: compile requested, {why_not}")
             return {"compiled": False, "compile_note": why_not}
         return {
             "compiled": True,
             "compile_s": round(time.perf_counter() - started, 2),
-            "compiled_rel": self.runtime.compiled_rel,
-            **({"fused_note": self.runtime.fused_note} if getattr(self.runtime, "fused_note", "") else {}),
+            "compiled_rel": runtime.compiled_rel,
+            **({"fused_note": runtime.fused_note} if getattr(runtime, "fused_note", "") else {}),
         }
 
-    def _capture_graphs(self) -> dict:
+    def _capture_graphs(self, stage: Stage) -> dict:
         """One CUDA graph per bucket, captured before the model reports ready (Triton's warm-up then
         replays them); on a CPU instance a warning, and the module runs as it is."""
         import time
 
         started = time.perf_counter()
-        why_not = self.runtime.capture_graphs(self.buckets, self.manifest.inputs)
+        why_not = stage.runtime.capture_graphs(self.buckets, stage.manifest.inputs)
         if why_not:
-            self._log_warn(f"{self.instance}: cuda_graphs requested, {why_not}")
+            self._log_warn(f"{self.instance}: {stage.name}: cuda_graphs requested, {why_not}")
             return {"cuda_graphs": [], "cuda_graphs_note": why_not}
-        graphs = self.runtime.graphs
+        graphs = stage.runtime.graphs
         return {
             "cuda_graphs": self.buckets,
             "capture_s": round(time.perf_counter() - started, 2),
@@ -401,7 +458,7 @@ class TritonPythonModel:
             return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
         try:
-            outputs = self.runtime.run(self._pad(self._concat(parts), sum(sizes)))
+            outputs = self._compute(self._pad(self._concat(parts), sum(sizes)))
         except Exception as exc:  # noqa: BLE001 - the runtime's failure goes back to each request it concerned
             if admitting:  # these requests never reach the decoder
                 self.admission.release(len(accepted))
@@ -437,6 +494,15 @@ class TritonPythonModel:
             offset += size
         return responses
 
+    def _compute(self, inputs: dict) -> list:
+        """Every step in order, each given its inputs from the request or an earlier step's outputs (kept
+        where they were computed); the last step's outputs."""
+        values = dict(inputs)
+        for stage in self.stages:
+            outputs = stage.runtime.run({name: values[name] for name in stage.manifest.inputs})
+            values.update(zip(stage.manifest.outputs, outputs))
+        return [values[name] for name in self.output_names]
+
     def _to_host(self, outputs: list) -> list:
         """The outputs copied into page-locked host buffers (kept per output and grown as needed: a copy from
         the GPU into them runs at the bus's speed, into ordinary memory at a fraction of it). Reusing them in
@@ -457,3 +523,5 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.runtime = None
+        for stage in self.stages:
+            stage.runtime = None

@@ -30,6 +30,12 @@ from vlaserve.value_check import VALUE_CHECK_MODES
 
 KINDS = ("cpu", "gpu")
 RUNNER_MODELS = tuple(step.model for step in io.PIPELINE)
+# How the policy runs its steps: "ensemble", each step a model of its own (its own batching and instances;
+# a step's outputs reach the next through the host), or "one_model", the policy one model whose instances
+# run every step in their own process (the outputs stay where they were computed: on the GPU, no copy).
+PIPELINES = ("ensemble", "one_model")
+# What the steps of a one_model policy must share: the policy's instances run them all, on one device.
+ONE_MODEL_SHARED = ("runtime", "instance_groups", "batch_buckets")
 
 
 def _field(default=dataclasses.MISSING, *, minimum: int | None = None, maximum: int | None = None, choices=None):
@@ -126,10 +132,13 @@ class RunnerModel:
 
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
-    """The policy ensemble: its batch limit and the pipeline's in-flight limit (vlaserve.admission)."""
+    """The policy: how it runs the steps, its batch limit and, as an ensemble, the pipeline's in-flight limit
+    (vlaserve.admission). As one model it is batched and placed as its first step says (that step's
+    dynamic_batching, instance_groups and warm-up), and each step keeps its own runtime settings."""
 
     max_batch_size: int = _field(minimum=1)
     max_in_flight: int | None = _field(None, minimum=1, maximum=MAX_SLOTS)
+    pipeline: str = _field("ensemble", choices=PIPELINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +165,30 @@ class Spec:
         if self.policy.max_batch_size > limit:
             raise VlaserveError(f"{where}.max_batch_size", self.policy.max_batch_size, f"an integer in 1..{limit}")
         in_flight = self.policy.max_in_flight
+        if self.one_model:
+            first = self.runners[RUNNER_MODELS[0]]
+            for name in RUNNER_MODELS[1:]:
+                for key in ONE_MODEL_SHARED:
+                    if getattr(self.runners[name], key) != getattr(first, key):
+                        raise VlaserveError(
+                            f"models.{name}.{key}",
+                            _plain(getattr(self.runners[name], key)),
+                            f"the {RUNNER_MODELS[0]}'s ({_plain(getattr(first, key))}): with {where}.pipeline "
+                            "one_model, one process runs every step",
+                        )
+            if in_flight is not None:
+                raise VlaserveError(
+                    f"{where}.max_in_flight", in_flight, "none with pipeline one_model (nothing waits between steps)"
+                )
+            for key in ("warmup_batch_sizes", "batch_buckets"):  # the policy's batches are the ones it runs
+                for size in getattr(first, key):
+                    if size > self.policy.max_batch_size:
+                        raise VlaserveError(
+                            f"models.{RUNNER_MODELS[0]}.{key}",
+                            size,
+                            f"an integer in 1..{self.policy.max_batch_size} ({where}.max_batch_size, with pipeline "
+                            "one_model)",
+                        )
         if in_flight is None:
             return
         first, last = RUNNER_MODELS[0], RUNNER_MODELS[-1]
@@ -168,6 +201,11 @@ class Spec:
                 last_queue,
                 f"at least {where}.max_in_flight ({in_flight}): the {last} must hold all admitted requests",
             )
+
+    @property
+    def one_model(self) -> bool:
+        """Whether the policy is one model running every step (else an ensemble of the steps' models)."""
+        return self.policy.pipeline == "one_model"
 
     @property
     def uses_mps(self) -> bool:
@@ -279,6 +317,15 @@ def parse_spec(raw: Mapping) -> Spec:
     )
     spec.check()
     return spec
+
+
+def _plain(value):
+    """A parsed value as spec.yaml would write it, for a message."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+    return value
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
