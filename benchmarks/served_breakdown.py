@@ -19,6 +19,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
     os.environ.update(settings)
     repo = Path(args.repository)
     row = {"variant": variant, "env": env or "(default)"}
+    shutil.rmtree(workdir, ignore_errors=True)  # each start from scratch: no model of an earlier variant stays
     try:
         server = variant_server(load_spec(SPEC, variant), repo, workdir / "repo", workdir / "work",
                                 cuda_memory_pool_mb=2048, ready_timeout=600)  # fmt: skip
