@@ -42,8 +42,13 @@ export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity
 configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
 	$(PY) -m vlaserve.repository --repository $(REPO)
 
-serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository; MPS=1 starts the MPS sidecar first
-	$(PY) -m vlaserve.server --model-repository $(REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
+# VARIANT=name: serve that variant of the spec from its own folder, its configs written there and the
+# exported artifacts linked (needed for a one_model variant: the exported repository keeps the step models)
+SERVED_REPO = $(if $(VARIANT),.vlaserve/variants/$(VARIANT),$(REPO))
+
+serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository (VARIANT: a variant of it); MPS=1 starts the MPS sidecar first
+	$(if $(VARIANT),$(PY) -m vlaserve.repository --repository $(REPO) --variant $(VARIANT) --out $(SERVED_REPO) &&) \
+	$(PY) -m vlaserve.server --model-repository $(SERVED_REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
 
 health: $(STAMP) ## is the running server healthy (ready, and every model instance process alive)? exit 0 or 1
 	$(PY) -m vlaserve.health --url http://$(HOST):8000 $(ARGS)

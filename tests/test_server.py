@@ -333,5 +333,10 @@ def test_a_one_model_policy_runs_every_step_in_its_instances(tiny_repo, tiny_pol
             assert list(status["steps"]) == ["encoder", "decoder"] and status["value_check"] == "pass"
             for step in status["steps"].values():
                 assert step["golden_check"]["worst"] < 1e-4 and step["runtime"] == "onnxruntime"
+        from vlaserve.status import read_status  # make mps-status: a row per step of each instance
+
+        rows = read_status(srv.options.workdir)
+        assert sorted(r["model"] for r in rows) == ["policy/decoder"] * 2 + ["policy/encoder"] * 2
+        assert all(r["alive"] == "yes" and r["golden_err"].endswith("(<= 0.0001)") for r in rows), rows
     finally:
         srv.stop()

@@ -232,7 +232,7 @@ def render(config: model_config_pb2.ModelConfig) -> str:
 def _link_artifacts(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for artifact in source.iterdir():
-        if artifact.name != "model.py" and not (target / artifact.name).exists():
+        if artifact.name not in ("model.py", "__pycache__") and not (target / artifact.name).exists():
             (target / artifact.name).symlink_to(artifact.resolve())
 
 

@@ -4,6 +4,7 @@ Each runner instance writes ``<workdir>/instances/<instance>.json`` when it is r
 to load (see :mod:`vlaserve.runner`): its PID, device, runtime, MPS thread percentage, the SM count its
 CUDA context actually got, the count that percentage should give, and its value checks (``pass``, or
 which check failed; the worst error of the product screen and of the golden samples, with the tolerance).
+An instance of the policy run as one model shows a row per step (``policy/encoder``, ``policy/decoder``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def read_status(workdir: Path) -> list[dict]:
             row["alive"] = "yes"
         except (OSError, KeyError, ValueError):
             row["alive"] = "no"
-        rows.append(_flatten(row))
+        steps = row.pop("steps", None)
+        if steps:  # the policy run as one model: a row per step, each with its own checks and graphs
+            rows += [_flatten({**row, **step, "model": f"{row['model']}/{name}"}) for name, step in steps.items()]
+        else:
+            rows.append(_flatten(row))
     return rows
 
 
