@@ -47,7 +47,7 @@ configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
 SERVED_REPO = $(if $(VARIANT),.vlaserve/variants/$(VARIANT),$(REPO))
 
 serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository (VARIANT: a variant of it); MPS=1 starts the MPS sidecar first
-	$(if $(VARIANT),$(PY) -m vlaserve.repository --repository $(REPO) --variant $(VARIANT) --out $(SERVED_REPO) &&) \
+	$(if $(VARIANT),rm -rf $(SERVED_REPO) && $(PY) -m vlaserve.repository --repository $(REPO) --variant $(VARIANT) --out $(SERVED_REPO) &&) \
 	$(PY) -m vlaserve.server --model-repository $(SERVED_REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
 
 health: $(STAMP) ## is the running server healthy (ready, and every model instance process alive)? exit 0 or 1

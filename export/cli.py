@@ -150,6 +150,13 @@ def run(args: argparse.Namespace) -> Path:
 
     repo = Path(args.repository)
     spec = repository.load_spec(Path(args.spec) if args.spec else repo / repository.SPEC_FILE, args.variant)
+    if spec.one_model:  # its repository holds no step models: it is written beside the export, not into it
+        raise VlaserveError(
+            "--variant",
+            args.variant,
+            "a variant whose policy is an ensemble: export with one (or none), then serve a one_model variant with "
+            f"make serve VARIANT={args.variant} (or python -m vlaserve.repository --variant {args.variant} --out DIR)",
+        )
     formats = artifacts.formats_for(args.dtype)
     repository.check_runtimes(spec, formats)
     started = time.perf_counter()

@@ -24,6 +24,9 @@ def row_of(step: dict) -> dict:
     """The flat figures of one step, for tables."""
     models = step["server"]["models"]
     enc, dec = models.get("encoder", {}), models.get("decoder", {})
+    if not enc and not dec:  # the policy run as one model (spec pipeline one_model): its batches are both steps'
+        enc = models.get("policy", {})
+        dec = {"avg_batch_size": enc.get("avg_batch_size", 0.0)}
     return {
         "users": step["users"],
         "throughput": step["throughput"],

@@ -105,6 +105,7 @@ def bad_checkpoint(path: Path, tiny_policy) -> Path:
         (["--dtype", "fp64"], "--dtype"),
         (["--checkpoint", "missing.safetensors"], "--checkpoint"),
         (["--checkpoint", "BAD"], "state_proj.weight"),
+        (["--variant", "one_model"], "--variant"),  # its repository is written beside the export, not into it
     ],
 )
 def test_cli_rejects_bad_input_and_writes_nothing(exported_copy, tiny_policy, tmp_path, capsys, argv, field):

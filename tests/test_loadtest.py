@@ -143,3 +143,12 @@ def test_robot_mode_holds_its_rate(server, tmp_path):
 def test_variant_without_a_step_under_the_slo_is_named():
     steps = {"slow": [{"users": 1, "throughput": 5.0, "p99_ms": 900.0, "failures": 0, "requests": 5, **_blank()}]}
     assert report.compare_table(steps, slo_ms=100) == "slow: no step with p99 <= 100 ms and no failures"
+
+
+def test_a_one_model_policy_reports_its_own_batches_and_times():
+    """A variant whose policy is one model has no step models on /metrics: the table shows the policy's."""
+    step = {"users": 4, "throughput": 10.0, "p50_ms": 1, "p90_ms": 2, "p95_ms": 3, "p99_ms": 4, "failures": 0,
+            "server": {"models": {"policy": {"avg_batch_size": 3.5, "queue_ms": 1.5, "compute_ms": 20.0}}}}  # fmt: skip
+    row = report.row_of(step)
+    assert row["avg_batch_encoder"] == row["avg_batch_decoder"] == 3.5
+    assert row["queue_ms"] == 1.5 and row["compute_ms"] == 20.0

@@ -146,6 +146,12 @@ def test_a_one_model_policy_is_written_beside_the_export_with_each_steps_artifac
         assert (out / "policy" / "1" / name / "model.onnx").read_text() == name
     assert (out / "policy" / "1" / "model.py").is_file()
     assert list(repository.runner_configs(out)) == ["policy"]
+    other = tmp_path / "other"  # written again from another export: the links follow it
+    for name in repository.RUNNER_MODELS:
+        (other / name / "1").mkdir(parents=True)
+        (other / name / "1" / "model.onnx").write_text(f"{name} again")
+    repository.write_repository(spec, out, artifacts_from=other)
+    assert (out / "policy" / "1" / "encoder" / "model.onnx").read_text() == "encoder again"
     assert repository.drain_seconds(out) == 10 + 5  # the policy's queue timeout, and 10 s for the compute
     with pytest.raises(
         VlaserveError,

@@ -113,6 +113,14 @@ def test_a_one_model_policy_needs_steps_that_can_share_its_instances():
     raw["models"]["decoder"]["runtime"] = "torchscript"
     with pytest.raises(VlaserveError, match=r"models.decoder.runtime: got 'torchscript', expected the encoder's"):
         parse_spec(raw)
+    with pytest.raises(VlaserveError, match=r"models.encoder.warmup_batch_sizes: got 16, expected an integer in 1..8"):
+        load_spec(SPEC, "gpu_one_model").with_model("policy", max_batch_size=8)
+    with pytest.raises(VlaserveError, match=r"preferred_batch_size: got 8, expected an integer in 1..4"):
+        spec.with_model("policy", max_batch_size=4)  # the policy is batched as the encoder says: Triton would refuse
+    raw = load_raw(SPEC, "one_model")
+    raw["models"]["decoder"]["value_check"] = "warn"
+    with pytest.raises(VlaserveError, match=r"models.decoder.value_check: got 'warn', expected the encoder's \(None\)"):
+        parse_spec(raw)
     with pytest.raises(
         VlaserveError, match="models.policy.max_in_flight: got 64, expected none with pipeline one_model"
     ):

@@ -230,10 +230,16 @@ def render(config: model_config_pb2.ModelConfig) -> str:
 
 
 def _link_artifacts(source: Path, target: Path) -> None:
+    """Link every artifact of ``source`` from ``target``; a link there already is replaced (it may point at
+    another export), a real file is left alone."""
     target.mkdir(parents=True, exist_ok=True)
     for artifact in source.iterdir():
-        if artifact.name not in ("model.py", "__pycache__") and not (target / artifact.name).exists():
-            (target / artifact.name).symlink_to(artifact.resolve())
+        link = target / artifact.name
+        if artifact.name in ("model.py", "__pycache__") or (link.exists() and not link.is_symlink()):
+            continue
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(artifact.resolve())
 
 
 def write_repository(spec: Spec, out: Path, settings: ModelSettings | None = None, artifacts_from: Path | None = None):

@@ -35,7 +35,7 @@ RUNNER_MODELS = tuple(step.model for step in io.PIPELINE)
 # run every step in their own process (the outputs stay where they were computed: on the GPU, no copy).
 PIPELINES = ("ensemble", "one_model")
 # What the steps of a one_model policy must share: the policy's instances run them all, on one device.
-ONE_MODEL_SHARED = ("runtime", "instance_groups", "batch_buckets")
+ONE_MODEL_SHARED = ("runtime", "instance_groups", "batch_buckets", "value_check")
 
 
 def _field(default=dataclasses.MISSING, *, minimum: int | None = None, maximum: int | None = None, choices=None):
@@ -179,6 +179,10 @@ class Spec:
             if in_flight is not None:
                 raise VlaserveError(
                     f"{where}.max_in_flight", in_flight, "none with pipeline one_model (nothing waits between steps)"
+                )
+            if first.dynamic_batching:  # the policy is batched as the first step says
+                first.dynamic_batching.check_sizes(
+                    f"models.{RUNNER_MODELS[0]}.dynamic_batching", self.policy.max_batch_size
                 )
             for key in ("warmup_batch_sizes", "batch_buckets"):  # the policy's batches are the ones it runs
                 for size in getattr(first, key):
