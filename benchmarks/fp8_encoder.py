@@ -30,14 +30,22 @@ from vlaserve.model.presets import get_preset
 from vlaserve.runtimes import compile_layers
 
 DEVICE = "cuda:0"
-# Which linear layers go to fp8: (the layers, attribute names left in bf16). The MLPs' output projections
-# (SigLIP's fc2, Gemma's down_proj) take the GELU's output, whose rows have the widest range.
+
+
+# Which linear layers go to fp8, as (module, attribute) pairs. The MLPs' output projections (SigLIP's fc2,
+# Gemma's down_proj) take the GELU's output, whose rows have the widest range. "served" is what the spec's
+# `precision: fp8` computes in fp8 (vlaserve.model.policy.Encoder.fp8_targets).
+def linears(layers, skip: tuple[str, ...] = ()):
+    return [(child, attr) for layer in layers for child in layer.modules()
+            for attr, m in child.named_children() if isinstance(m, torch.nn.Linear) and attr not in skip]  # fmt: skip
+
+
 SCOPES = {
-    "all": (lambda p: [*p.vision.blocks, *p.prefix_layers], ()),
-    "vision": (lambda p: list(p.vision.blocks), ()),
-    "prefix": (lambda p: list(p.prefix_layers), ()),
-    "all_but_mlp_out": (lambda p: [*p.vision.blocks, *p.prefix_layers], ("fc2", "down_proj")),
-    "prefix_mlp_in": (lambda p: list(p.prefix_layers), ("qkv_proj", "o_proj", "down_proj")),
+    "all": lambda p: linears([*p.vision.blocks, *p.prefix_layers]),
+    "vision": lambda p: linears(p.vision.blocks),
+    "prefix": lambda p: linears(p.prefix_layers),
+    "all_but_mlp_out": lambda p: linears([*p.vision.blocks, *p.prefix_layers], ("fc2", "down_proj")),
+    "served": lambda p: list(Encoder(p).fp8_targets()),
 }
 
 
@@ -65,9 +73,8 @@ def main() -> None:
     scopes = {}
     request, prefix_kv, mask, actions = cases[batches[0]]
     for scope in args.scopes.split(","):  # each scope's error in eager PyTorch, before anything is compiled
-        layers, skip = SCOPES[scope]
         fp8_policy = copy.deepcopy(policy)
-        converted = to_fp8(layers(fp8_policy), skip)
+        converted = to_fp8(SCOPES[scope](fp8_policy))
         encoders[f"fp8 {scope}"] = Encoder(fp8_policy).eval()
         with torch.inference_mode():
             kv, _ = encoders[f"fp8 {scope}"](request["images"], request["tokens"])

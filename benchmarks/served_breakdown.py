@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -89,13 +90,15 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
             for _ in range(5):
                 client.infer(request)
             before = metrics.scrape(server.metrics_url)
-            latencies, wrong = [], 0
+            latencies, errors = [], []
             for _ in range(args.requests):
                 t0 = time.perf_counter()
                 actions = client.infer(request)
                 latencies.append((time.perf_counter() - t0) * 1e3)
-                wrong += not rel_error(actions, reference) <= tolerance
+                errors.append(rel_error(actions, reference))
+            wrong = sum(not e <= tolerance for e in errors)
             row["sequential"] = {"requests": args.requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
+                                 "rel_median": float(f"{statistics.median(errors):.3g}"), "rel_max": float(f"{max(errors):.3g}"),
                                  "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url))}  # fmt: skip
             for clients in [int(c) for c in args.clients.split(",") if c]:
                 before = metrics.scrape(server.metrics_url)
@@ -141,7 +144,8 @@ def main() -> None:
     for r in rows:
         s = r["sequential"]
         parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in shown(s))
-        print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts}")
+        print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts} | "
+              f"rel to in-process {s['rel_median']:.2g} (max {s['rel_max']:.2g})")  # fmt: skip
     print(
         f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  avg batch"
     )

@@ -59,6 +59,24 @@ def test_compiled_path_computes_what_the_artifact_does(tiny_repo, name):
         assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_fp8_precision_computes_the_encoders_chosen_products_in_float8(tiny_repo):
+    """precision: fp8 (the spec's, through the runtime): the encoder's gate/up products become float8 ones,
+    close to the artifact but not equal; a step without fp8 products says so and stays as it is."""
+    from vlaserve.model.fp8 import Fp8Linear
+
+    manifest, runtime = _runtime(tiny_repo, "encoder")
+    runtime.precision = "fp8"
+    assert runtime.compile(manifest, batch=2, backend="eager") == ""
+    layers = runtime.compiled.policy.prefix_layers
+    assert all(isinstance(layer.gate_up_proj, Fp8Linear) for layer in layers)
+    assert not isinstance(layers[0].qkv_proj, Fp8Linear)
+    assert all(1e-4 < r < 1e-1 for r in runtime.compiled_rel.values()), runtime.compiled_rel  # rounded, not wrong
+    manifest, runtime = _runtime(tiny_repo, "decoder")
+    runtime.precision = "fp8"
+    assert runtime.compile(manifest, batch=2, backend="eager") == ""
+    assert runtime.precision is None and "Decoder has no fp8 products" in runtime.precision_note
+
+
 def test_compile_refuses_a_model_that_differs_from_the_artifact(tiny_repo, monkeypatch):
     manifest, runtime = _runtime(tiny_repo, "encoder")
     state = runtime.module.state_dict()

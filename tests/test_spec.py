@@ -127,3 +127,19 @@ def test_a_one_model_policy_needs_steps_that_can_share_its_instances():
         spec.with_model("policy", max_in_flight=64)
     with pytest.raises(VlaserveError, match=r"models.policy.pipeline: got 'chain', expected one of \['ensemble'"):
         spec.with_model("policy", pipeline="chain")
+
+
+def test_fp8_is_the_compiled_encoders():
+    from vlaserve import repository
+    from vlaserve.params import RunnerParams
+
+    spec = load_spec(SPEC, "gpu_one_model_fp8")
+    assert spec.runners["encoder"].precision == "fp8"
+    params = RunnerParams.of_model_config(repository.build_configs(spec)["policy"])
+    assert params.steps["encoder"].precision == "fp8" and params.steps["decoder"].precision is None
+    with pytest.raises(VlaserveError, match="models.decoder.precision: got 'fp8', expected bf16 or none"):
+        spec.with_model("decoder", precision="fp8")
+    with pytest.raises(VlaserveError, match="models.encoder.precision: got 'fp8', expected compile: true"):
+        spec.with_model("encoder", compile=False, cuda_graphs=False)
+    with pytest.raises(VlaserveError, match=r"models.encoder.precision: got 'fp4', expected one of \['bf16', 'fp8'\]"):
+        spec.with_model("encoder", precision="fp4")

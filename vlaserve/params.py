@@ -41,6 +41,7 @@ class RunnerParams:
     compile: bool = False
     cuda_graphs: bool = False
     fused_kernels: bool = False  # the decoder's fused Triton kernels as a CUDA-graph choice (vlaserve.model.kernels)
+    precision: str | None = None  # fp8: the compiled model's chosen products in float8 (vlaserve.model.fp8)
     admission_role: str | None = None  # the pipeline's in-flight limit (vlaserve.admission)
     admission_limit: int | None = None
     admission_ttl_s: float | None = None

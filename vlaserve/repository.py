@@ -115,6 +115,7 @@ def runner_params(m: RunnerModel, admission: dict | None = None) -> RunnerParams
         compile=bool(m.compile),
         cuda_graphs=bool(m.cuda_graphs),
         fused_kernels=bool(m.fused_kernels),
+        precision=m.precision if m.precision == "fp8" else None,
         groups={
             g.name: GroupLimits(g.mps_thread_percentage, g.mps_pinned_memory_limit_mb)
             for g in m.instance_groups

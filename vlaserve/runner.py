@@ -169,6 +169,7 @@ class TritonPythonModel:
             )  # fmt: skip
             stage.status.update(runtime=stage.params.runtime, device=stage.runtime.device)
             stage.runtime.fused_kernels = stage.params.fused_kernels  # a graph choice of the compiled model
+            stage.runtime.precision = stage.params.precision  # fp8 products in the compiled model
             if stage.params.compile:
                 stage.status.update(self._compile(stage))
             if stage.params.cuda_graphs:
@@ -177,7 +178,9 @@ class TritonPythonModel:
                 golden = value_check.load_golden(stage.version_dir)
                 as_numpy = stage.runtime.tensor_kind == "numpy"
                 run = functools.partial(self._run_synced, stage.runtime)
-                result = value_check.check_golden(run, golden, checked_batches, stage.manifest.dtype, as_numpy)
+                fp8 = getattr(stage.runtime, "precision", None) == "fp8"  # checked at fp8's own tolerance
+                dtype = "fp8" if fp8 else stage.manifest.dtype
+                result = value_check.check_golden(run, golden, checked_batches, dtype, as_numpy)
                 self._judge("golden", result, stage)
         self.runtime = first.runtime  # how inputs are read and where outputs are: the steps share it
         self.status.update(runtime=first.params.runtime, device=self.runtime.device, kind=args["model_instance_kind"])
@@ -310,6 +313,8 @@ class TritonPythonModel:
             "compiled": True,
             "compile_s": round(time.perf_counter() - started, 2),
             "compiled_rel": runtime.compiled_rel,
+            **({"precision": runtime.precision} if getattr(runtime, "precision", None) else {}),
+            **({"precision_note": runtime.precision_note} if getattr(runtime, "precision_note", "") else {}),
             **({"fused_note": runtime.fused_note} if getattr(runtime, "fused_note", "") else {}),
         }
 

@@ -70,6 +70,8 @@ class TorchScriptRuntime:
         self.compile_backend = ""
         self.fused_kernels = False  # offer the decoder's fused Triton kernels as a choice (vlaserve.model.kernels)
         self.fused_note = ""  # why they were dropped, if they were
+        self.precision: str | None = None  # "fp8": the module's fp8_targets in float8 (vlaserve.model.fp8)
+        self.precision_note = ""  # why fp8 was not used, if it was asked for and not
 
     def _call(self, *tensors) -> list:
         if self.compiled is not None:
@@ -140,6 +142,8 @@ class TorchScriptRuntime:
             torch._inductor.config.compile_threads = 1
         try:
             module = python_module(torch, manifest, self.module.state_dict())
+            if self.precision == "fp8":
+                self._to_fp8(module, backend)
             compile_layers(torch, module, backend)
             inputs = [random_input(torch, spec, batch, self.device, manifest.vocab_size, seed=i)
                       for i, spec in enumerate(manifest.inputs.values())]  # fmt: skip
@@ -158,7 +162,7 @@ class TorchScriptRuntime:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)
             return f"compiling failed, running the TorchScript module: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        tolerance = REL_TOLERANCE[manifest.dtype]
+        tolerance = REL_TOLERANCE["fp8" if self.precision == "fp8" else manifest.dtype]
         if fused is not None:  # the fused kernels are one optional choice: if they fail, only they are dropped
             self.fused_note = self._check_fused(fused, module, inputs, ref, tolerance, rel)
             self.fused_kernels = not self.fused_note
@@ -172,6 +176,22 @@ class TorchScriptRuntime:
         self.compiled, self.compile_backend = module, backend
         self.compiled_rel = {k: float(f"{v:.3g}") for k, v in rel.items()}
         return ""
+
+    def _to_fp8(self, module, backend: str) -> None:
+        """The module's fp8 products in float8; where this device cannot run them (or the module has none), it
+        stays in its own dtype and ``precision`` / ``precision_note`` say so."""
+        from vlaserve.model.fp8 import fp8_unsupported, to_fp8
+
+        why = "" if backend != "inductor" else fp8_unsupported(self.device)  # tests run fp8 on the CPU, eager
+        if not hasattr(module, "fp8_targets"):
+            why = f"{type(module).__name__} has no fp8 products"
+        if why:
+            self.precision, self.precision_note = (
+                None,
+                f"fp8 asked for, not used: {why}",
+            )
+            return
+        to_fp8(module.fp8_targets())
 
     def capture_graphs(self, buckets, input_specs: dict[str, TensorSpec]) -> str:
         """Capture one CUDA graph per batch size in ``buckets``; returns why not, or "" when captured.

@@ -29,6 +29,7 @@ from vlaserve.runtimes import RUNTIMES
 from vlaserve.value_check import VALUE_CHECK_MODES
 
 KINDS = ("cpu", "gpu")
+PRECISIONS = ("bf16", "fp8")
 RUNNER_MODELS = tuple(step.model for step in io.PIPELINE)
 # How the policy runs its steps: "ensemble", each step a model of its own (its own batching and instances;
 # a step's outputs reach the next through the host), or "one_model", the policy one model whose instances
@@ -100,6 +101,9 @@ class RunnerModel:
     # choice per bucket, checked against the artifact like the others and kept where it replays fastest
     fused_kernels: bool | None = False
     value_check: str | None = _field(None, choices=VALUE_CHECK_MODES)  # None: the runner's default (refuse)
+    # fp8: the encoder's chosen products in float8 e4m3 (vlaserve.model.fp8), on the compiled model; None or
+    # bf16: as exported
+    precision: str | None = _field(None, choices=PRECISIONS)
 
     def check(self, where: str) -> None:
         if not self.instance_groups:
@@ -120,6 +124,8 @@ class RunnerModel:
             )
         if self.compile and self.runtime != "torchscript":
             raise VlaserveError(f"{where}.compile", True, "runtime torchscript (it compiles the traced model)")
+        if self.precision == "fp8" and not self.compile:
+            raise VlaserveError(f"{where}.precision", "fp8", "compile: true (fp8 products are a compiled model's)")
         if self.fused_kernels and not (self.compile and self.cuda_graphs):
             raise VlaserveError(
                 f"{where}.fused_kernels", True, "compile and cuda_graphs (a graph choice of the compiled model)"
@@ -159,6 +165,10 @@ class Spec:
             if model.fused_kernels and name != io.DECODER:
                 raise VlaserveError(
                     f"models.{name}.fused_kernels", True, f"false: only the {io.DECODER} has fused kernels"
+                )
+            if model.precision == "fp8" and name != io.ENCODER:
+                raise VlaserveError(
+                    f"models.{name}.precision", "fp8", f"bf16 or none: only the {io.ENCODER} has fp8 products"
                 )
         where = f"models.{io.POLICY}"
         limit = min(m.max_batch_size for m in self.runners.values())

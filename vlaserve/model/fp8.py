@@ -41,20 +41,27 @@ class Fp8Linear(nn.Module):
         scale = _scales(rows)
         quantized = (rows.float() / scale).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                             out_dtype=self.out_dtype)  # fmt: skip
+                             out_dtype=torch.bfloat16).to(self.out_dtype)  # fmt: skip
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def to_fp8(layers, skip: tuple[str, ...] = ()) -> int:
-    """Replace every ``nn.Linear`` inside ``layers`` (modules) by a :class:`Fp8Linear`, in place, except those
-    whose attribute name is in ``skip``; the count replaced."""
+def to_fp8(targets) -> int:
+    """Replace each ``owner.<attribute>`` (an ``nn.Linear``) of ``targets`` by a :class:`Fp8Linear`, in place;
+    the count replaced."""
     count = 0
-    for layer in layers:
-        for child in list(layer.modules()):
-            for attr, module in list(child.named_children()):
-                if isinstance(module, nn.Linear) and attr not in skip:
-                    setattr(child, attr, Fp8Linear(module))
-                    count += 1
+    for owner, attribute in targets:
+        setattr(owner, attribute, Fp8Linear(getattr(owner, attribute)))
+        count += 1
     return count
+
+
+def fp8_unsupported(device: str) -> str:
+    """Why this device cannot run the fp8 products, or "" (float8 tensor cores: compute capability 8.9+)."""
+    if not device.startswith("cuda"):
+        return f"a {device} device (fp8 products need a GPU of compute capability 8.9 or newer)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"compute capability {major}.{minor} (fp8 products need 8.9 or newer)"
+    return ""

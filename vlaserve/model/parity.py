@@ -8,6 +8,10 @@ from vlaserve.interface import ACTION_DIM, ACTION_HORIZON, IMAGE_CHANNELS, IMAGE
 
 # Largest allowed relative error ||artifact - torch|| / ||torch|| per dtype.
 REL_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+# A step whose products run in float8 (spec precision: fp8), against its own artifact: e4m3 keeps 3 mantissa
+# bits. Its outputs (pi0's prefix keys/values) were 0.044 from bf16 with random weights on the H200, the
+# actions the decoder made from them 0.026 (docs/BENCHMARKS.md); a broken product is far beyond either.
+REL_TOLERANCE["fp8"] = 1e-1
 
 
 def random_request(batch: int, views: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
