@@ -16,7 +16,7 @@ ARGS ?=
 COMPOSE_REPO ?= $(CURDIR)/.vlaserve/compose-repository
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
+.PHONY: help venv export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,10 @@ SERVED_REPO = $(if $(VARIANT),.vlaserve/variants/$(VARIANT),$(REPO))
 serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidia-pytriton wheel's) over the repository (VARIANT: a variant of it); MPS=1 starts the MPS sidecar first
 	$(if $(VARIANT),rm -rf $(SERVED_REPO) && $(PY) -m vlaserve.repository --repository $(REPO) --variant $(VARIANT) --out $(SERVED_REPO) &&) \
 	$(PY) -m vlaserve.server --model-repository $(SERVED_REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
+
+ROBOT ?= droid
+gateway: $(STAMP) ## the openpi-compatible WebSocket gateway in front of a running server (ROBOT=droid|aloha, port 8003)
+	$(PY) -m vlaserve.gateway --robot $(ROBOT) --triton $(HOST):8001 $(ARGS)
 
 health: $(STAMP) ## is the running server healthy (ready, and every model instance process alive)? exit 0 or 1
 	$(PY) -m vlaserve.health --url http://$(HOST):8000 $(ARGS)

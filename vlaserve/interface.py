@@ -74,6 +74,7 @@ MANIFEST_FILE = "manifest.json"
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+GATEWAY_PORT = 8003  # the openpi-compatible WebSocket gateway (vlaserve.gateway)
 DEFAULT_HOST = "127.0.0.1"
 
 

@@ -148,6 +148,29 @@ class PolicySettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RobotSettings:
+    """How one robot's observations become a policy request and the actions go back (``vlaserve.gateway``,
+    ``vlaserve.robots``). Observation keys may name nested entries with "/" ("images/cam_high"); a key that
+    is itself written with "/" (DROID's "observation/joint_position") is found as it is first."""
+
+    images: tuple[str, ...]  # the camera frames' keys, in the model's view order
+    state_dim: int = _field(minimum=1, maximum=io.STATE_DIM)  # the robot's state size (padded to the model's)
+    action_dim: int = _field(minimum=1, maximum=io.ACTION_DIM)  # the action dimensions returned
+    state: tuple[str, ...] = ()  # keys concatenated, in order, into the state
+    image_layout: str = _field("hwc", choices=("hwc", "chw"))  # uint8 [H, W, 3] or [3, H, W], any size
+    prompt_key: str = "prompt"
+    default_prompt: str = ""  # for an observation without a prompt
+    norm_stats: str | None = None  # JSON {"state": {"mean", "std"}, "actions": {"mean", "std"}}; relative: to the spec
+    tokenizer: str | None = None  # a SentencePiece model file (relative: to the spec); none: the stand-in hasher
+
+    def check(self, where: str) -> None:
+        if not 1 <= len(self.images) <= io.MAX_VIEWS:
+            raise VlaserveError(f"{where}.images", list(self.images), f"1..{io.MAX_VIEWS} camera keys")
+        if not self.state:
+            raise VlaserveError(f"{where}.state", [], "the observation keys of the robot's state")
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     """The whole spec: what was exported, each runner model in pipeline order, and the ensemble."""
 
@@ -155,10 +178,12 @@ class Spec:
     runners: Mapping[str, RunnerModel]  # read-only (a MappingProxyType): edits go through with_model
     policy: PolicySettings
     variants: Mapping[str, dict] = dataclasses.field(default_factory=dict)  # as written: merged before a parse
+    robots: Mapping[str, RobotSettings] = dataclasses.field(default_factory=dict)  # the gateway's robot configs
 
     def __post_init__(self):
         object.__setattr__(self, "runners", types.MappingProxyType(dict(self.runners)))
         object.__setattr__(self, "variants", types.MappingProxyType(dict(self.variants)))
+        object.__setattr__(self, "robots", types.MappingProxyType(dict(self.robots)))
 
     def check(self) -> None:
         for name, model in self.runners.items():
@@ -309,9 +334,14 @@ def parse_spec(raw: Mapping) -> Spec:
     if not isinstance(raw, Mapping):
         raise VlaserveError("spec", raw, "a mapping with the keys model, models and variants")
     top = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # x- keys are YAML anchors only
-    unknown = sorted(set(top) - {"model", "models", "variants"})
+    unknown = sorted(set(top) - {"model", "models", "variants", "robots"})
     if unknown:
-        raise VlaserveError(f"spec.{unknown[0]}", top[unknown[0]], "one of the keys ['model', 'models', 'variants']")
+        raise VlaserveError(
+            f"spec.{unknown[0]}", top[unknown[0]], "one of the keys ['model', 'models', 'variants', 'robots']"
+        )
+    robots = top.get("robots") or {}
+    if not isinstance(robots, Mapping):
+        raise VlaserveError("robots", robots, "a mapping of robot names to their settings")
     models = top.get("models") or {}
     if not isinstance(models, Mapping):
         raise VlaserveError("models", models, "a mapping of the models " + ", ".join([*RUNNER_MODELS, io.POLICY]))
@@ -328,6 +358,7 @@ def parse_spec(raw: Mapping) -> Spec:
         runners={name: parse_section(RunnerModel, models.get(name), f"models.{name}") for name in RUNNER_MODELS},
         policy=parse_section(PolicySettings, models.get(io.POLICY) or {}, f"models.{io.POLICY}"),
         variants=copy.deepcopy(dict(variants)),
+        robots={name: parse_section(RobotSettings, r, f"robots.{name}") for name, r in robots.items()},
     )
     spec.check()
     return spec
