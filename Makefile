@@ -51,8 +51,8 @@ serve: $(STAMP) $(REPO)/encoder/1/manifest.json ## start tritonserver (the nvidi
 	$(PY) -m vlaserve.server --model-repository $(SERVED_REPO) --host $(HOST) $(if $(MPS),--mps) $(ARGS)
 
 ROBOT ?= droid
-gateway: $(STAMP) ## the openpi-compatible WebSocket gateway in front of a running server (ROBOT=droid|aloha, port 8003)
-	$(PY) -m vlaserve.gateway --robot $(ROBOT) --triton $(HOST):8001 $(ARGS)
+gateway: $(STAMP) ## the openpi-compatible WebSocket gateway in front of a running server (ROBOT=droid|aloha, port 8003; HOST=0.0.0.0 for robots on other machines)
+	$(PY) -m vlaserve.gateway --robot $(ROBOT) --host $(HOST) $(ARGS)
 
 health: $(STAMP) ## is the running server healthy (ready, and every model instance process alive)? exit 0 or 1
 	$(PY) -m vlaserve.health --url http://$(HOST):8000 $(ARGS)

@@ -217,7 +217,9 @@ def shipped_launcher_command_lines() -> dict[str, list[str]]:
     found["Makefile serve"] = _make_serve([])
     found["Makefile serve MPS=1"] = _make_serve(["MPS=1"])
     for doc in (ROOT / "README.md", DEPLOY / "README.md"):
-        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+        for language, block in re.findall(r"```(\w*)\n(.*?)```", doc.read_text(), re.S):
+            if language not in ("", "bash", "sh"):  # a Python example, say
+                continue
             for line in block.splitlines():
                 tokens = shlex.split(line, comments=True)
                 args = _after_launcher(tokens)

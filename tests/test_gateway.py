@@ -76,7 +76,7 @@ def test_an_openpi_client_gets_the_actions_triton_computes(gateway, server):
 def test_many_robots_are_batched_by_triton(gateway, server):
     stats = PolicyClient(server.grpc_url)
     before = stats.statistics("encoder")
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(8, timeout=60)  # a robot that cannot connect fails the test, not hangs it
     errors = []
 
     def robot(i):
@@ -89,7 +89,7 @@ def test_many_robots_are_batched_by_triton(gateway, server):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=robot, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=robot, args=(i,), daemon=True) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -167,3 +167,29 @@ def test_sigterm_answers_what_is_in_flight_then_closes(server):
     assert "stopped" in process.stdout.read()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_a_hostile_frame_is_refused_and_other_robots_keep_being_served(gateway):
+    """An object-dtype array (its bytes would be read as pointers), a frame that is not msgpack, a text frame,
+    a frame over the size limit: each is answered or closed alone; another robot is served throughout."""
+    import msgpack
+    from websockets.sync.client import connect
+
+    other = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=gateway)
+    rng = np.random.default_rng(7)
+    pointers = {b"__ndarray__": True, b"data": b"\x01" * 8, b"dtype": "|O", b"shape": (1,)}
+    with connect(f"ws://127.0.0.1:{gateway}", max_size=None) as ws:
+        ws.recv()  # the metadata
+        for frame, expected in (
+            (msgpack.packb({"observation/joint_position": [pointers]}), "dtype object is not accepted"),
+            (b"\xc1 not msgpack", "not msgpack-numpy"),
+            ("a text frame", "expected msgpack bytes"),
+        ):
+            ws.send(frame)
+            answer = ws.recv()
+            assert isinstance(answer, str) and expected in answer, answer
+            assert other.infer(droid_obs(rng))["actions"].shape == (50, 8)
+        ws.send(b"\x00" * (65 << 20))  # over the 64 MiB limit: this connection is closed (1009), no other
+        with pytest.raises(Exception, match="1009|too big"):
+            ws.recv()
+    assert other.infer(droid_obs(rng))["actions"].shape == (50, 8)

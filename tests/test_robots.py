@@ -48,7 +48,9 @@ def test_a_droid_observation_becomes_a_request_and_the_actions_come_back_sliced(
 
 def test_chw_frames_normalization_and_nested_keys(tmp_path):
     spec = load_spec(SPEC)
-    stats = {"state": {"mean": [1.0] * 14, "std": [2.0] * 14}, "actions": {"mean": [10.0] * 14, "std": [3.0] * 14}}
+    # as openpi writes them: wrapped, padded to 32, a constant dimension's std 0
+    state = {"mean": [1.0] * 32, "std": [2.0] * 13 + [0.0] + [2.0] * 18}
+    stats = {"norm_stats": {"state": state, "actions": {"mean": [10.0] * 32, "std": [3.0] * 32}}}
     (tmp_path / "stats.json").write_text(json.dumps(stats))
     settings = spec.robots["aloha"].__class__(**{**spec.robots["aloha"].__dict__, "norm_stats": "stats.json"})
     robot = RobotTransform("aloha", settings, views=3, base=tmp_path)
@@ -59,7 +61,7 @@ def test_chw_frames_normalization_and_nested_keys(tmp_path):
     }
     request = robot.request({"images": images, "state": np.full(14, 5.0, dtype=np.float32), "prompt": "fold"})
     assert np.array_equal(request[io.IMAGES][0, 0], images["cam_high"].transpose(1, 2, 0))
-    assert np.allclose(request[io.STATE][0, :14], 2.0)  # (5 - 1) / 2
+    assert np.allclose(request[io.STATE][0, :13], 2.0) and request[io.STATE][0, 13] > 1e5  # (5 - 1) / (std + 1e-6)
     assert np.allclose(robot.result(np.ones((50, 32), np.float32))["actions"], 13.0)  # 1 * 3 + 10
     with pytest.raises(
         VlaserveError, match=r"robots.aloha.images: .* expected 2 camera keys: the served policy takes 2"
@@ -106,3 +108,13 @@ def test_a_sentencepiece_tokenizer_from_a_file(tmp_path):
     assert not np.array_equal(ids, tokenizer("pick up the red block"))
     with pytest.raises(VlaserveError, match="tokenizer"):
         Tokenizer(tmp_path / "missing.model")
+
+
+def test_statistics_that_cannot_be_read_are_named(tmp_path):
+    spec = load_spec(SPEC)
+    settings = spec.robots["droid"].__class__(**{**spec.robots["droid"].__dict__, "norm_stats": "stats.json"})
+    with pytest.raises(VlaserveError, match="norm_stats"):
+        RobotTransform("droid", settings, views=2, base=tmp_path)  # no such file
+    (tmp_path / "stats.json").write_text('{"state": {"mean": [0, 0], "std": [1, 1]}}')
+    with pytest.raises(VlaserveError, match="at least 8 values each"):
+        RobotTransform("droid", settings, views=2, base=tmp_path)

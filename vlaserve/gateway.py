@@ -13,11 +13,13 @@ Beyond openpi's own server:
   (openpi's server closes it);
 - a connection may say how urgent it is: ``ws://host:port/?priority=control`` (Triton priority 1) or
   ``background`` (2, the default);
-- each connection reads at most ``--max-queue`` frames ahead of the one being answered;
+- each connection reads at most ``--max-queue`` frames ahead of the one being answered, each at most
+  ``--max-size-mb``; a frame's decoding and transforms run off the event loop;
 - ``GET /healthz`` (200 when Triton's policy is ready, else 503) and ``GET /metrics`` (Prometheus: the
   gateway's connections, requests by outcome and latency) on the same port;
-- SIGTERM: no new connections; the open ones are answered until none has been busy for a quarter of a
-  second (an observation already sent is answered), then each is closed with 1001 (going away).
+- SIGTERM: no new connections; frames already on their way are read for a quarter of a second, every
+  answer being computed is sent (for up to ``--drain-s``), then each connection is closed with 1001 (going
+  away). A second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import signal
 import sys
 import time
@@ -39,7 +42,7 @@ from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.robots import ObservationError, RobotTransform
 
-QUIET_S = 0.25  # at SIGTERM: connections idle this long are closed (see Gateway.serve)
+QUIET_S = 0.25  # at SIGTERM: how long frames already on their way are still read (see Gateway.serve)
 PRIORITIES = {"control": 1, "background": 2}  # Triton priority levels of the policy (spec priority_levels: 2)
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml"
 
@@ -55,11 +58,21 @@ def _pack_array(obj):
     return obj
 
 
+WIRE_KINDS = "biufSU"  # numbers, booleans and strings; never objects (their bytes would be read as pointers)
+
+
+def _wire_dtype(text) -> np.dtype:
+    dtype = np.dtype(text)
+    if dtype.hasobject or dtype.kind not in WIRE_KINDS:
+        raise ValueError(f"dtype {dtype} is not accepted (numbers, booleans or strings only)")
+    return dtype
+
+
 def _unpack_array(obj):
     if b"__ndarray__" in obj:
-        return np.ndarray(buffer=obj[b"data"], dtype=np.dtype(obj[b"dtype"]), shape=obj[b"shape"])
+        return np.ndarray(buffer=obj[b"data"], dtype=_wire_dtype(obj[b"dtype"]), shape=obj[b"shape"])
     if b"__npgeneric__" in obj:
-        return np.dtype(obj[b"dtype"]).type(obj[b"data"])
+        return _wire_dtype(obj[b"dtype"]).type(obj[b"data"])
     return obj
 
 
@@ -90,11 +103,14 @@ class Metrics:
 class Gateway:
     """The WebSocket server: one handler per robot connection, one async gRPC client to Triton for all."""
 
-    def __init__(self, triton_url: str, robot: RobotTransform, timeout_s: float = 30.0, model: str = io.POLICY):
+    def __init__(self, triton_url: str, robot: RobotTransform, timeout_s: float = 30.0, model: str = io.POLICY,
+                 drain_s: float = 10.0):  # fmt: skip
         self.triton_url, self.robot, self.timeout_s, self.model = triton_url, robot, timeout_s, model
+        self.drain_s = drain_s
         self.metrics = Metrics()
         self.in_flight = 0
-        self.last_activity = 0.0  # monotonic time a frame was last read or answered
+        self.busy: set = set()  # connections computing an answer now
+        self.stopping = False
         self.client = None
 
     async def start_client(self):
@@ -119,7 +135,7 @@ class Gateway:
 
     async def ready(self) -> bool:
         try:
-            return bool(await self.client.is_model_ready(self.model))
+            return bool(await self.client.is_model_ready(self.model, client_timeout=2.0))
         except Exception:  # noqa: BLE001 - Triton down or unreachable: not ready
             return False
 
@@ -151,14 +167,20 @@ class Gateway:
             await ws.send(packb(self.robot.metadata()))
             previous_total = None
             async for message in ws:
-                started = self.last_activity = time.monotonic()
-                reply, outcome = await self._answer(message, priority, previous_total)
-                await ws.send(reply)
-                self.last_activity = time.monotonic()
+                started = time.monotonic()
+                self.busy.add(ws)
+                try:
+                    reply, outcome = await self._answer(message, priority, previous_total)
+                    await ws.send(reply)
+                finally:
+                    self.busy.discard(ws)
                 self.metrics.requests.labels(outcome).inc()
                 if outcome == "ok":
                     previous_total = time.monotonic() - started
                     self.metrics.latency.observe(previous_total)
+                if self.stopping:  # answered; now this connection goes
+                    await ws.close(1001, "the gateway is shutting down")
+                    return
         except ConnectionClosed:  # the robot went away, or the gateway is stopping
             pass
         except Exception as exc:  # noqa: BLE001 - a fault of the gateway's: this connection ends, loudly
@@ -171,8 +193,8 @@ class Gateway:
         """The reply frame for one message (actions, or a text frame saying what was wrong) and its outcome."""
         if isinstance(message, str):
             return "vlaserve gateway: observation: got a text frame, expected msgpack bytes", "bad_observation"
-        try:
-            request = self.robot.request(unpackb(message))
+        try:  # off the event loop: a large frame's resize must not hold up the other robots' replies
+            request = await asyncio.to_thread(lambda: self.robot.request(unpackb(message)))
         except ObservationError as exc:
             return f"vlaserve gateway: bad observation: {exc}", "bad_observation"
         except Exception as exc:  # noqa: BLE001 - not msgpack at all
@@ -191,28 +213,29 @@ class Gateway:
             result["server_timing"]["prev_total_ms"] = previous_total * 1e3
         return packb(result), "ok"
 
-    async def serve(self, host: str, port: int, max_queue: int, stop: asyncio.Event, started=None) -> None:
+    async def serve(self, host: str, port: int, max_queue: int, stop: asyncio.Event, max_size: int = 64 << 20) -> None:
         from websockets.asyncio.server import serve
 
         await self.start_client()
-        async with serve(self.handler, host, port, process_request=self.process_request, max_size=None,
+        async with serve(self.handler, host, port, process_request=self.process_request, max_size=max_size,
                          max_queue=max_queue, compression=None) as server:  # fmt: skip
             bound = server.sockets[0].getsockname()[1]
             print(f"[gateway] robot {self.robot.name!r}: ws://{host}:{bound} -> Triton {self.triton_url} "
                   f"({self.model}); /healthz and /metrics on the same port", flush=True)  # fmt: skip
-            if started is not None:
-                started(bound)
             await stop.wait()
             print("[gateway] stopping: no new connections; answering the requests in flight ...", flush=True)
             server.close(close_connections=False)
-            # Open connections are still read and answered until none has been busy for QUIET_S (a frame
-            # already sent when the signal came is read within it), or the timeout.
-            self.last_activity = max(self.last_activity, time.monotonic())
-            deadline = time.monotonic() + self.timeout_s
-            while time.monotonic() < deadline and (self.in_flight or time.monotonic() - self.last_activity < QUIET_S):
+            self.stopping = True
+            # A frame already on its way when the signal came is read within QUIET_S and answered; each
+            # connection is closed once it has no answer to compute, all of them together.
+            await asyncio.sleep(QUIET_S)
+            deadline = time.monotonic() + self.drain_s
+            while self.busy and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            for connection in list(server.connections):
-                await connection.close(1001, "the gateway is shutting down")
+            await asyncio.gather(
+                *(c.close(1001, "the gateway is shutting down") for c in list(server.connections)),
+                return_exceptions=True,
+            )
         await self.client.close()
         print("[gateway] stopped", flush=True)
 
@@ -229,6 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=4, help="frames a connection may send ahead (default 4)")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="per request to Triton, and for the drain")
     parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for Triton's policy at start")
+    parser.add_argument("--drain-s", type=float, default=10.0, help="at SIGTERM, how long answers in flight may take")
+    parser.add_argument("--max-size-mb", type=float, default=64.0, help="the largest frame a robot may send (MiB)")
     return parser.parse_args(argv)
 
 
@@ -252,8 +277,10 @@ def main(argv=None) -> int:
         spec = load_spec(Path(args.spec))
         if args.robot not in spec.robots:
             raise VlaserveError("--robot", args.robot, f"one of {sorted(spec.robots)} (the spec's robots: section)")
-        if args.max_queue < 1:
-            raise VlaserveError("--max-queue", args.max_queue, "a positive integer")
+        for flag, value in (("--max-queue", args.max_queue), ("--max-size-mb", args.max_size_mb),
+                            ("--drain-s", args.drain_s), ("--timeout-s", args.timeout_s)):  # fmt: skip
+            if not value > 0:
+                raise VlaserveError(flag, value, "a positive number")
         views = _served_views(args.triton, args.wait_s)
         robot = RobotTransform(args.robot, spec.robots[args.robot], views, Path(args.spec).parent)
     except VlaserveError as exc:
@@ -263,9 +290,16 @@ def main(argv=None) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal():
+            if stop.is_set():  # a second signal: no more waiting
+                os._exit(130)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Gateway(args.triton, robot, args.timeout_s).serve(args.host, args.port, args.max_queue, stop)
+            loop.add_signal_handler(sig, on_signal)
+        gateway = Gateway(args.triton, robot, args.timeout_s, drain_s=args.drain_s)
+        await gateway.serve(args.host, args.port, args.max_queue, stop, int(args.max_size_mb * 2**20))
 
     asyncio.run(run())
     return 0

@@ -25,6 +25,8 @@ from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.spec import RobotSettings
 
+STD_EPS = 1e-6  # added to every std, as openpi does (a constant dimension has std 0)
+MAX_PROMPT_CHARS = 2000  # longer prompts are refused before tokenizing (48 ids keep far less)
 NOISE_KEY = "noise"  # a vlaserve extension: the flow's starting noise [50, 32], for reproducible actions
 
 
@@ -51,11 +53,11 @@ def resize_with_pad(frame: np.ndarray, size: int) -> np.ndarray:
         return frame
     from PIL import Image
 
-    scale = size / max(h, w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    ratio = max(w / size, h / size)  # openpi's resize_with_pad: sizes truncated, the padding split evenly
+    new_h, new_w = max(1, int(h / ratio)), max(1, int(w / ratio))
     resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BILINEAR))
     out = np.zeros((size, size, 3), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
+    top, left = max(0, int((size - new_h) / 2)), max(0, int((size - new_w) / 2))
     out[top : top + new_h, left : left + new_w] = resized
     return out
 
@@ -78,7 +80,8 @@ class Tokenizer:
             from vlaserve.client import tokenize
 
             return tokenize(prompt)
-        ids = self.processor.encode(prompt.strip(), add_bos=True) + self.processor.encode("\n")
+        cleaned = prompt.strip().replace("_", " ").replace("\n", " ")  # as openpi's tokenizer cleans it
+        ids = self.processor.encode(cleaned, add_bos=True) + self.processor.encode("\n")
         out = np.zeros(io.MAX_TOKENS, dtype=np.int32)
         ids = ids[: io.MAX_TOKENS]
         out[: len(ids)] = ids
@@ -86,17 +89,23 @@ class Tokenizer:
 
 
 def _stats(path: Path | None, name: str, dims: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and std of ``name`` ("state" or "actions") from a statistics file, openpi's ``norm_stats.json``
+    (``{"norm_stats": {"state": {"mean", "std", ...}, ...}}``) or the same without the wrapper; longer
+    vectors (openpi pads them to the model's 32) are cut to the robot's ``dims``."""
     if path is None:
         return None
-    stats = json.loads(Path(path).read_text())
     try:
+        stats = json.loads(Path(path).read_text())
+        stats = stats.get("norm_stats", stats)
         mean = np.asarray(stats[name]["mean"], dtype=np.float32)
         std = np.asarray(stats[name]["std"], dtype=np.float32)
-    except (KeyError, TypeError) as exc:
-        raise VlaserveError("norm_stats", str(path), f'{{"{name}": {{"mean": [...], "std": [...]}}}}') from exc
-    if mean.shape != (dims,) or std.shape != (dims,) or not (std > 0).all():
-        raise VlaserveError(f"norm_stats {name}", f"mean {mean.shape}, std {std.shape}", f"{dims} values each, std > 0")
-    return mean, std
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise VlaserveError(
+            "norm_stats", str(path), f'a JSON file with {{"{name}": {{"mean": [...], "std": [...]}}}} ({exc})'
+        ) from None
+    if mean.ndim != 1 or std.shape != mean.shape or mean.size < dims:
+        raise VlaserveError(f"norm_stats {name}", f"mean {mean.shape}, std {std.shape}", f"at least {dims} values each")
+    return mean[:dims], std[:dims] + STD_EPS
 
 
 class RobotTransform:
@@ -167,10 +176,14 @@ class RobotTransform:
         s = self.settings
         prompt = lookup(obs, s.prompt_key)
         prompt = s.default_prompt if prompt is None else prompt
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 0:  # openpi's clients may send a 0-d string array
+            prompt = prompt.item()
         if isinstance(prompt, bytes):
             prompt = prompt.decode("utf-8", errors="replace")
         if not isinstance(prompt, str):
             raise ObservationError(s.prompt_key, type(prompt).__name__, "a string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ObservationError(s.prompt_key, f"{len(prompt)} characters", f"at most {MAX_PROMPT_CHARS}")
         request = {
             io.IMAGES: np.stack([self._frame(obs, key) for key in s.images])[None],
             io.TOKENS: self.tokenizer(prompt)[None],

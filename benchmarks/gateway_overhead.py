@@ -1,0 +1,143 @@
+"""The gateway's cost: a robot's observation through vlaserve.gateway (openpi's client) against the same request
+sent straight to Triton over gRPC (tritonclient), one at a time and under closed-loop load.
+
+Serves the exported repository (``--repository``, as it is) with the embedded tritonserver, starts the
+gateway in front of it for ``--robot``, and for each path: ``--requests`` requests one after another (after 5
+to warm up), then ``--clients`` closed-loop clients for ``--seconds``. Every answer's actions are checked
+for shape and finiteness (the gateway's equality with the direct path is tests/test_gateway.py's). Prints a
+table last.
+
+    python -m benchmarks.gateway_overhead --repository model_repository --out reports/gateway.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from vlaserve.client import PolicyClient
+from vlaserve.robots import RobotTransform
+from vlaserve.server import ServerOptions, TritonServer, free_port
+from vlaserve.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "model_repository" / "spec.yaml"
+
+
+def observation(seed: int) -> dict:
+    """A DROID-like observation: a 180 x 320 exterior frame (resized by the gateway), a 224 wrist frame."""
+    rng = np.random.default_rng(seed)
+    return {
+        "observation/exterior_image_1_left": rng.integers(0, 255, (180, 320, 3), dtype=np.uint8),
+        "observation/wrist_image_left": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
+        "observation/joint_position": rng.normal(size=7),
+        "observation/gripper_position": np.array([0.5]),
+        "prompt": "pick up the cup",
+    }
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def measure(make_call, requests: int, clients: int, seconds: float) -> dict:
+    call = make_call()
+    for _ in range(5):
+        call()
+    times = []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    row = {"p50_ms": round(statistics.median(times), 2), "p99_ms": round(percentile(times, 0.99), 2)}
+    done, stop = [], threading.Event()
+
+    def loop():
+        own = make_call()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            own()
+            done.append((time.perf_counter() - t0) * 1e3)
+
+    threads = [threading.Thread(target=loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    row.update(clients=clients, per_s=round(len(done) / seconds, 1), load_p50_ms=round(percentile(done, 0.5), 1),
+               load_p99_ms=round(percentile(done, 0.99), 1))  # fmt: skip
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", default="model_repository", help="an exported repository (make export)")
+    parser.add_argument("--robot", default="droid")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from openpi_client import websocket_client_policy
+
+    options = ServerOptions(model_repository=Path(args.repository), http_port=0, grpc_port=0, metrics_port=0,
+                            workdir=Path("/tmp/gateway_overhead"), ready_timeout=600)  # fmt: skip
+    with TritonServer(options).start() as server:
+        port = free_port()
+        gateway = subprocess.Popen([sys.executable, "-m", "vlaserve.gateway", "--robot", args.robot, "--triton",
+                                    server.grpc_url, "--port", str(port)], cwd=ROOT)  # fmt: skip
+        try:
+            for _ in range(300):
+                try:
+                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            robot = RobotTransform(
+                args.robot, load_spec(SPEC).robots[args.robot], PolicyClient(server.grpc_url).views()
+            )
+            obs = observation(0)
+            request = robot.request(obs)
+
+            def direct():
+                client = PolicyClient(server.grpc_url)
+                return lambda: np.isfinite(client.infer(request)).all() or sys.exit("non-finite actions")
+
+            def through_gateway():
+                client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+                return lambda: client.infer(obs)["actions"].shape == (50, robot.settings.action_dim) or sys.exit("bad")
+
+            rows = {
+                "direct gRPC (tritonclient)": measure(direct, args.requests, args.clients, args.seconds),
+                "gateway (openpi-client)": measure(through_gateway, args.requests, args.clients, args.seconds),
+            }
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(timeout=60)
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+              "repository": args.repository, "robot": args.robot, "rows": rows}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{'path':28} {'batch-1 p50 / p99 ms':>20} | {'clients':>7} {'answers/s':>9} {'p50 / p99 ms':>14}")
+    for name, r in rows.items():
+        print(f"{name:28} {r['p50_ms']:9.2f} / {r['p99_ms']:7.2f} | {r['clients']:7d} {r['per_s']:9.1f} "
+              f"{r['load_p50_ms']:6.1f} / {r['load_p99_ms']:6.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
