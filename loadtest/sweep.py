@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 from loadtest import FAILED_SUFFIX, metrics, report
@@ -26,6 +27,7 @@ from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+GATEWAY_LOCUSTFILE = Path(__file__).with_name("gateway_locustfile.py")  # --protocol gateway: robots via the gateway
 
 
 class LoadtestError(RuntimeError):
@@ -39,12 +41,18 @@ def _locust_cmd() -> list[str]:
 
 
 def check_target(host: str, protocol: str, model: str, metrics_url: str) -> None:
-    """One clear error when the server is unreachable or the model is not there."""
+    """One clear error when the server (or the gateway) is unreachable or the model is not there."""
     from vlaserve.client import readiness_problem
 
-    problem = readiness_problem(host, protocol, model)
-    if problem:
-        raise LoadtestError(problem)
+    if protocol == "gateway":
+        try:
+            urllib.request.urlopen(f"http://{host}/healthz", timeout=5)
+        except (urllib.error.URLError, OSError) as exc:
+            raise LoadtestError(f"the gateway at {host} is not healthy (/healthz): {exc}") from None
+    else:
+        problem = readiness_problem(host, protocol, model)
+        if problem:
+            raise LoadtestError(problem)
     try:
         metrics.scrape(metrics_url)
     except (urllib.error.URLError, OSError) as exc:
@@ -93,12 +101,14 @@ def read_locust_json(path: Path) -> dict:
 def run_step(args, users: int, out_dir: Path, label: str = "") -> dict:
     """One Locust run at ``users`` concurrent users; its figures and the server's metric deltas."""
     prefix = out_dir / f"{label}users_{users}"
+    gateway = args.protocol == "gateway"
     cmd = [
-        *_locust_cmd(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        *_locust_cmd(), "-f", str(GATEWAY_LOCUSTFILE if gateway else LOCUSTFILE), "--headless", "--only-summary",
         "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--stop-timeout", "10",
         "--host", args.host, "--csv", str(prefix), "--html", f"{prefix}.html", "--json-file", str(prefix),
-        "--vla-protocol", args.protocol, "--vla-mode", args.mode, "--vla-rate-hz", str(args.rate_hz),
-        "--vla-batch", str(args.batch), "--vla-model", args.model,
+        "--vla-mode", args.mode, "--vla-rate-hz", str(args.rate_hz),
+        *(["--vla-robot", args.robot] if gateway else
+          ["--vla-protocol", args.protocol, "--vla-batch", str(args.batch), "--vla-model", args.model]),
     ]  # fmt: skip
     before = metrics.scrape(args.metrics_url)
     started = time.perf_counter()
@@ -174,7 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="server host:port for --protocol (default: 127.0.0.1:8000 http, :8001 grpc)")
     parser.add_argument("--metrics-url", default=f"http://{io.DEFAULT_HOST}:{io.METRICS_PORT}/metrics")
-    parser.add_argument("--protocol", choices=["http", "grpc"], default="http", help="default: http")
+    parser.add_argument("--protocol", choices=["http", "grpc", "gateway"], default="http",
+                        help="default: http; gateway: robots through vlaserve.gateway (--host is its host:port)")  # fmt: skip
+    parser.add_argument("--robot", default="droid", help="--protocol gateway: the robot's settings in the spec")
     parser.add_argument("--users", default="1,2,4,8", help="comma-separated user counts (default: 1,2,4,8)")
     parser.add_argument("--duration", type=int, default=20, help="seconds per step (default: 20)")
     parser.add_argument("--mode", choices=["closed", "robot"], default="closed", help="closed loop or fixed rate")
@@ -198,7 +210,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.users or min(args.users) < 1 or args.duration < 1 or args.batch < 1:
         parser.error("--users, --duration and --batch must be positive")
     args.compare = [v for v in args.compare.split(",") if v] if args.compare else None
-    args.host = args.host or f"{io.DEFAULT_HOST}:{io.HTTP_PORT if args.protocol == 'http' else io.GRPC_PORT}"
+    if args.protocol == "gateway" and (args.compare or args.batch != 1):
+        parser.error("--protocol gateway: one observation per request, against a running gateway (no --compare)")
+    port = {"http": io.HTTP_PORT, "grpc": io.GRPC_PORT, "gateway": io.GATEWAY_PORT}[args.protocol]
+    args.host = args.host or f"{io.DEFAULT_HOST}:{port}"
     return args
 
 

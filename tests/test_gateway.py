@@ -193,3 +193,16 @@ def test_a_hostile_frame_is_refused_and_other_robots_keep_being_served(gateway):
         with pytest.raises(Exception, match="1009|too big"):
             ws.recv()
     assert other.infer(droid_obs(rng))["actions"].shape == (50, 8)
+
+
+def test_the_load_test_drives_robots_through_the_gateway(gateway, server, tmp_path):
+    """make loadtest ARGS="--protocol gateway": Locust robots (WebSocket, the spec's droid observation) against
+    the gateway, Triton's own metrics scraped around each step."""
+    from loadtest import sweep
+
+    summary = sweep.run(sweep.parse_args(["--protocol", "gateway", "--host", f"127.0.0.1:{gateway}", "--users", "2",
+                                          "--duration", "4", "--metrics-url", server.metrics_url,
+                                          "--out", str(tmp_path)]))  # fmt: skip
+    step = summary["results"]["sweep"][0]
+    assert step["failures"] == 0 and step["requests"] > 2 and step["throughput"] > 0, step
+    assert step["server"]["models"]["encoder"]["requests"] >= step["requests"]  # every answer came from Triton

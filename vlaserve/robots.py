@@ -205,3 +205,19 @@ class RobotTransform:
             mean, std = self.action_stats
             out = out * std + mean
         return {"actions": np.ascontiguousarray(out)}
+
+
+def example_observation(settings: RobotSettings, seed: int = 0, prompt: str = "pick up the cup") -> dict:
+    """An observation such a robot sends (camera-like 224 x 224 frames in its layout, a random state split
+    over its keys), for load tests and examples. Keys are written flat ("images/cam_high"), which
+    :func:`lookup` finds as they are."""
+    from vlaserve.client import camera_frames
+
+    rng = np.random.default_rng(seed)
+    obs: dict = {settings.prompt_key: prompt}
+    for key, frame in zip(settings.images, camera_frames(len(settings.images), rng)):
+        obs[key] = np.ascontiguousarray(frame.transpose(2, 0, 1)) if settings.image_layout == "chw" else frame
+    sizes = [settings.state_dim - len(settings.state) + 1] + [1] * (len(settings.state) - 1)
+    for key, size in zip(settings.state, sizes):
+        obs[key] = rng.normal(size=size).astype(np.float32)
+    return obs
