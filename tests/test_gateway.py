@@ -206,3 +206,44 @@ def test_the_load_test_drives_robots_through_the_gateway(gateway, server, tmp_pa
     step = summary["results"]["sweep"][0]
     assert step["failures"] == 0 and step["requests"] > 2 and step["throughput"] > 0, step
     assert step["server"]["models"]["encoder"]["requests"] >= step["requests"]  # every answer came from Triton
+
+
+def test_a_triton_restart_is_an_error_frame_and_the_connection_lives_on(tiny_repo, tmp_path):
+    """Triton goes down under a connected robot: its observations are answered with an error frame, not a
+    dropped connection, /healthz says 503; once Triton is back on its address the same connection is served."""
+    from vlaserve.server import ServerOptions, TritonServer
+
+    http, grpc, metrics_port = free_port(), free_port(), free_port()
+
+    def triton():
+        options = ServerOptions(model_repository=tiny_repo, http_port=http, grpc_port=grpc, metrics_port=metrics_port,
+                                workdir=tmp_path / "work", ready_timeout=120)  # fmt: skip
+        return TritonServer(options).start()
+
+    first = triton()
+    process, port = start_gateway(first)
+    try:
+        client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        rng = np.random.default_rng(8)
+        assert client.infer(droid_obs(rng))["actions"].shape == (50, 8)
+        first.stop()
+        with pytest.raises(RuntimeError, match="the policy on Triton failed"):
+            client.infer(droid_obs(rng))
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        second = triton()
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # gRPC reconnects on its own schedule: a few tries
+                try:
+                    assert client.infer(droid_obs(rng))["actions"].shape == (50, 8)
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        finally:
+            second.stop()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
