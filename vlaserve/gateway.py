@@ -108,7 +108,6 @@ class Gateway:
         self.triton_url, self.robot, self.timeout_s, self.model = triton_url, robot, timeout_s, model
         self.drain_s = drain_s
         self.metrics = Metrics()
-        self.in_flight = 0
         self.busy: set = set()  # connections computing an answer now
         self.stopping = False
         self.client = None
@@ -199,14 +198,11 @@ class Gateway:
             return f"vlaserve gateway: bad observation: {exc}", "bad_observation"
         except Exception as exc:  # noqa: BLE001 - not msgpack at all
             return f"vlaserve gateway: observation: not msgpack-numpy ({type(exc).__name__}: {exc})", "bad_observation"
-        self.in_flight += 1
         try:
             started = time.monotonic()
             actions = await self.infer(request, priority)
         except Exception as exc:  # noqa: BLE001 - Triton's answer (overload, a bad tensor, down) goes to the robot
             return f"vlaserve gateway: the policy on Triton failed: {exc}", "error"
-        finally:
-            self.in_flight -= 1
         result = self.robot.result(actions)
         result["server_timing"] = {"infer_ms": (time.monotonic() - started) * 1e3}
         if previous_total is not None:
