@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fused_decoder import graphed
+from benchmarks.fused_decoder import eager_cases, graphed
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.model.fp8 import to_fp8
-from vlaserve.model.parity import compare, random_request
+from vlaserve.model.parity import compare
 from vlaserve.model.policy import Encoder, build_policy
 from vlaserve.model.presets import get_preset
 from vlaserve.runtimes import compile_layers
@@ -62,13 +62,7 @@ def main() -> None:
     started = time.perf_counter()
     policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
     print(f"[fp8] {cfg.name} policy built in {time.perf_counter() - started:.1f} s", flush=True)
-    cases = {}
-    for batch in batches:  # eager bf16 references first: compiling patches the layers
-        request = {k: v.to(DEVICE) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed=batch).items()}
-        with torch.inference_mode():
-            prefix_kv, mask = policy.encode(request["images"], request["tokens"])
-            actions = policy.decode(prefix_kv, mask, request["state"], request["noise"])
-        cases[batch] = (request, prefix_kv, mask, actions)
+    cases = eager_cases(policy, batches)  # bf16 eager references, before anything is compiled
     encoders = {"bf16": Encoder(policy).eval()}
     scopes = {}
     request, prefix_kv, mask, actions = cases[batches[0]]

@@ -50,6 +50,20 @@ KIND_OF_KERNEL = {
 }  # fmt: skip
 
 
+def eager_cases(policy, batches) -> dict[int, tuple]:
+    """Per batch size: a random request (seeded by the batch size) on the GPU, and eager PyTorch's prefix
+    keys/values, prefix mask and actions for it. Made before anything is compiled: compiling patches the
+    layers the policy shares."""
+    cfg, cases = policy.cfg, {}
+    for batch in batches:
+        request = {k: v.to(DEVICE) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed=batch).items()}
+        with torch.inference_mode():
+            prefix_kv, mask = policy.encode(request["images"], request["tokens"])
+            actions = policy.decode(prefix_kv, mask, request["state"], request["noise"])
+        cases[batch] = (request, prefix_kv, mask, actions)
+    return cases
+
+
 def per_kind(by_name: dict) -> dict[str, float]:
     """GPU ms per kernel kind (the rest of a step, PyTorch's kernels, under "other")."""
     times: dict[str, float] = {}
@@ -105,14 +119,10 @@ def main() -> None:
     started = time.perf_counter()
     policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
     print(f"[fused] {cfg.name} policy built in {time.perf_counter() - started:.1f} s", flush=True)
-    # eager references first: compiling patches the layers the policy shares
-    cases = {}
-    for batch in batches:
-        request = {k: v.to(DEVICE) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed=batch).items()}
-        with torch.inference_mode():
-            prefix_kv, mask = policy.encode(request["images"], request["tokens"])
-            inputs = [prefix_kv, mask, request["state"], request["noise"]]
-            cases[batch] = (inputs, policy.decode(*inputs))
+    cases = {
+        batch: ([prefix_kv, mask, request["state"], request["noise"]], actions)
+        for batch, (request, prefix_kv, mask, actions) in eager_cases(policy, batches).items()
+    }
     served = Decoder(policy).eval()
     compile_layers(torch, served)
     math_impl = _compiled_attention_math(torch)

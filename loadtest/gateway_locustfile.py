@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from locust import User, constant_pacing, events, task
+from locust import User, events, task
 from locust.exception import StopUser
 
-from loadtest import FAILED_SUFFIX
+from loadtest.users import Paced, add_pacing_arguments
 from vlaserve.gateway import packb, unpackb
 from vlaserve.robots import example_observation
 from vlaserve.spec import load_spec
@@ -28,12 +28,11 @@ SPEC = Path(__file__).resolve().parents[1] / "model_repository" / "spec.yaml"
 def _arguments(parser):
     group = parser.add_argument_group("vlaserve gateway")
     group.add_argument("--vla-robot", default="droid", help="the robot's settings in the spec (robots:)")
-    group.add_argument("--vla-mode", choices=["robot", "closed"], default="closed", help="fixed rate or closed loop")
-    group.add_argument("--vla-rate-hz", type=float, default=10.0, help="requests per second per user in robot mode")
+    add_pacing_arguments(group)
     group.add_argument("--vla-priority", choices=["control", "background"], default="background")
 
 
-class GatewayRobot(User):
+class GatewayRobot(Paced, User):
     """One robot asking the gateway for action chunks over its own connection."""
 
     def on_start(self):
@@ -55,11 +54,6 @@ class GatewayRobot(User):
         if ws is not None:
             ws.close()
 
-    def wait_time(self):
-        if self.opts.vla_mode == "closed":
-            return 0
-        return constant_pacing(1.0 / self.opts.vla_rate_hz)(self)
-
     @task
     def infer(self):
         start = time.perf_counter()
@@ -73,11 +67,4 @@ class GatewayRobot(User):
                 length = unpackb(reply)["actions"].nbytes
         except Exception as exc:  # noqa: BLE001 - every failure is reported to Locust, not raised
             exception = RuntimeError(f"{type(exc).__name__}: {exc}")
-        self.environment.events.request.fire(
-            request_type="gateway",
-            name=self.name if exception is None else f"{self.name}{FAILED_SUFFIX}",
-            response_time=(time.perf_counter() - start) * 1000.0,
-            response_length=length,
-            exception=exception,
-            context={"batch": 1},
-        )
+        self.report("gateway", start, length, exception)

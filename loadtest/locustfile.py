@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, constant_pacing, events, task
+from locust import User, events, task
 from locust.exception import StopUser
 
-from loadtest import FAILED_SUFFIX
+from loadtest.users import Paced, add_pacing_arguments
 from vlaserve import interface as io
 from vlaserve.client import PolicyClient, error_line, make_request, readiness_problem
 
@@ -33,8 +33,7 @@ def _arguments(parser):
         default="http",
         help="tritonclient protocol (default: http, the cheaper one per request for the load generator, see docs/BENCHMARKS.md)",
     )
-    group.add_argument("--vla-mode", choices=["robot", "closed"], default="closed", help="fixed rate or closed loop")
-    group.add_argument("--vla-rate-hz", type=float, default=10.0, help="requests per second per user in robot mode")
+    add_pacing_arguments(group)
     group.add_argument("--vla-batch", type=int, default=1, help="items per request")
     group.add_argument("--vla-model", default=io.POLICY, help="model to call")
     group.add_argument("--vla-priority", type=int, default=0, help="request priority (0 = the model's default)")
@@ -54,7 +53,7 @@ def _check_server(environment, **_):
             environment.runner.quit()
 
 
-class PolicyUser(User):
+class PolicyUser(Paced, User):
     """One robot (or evaluation worker) asking the policy for action chunks."""
 
     def on_start(self):
@@ -74,11 +73,6 @@ class PolicyUser(User):
         if client is not None:
             client.client.close()  # an open gRPC channel would keep the process from exiting
 
-    def wait_time(self):  # Locust calls this between tasks
-        if self.opts.vla_mode == "closed":
-            return 0
-        return constant_pacing(1.0 / self.opts.vla_rate_hz)(self)
-
     @task
     def infer(self):
         start = time.perf_counter()
@@ -89,13 +83,4 @@ class PolicyUser(User):
             # by its status and message: Locust groups failures by the exception's repr, and a
             # tritonclient exception's repr is empty
             exception = RuntimeError(error_line(exc))
-        self.environment.events.request.fire(
-            request_type=self.opts.vla_protocol,
-            # failures apart, so that the latency percentiles are those of answers (a fast rejection
-            # would otherwise pull them down)
-            name=self.name if exception is None else f"{self.name}{FAILED_SUFFIX}",
-            response_time=(time.perf_counter() - start) * 1000.0,
-            response_length=length,
-            exception=exception,
-            context={"batch": self.opts.vla_batch},
-        )
+        self.report(self.opts.vla_protocol, start, length, exception, self.opts.vla_batch)
