@@ -124,7 +124,7 @@ class Stack:
         self.compose = [*compose, "-p", PROJECT, *(x for f in FILES for x in ("-f", str(ROOT / f)))]
         self.workdir, self.uid = workdir, uid
         self.repo, self.reports = workdir / "model_repository", workdir / "reports"
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port, self.gateway_port = free_ports(4)
         self.env = {
             **os.environ,
             "VLASERVE_REPOSITORY": str(self.repo),
@@ -134,6 +134,8 @@ class Stack:
             "VLASERVE_HTTP_PORT": str(self.http_port),
             "VLASERVE_GRPC_PORT": str(self.grpc_port),
             "VLASERVE_METRICS_PORT": str(self.metrics_port),
+            "VLASERVE_GATEWAY_PORT": str(self.gateway_port),
+            "COMPOSE_PROFILES": "gateway",  # the gateway service is seen by ps, inspect and down as well
         }
 
     def __call__(self, *args: str, check: bool = True, capture: bool = False, timeout: float | None = None):
@@ -148,16 +150,16 @@ class Stack:
     def inspect(self, fmt: str, service: str = "triton") -> str:
         return run(["docker", "inspect", "-f", fmt, self.container(service)], capture=True).stdout.strip()
 
-    def wait_healthy(self, timeout: float = 300.0, restarts: int | None = None) -> float:
-        """Seconds until Docker calls the triton container healthy (and it has restarted ``restarts`` times)."""
+    def wait_healthy(self, timeout: float = 300.0, restarts: int | None = None, service: str = "triton") -> float:
+        """Seconds until Docker calls the service's container healthy (and it has restarted ``restarts`` times)."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            with_count = restarts is None or int(self.inspect("{{.RestartCount}}") or 0) >= restarts
-            if with_count and self.inspect("{{.State.Health.Status}}") == "healthy":
+            with_count = restarts is None or int(self.inspect("{{.RestartCount}}", service) or 0) >= restarts
+            if with_count and self.inspect("{{.State.Health.Status}}", service) == "healthy":
                 return time.monotonic() - started
             time.sleep(1)
-        logs = self("logs", "--tail", "30", "triton", check=False, capture=True).stdout
-        raise CheckError(f"triton not healthy after {timeout:.0f} s; its log ends:\n{logs}")
+        logs = self("logs", "--tail", "30", service, check=False, capture=True).stdout
+        raise CheckError(f"{service} not healthy after {timeout:.0f} s; its log ends:\n{logs}")
 
     def launcher_health(self) -> dict:
         out = self("exec", "-T", "triton", "cat", "/tmp/vlaserve/health.json", check=False, capture=True).stdout
@@ -261,6 +263,34 @@ def main(argv=None) -> int:
             return f"{answers} answers (gRPC, HTTP), worst rel error {worst:.1e}"
 
         step("requests from the host", requests)
+
+        def gateway():
+            """The gateway service, driven from the host by openpi's own client as a robot would."""
+            from openpi_client import websocket_client_policy
+
+            from vlaserve.robots import example_observation
+            from vlaserve.spec import load_spec
+
+            stack("up", "-d", "gateway")
+            healthy = stack.wait_healthy(service="gateway")
+            client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=stack.gateway_port)
+            robot = client.get_server_metadata()["robot"]
+            obs = example_observation(load_spec(ROOT / "model_repository" / "spec.yaml").robots[robot])
+            actions = client.infer(obs)["actions"]
+            if actions.shape != (50, client.get_server_metadata()["action_dim"]) or not (actions == actions).all():
+                raise CheckError(f"gateway actions: {actions.shape}")
+            try:
+                client.infer({**obs, "prompt": 7})
+                raise CheckError("a bad observation was answered with actions")
+            except RuntimeError as exc:
+                if "prompt" not in str(exc):
+                    raise CheckError(f"the bad observation's error frame: {exc}") from None
+            client.infer(obs)  # the same connection answers again
+            return (
+                f"healthy in {healthy:.0f} s; robot {robot!r}: actions {list(actions.shape)}, a bad observation refused"
+            )
+
+        step("gateway service", gateway)
 
         def crash_request():
             req = urllib.request.Request(f"http://127.0.0.1:{stack.http_port}/v2/models/policy/infer",
