@@ -70,6 +70,17 @@ def make_request(
     return request
 
 
+def infer_inputs(tc, tensors: dict[str, np.ndarray]) -> list:
+    """tritonclient InferInputs of ``tensors`` for the client module ``tc`` (tritonclient.grpc, its aio, or
+    tritonclient.http)."""
+    out = []
+    for name, array in tensors.items():
+        tensor = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
+
+
 class PolicyClient:
     """Requests to the policy ensemble (or any model of the repository) over gRPC or HTTP."""
 
@@ -89,12 +100,7 @@ class PolicyClient:
         )
 
     def inputs(self, tensors: dict[str, np.ndarray]) -> list:
-        out = []
-        for name, array in tensors.items():
-            tensor = self.tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            out.append(tensor)
-        return out
+        return infer_inputs(self.tc, tensors)
 
     def infer(self, tensors: dict[str, np.ndarray], priority: int = 0, output: str = io.ACTIONS) -> np.ndarray:
         """Send one request; returns the named output. Raises tritonclient's InferenceServerException."""

@@ -119,15 +119,10 @@ class Gateway:
         self.client = grpcclient.InferenceServerClient(self.triton_url)
 
     async def infer(self, request: dict[str, np.ndarray], priority: int) -> np.ndarray:
-        from tritonclient.utils import np_to_triton_dtype
+        from vlaserve.client import infer_inputs
 
-        inputs = []
-        for name, array in request.items():
-            tensor = self.grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
         result = await self.client.infer(
-            self.model, inputs, outputs=[self.grpc.InferRequestedOutput(io.ACTIONS)], priority=priority,
+            self.model, infer_inputs(self.grpc, request), outputs=[self.grpc.InferRequestedOutput(io.ACTIONS)], priority=priority,
             client_timeout=self.timeout_s,
         )  # fmt: skip
         return result.as_numpy(io.ACTIONS)[0]
