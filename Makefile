@@ -16,7 +16,7 @@ ARGS ?=
 COMPOSE_REPO ?= $(CURDIR)/.vlaserve/compose-repository
 
 .DEFAULT_GOAL := help
-.PHONY: help venv export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
+.PHONY: help venv lerobot-venv test-lerobot export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,8 +36,9 @@ $(STAMP): requirements.txt requirements-serve.txt
 $(REPO)/encoder/1/manifest.json:  # the default export; the target's own ARGS are not export's
 	$(MAKE) export ARGS=
 
-export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE VARIANT)
-	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)
+CHECKPOINT ?=
+export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE VARIANT; CHECKPOINT=a LeRobot/openpi pi0 folder or .safetensors)
+	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(if $(VARIANT),--variant $(VARIANT)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
 configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
 	$(PY) -m vlaserve.repository --repository $(REPO)
@@ -71,6 +72,27 @@ compare: $(STAMP) $(REPO)/encoder/1/manifest.json ## the sweep over spec variant
 
 test: $(STAMP) ## run the test suite (starts real tritonservers on free ports)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# LeRobot's own pi0, the reference of the checkpoint import: a second virtualenv that reads torch, numpy and the
+# project from .venv, with LeRobot (without its declared dependencies) and the transformers openpi patches
+LEROBOT_VENV := .venv-lerobot
+LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
+LEROBOT_PY := $(LEROBOT_VENV)/bin/python
+lerobot-venv: $(LEROBOT_STAMP) ## make .venv-lerobot: LeRobot 0.4.4's pi0 beside the project, for make test-lerobot
+
+$(LEROBOT_STAMP): $(STAMP) tests/lerobot/requirements.txt tests/lerobot/requirements-nodeps.txt tests/lerobot/transformers-4.53.2-openpi.patch
+	@echo "[lerobot-venv] creating $(LEROBOT_VENV): LeRobot's pi0 and the transformers openpi patches (first time: a minute or two) ..."
+	rm -rf $(LEROBOT_VENV)
+	$(PY) -m venv $(LEROBOT_VENV)
+	$(LEROBOT_PY) -c 'import site, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "zz-vlaserve.pth").write_text("import site; site.addsitedir(%r)\n" % "'"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"'")'
+	grep -E '^(torch|numpy)==' requirements-serve.txt > $(LEROBOT_VENV)/constraints.txt
+	$(LEROBOT_PY) -m pip install --quiet -c $(LEROBOT_VENV)/constraints.txt -r tests/lerobot/requirements.txt
+	$(LEROBOT_PY) -m pip install --quiet --no-deps -r tests/lerobot/requirements-nodeps.txt
+	cd "$$($(LEROBOT_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && GIT_DIR=/nonexistent git apply --whitespace=nowarn -p1 $(CURDIR)/tests/lerobot/transformers-4.53.2-openpi.patch
+	@touch $@
+
+test-lerobot: $(LEROBOT_STAMP) ## the LeRobot equivalence tests: LeRobot's PI0Policy saved, imported, same actions (in .ci/run)
+	VLASERVE_LEROBOT_PYTHON=$(LEROBOT_PY) $(PY) -m pytest -q tests/test_lerobot.py $(ARGS)
 
 reliability: $(STAMP) $(REPO)/encoder/1/manifest.json ## hostile input, crashes, overload, soak, SIGTERM against a real server: one table (ARGS=--quick)
 	$(PY) -m loadtest.reliability --repository $(REPO) $(ARGS)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from export import artifacts
-from export.checkpoint import load_checkpoint
+from export.checkpoint import check_config, load_checkpoint, weights_file
 from vlaserve import interface as io
 from vlaserve import value_check
 from vlaserve.errors import VlaserveError
@@ -43,7 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--views", default="2", help="camera views per request, 1-3 (default: 2)")
     parser.add_argument("--dtype", default="fp32", help="fp32 (CPU), fp16 or bf16 (GPU; bf16 is TorchScript only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    parser.add_argument("--checkpoint", help="a .safetensors state dict in this project's layout")
+    parser.add_argument(
+        "--checkpoint",
+        help="pi0 weights: a .safetensors file, or a folder holding model.safetensors (LeRobot's PI0Policy, "
+        "openpi's PyTorch pi0, or this project's own layout)",
+    )
     parser.add_argument("--repository", default="model_repository", help="model repository (default: model_repository)")
     parser.add_argument("--spec", help="repository spec (default: <repository>/spec.yaml)")
     parser.add_argument("--variant", help="write the configs of this spec variant (e.g. gpu); default: the spec itself")
@@ -76,8 +80,9 @@ def validate(args: argparse.Namespace):
     repo = Path(args.repository)
     if not repo.is_dir():
         raise VlaserveError("--repository", str(repo), "an existing model repository folder")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise VlaserveError("--checkpoint", args.checkpoint, "an existing .safetensors file")
+    if args.checkpoint:
+        weights_file(Path(args.checkpoint))
+        check_config(Path(args.checkpoint))
     return cfg, TORCH_DTYPES[args.dtype], torch.device(args.device), batches
 
 
@@ -163,8 +168,8 @@ def run(args: argparse.Namespace) -> Path:
     log(f"building the {cfg.name} policy ({cfg.views} views, {args.dtype}, seed {args.seed}) ...")
     policy = build_policy(cfg, seed=args.seed, device=str(device))
     if args.checkpoint:
-        load_checkpoint(policy, args.checkpoint)
-        log(f"loaded {args.checkpoint}")
+        layout = load_checkpoint(policy, args.checkpoint)
+        log(f"loaded {args.checkpoint} ({layout} layout)")
     policy = policy.to(dtype=dtype)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"{n_params / 1e6:.1f} M parameters")

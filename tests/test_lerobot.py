@@ -1,0 +1,181 @@
+"""LeRobot's own PI0Policy against vlaserve's import of the checkpoint it saves: the same observation, prompt and
+noise give the same actions, in-process and served by a real tritonserver.
+
+LeRobot runs in its own virtualenv (``make test-lerobot`` makes .venv-lerobot and runs this file); without it,
+``make test`` skips these tests and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.checkpoint import load_checkpoint
+from export.cli import main as export_main
+from vlaserve.errors import VlaserveError
+from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
+from vlaserve.model.policy import build_policy
+from vlaserve.model.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "tests" / "lerobot" / "reference.py"
+TOL = REL_TOLERANCE["fp32"]
+
+_tiny = get_preset("tiny", 2)
+_full_res = get_preset("tiny", 3)
+# pi0's own image path: frames at 224 x 224 straight into the patch embedding, no block averaging
+_full_res = dataclasses.replace(_full_res, vision=dataclasses.replace(_full_res.vision, image_size=224, patch_size=28))
+CASES = {"tiny": (_tiny, 2), "full_resolution": (_full_res, 1)}  # config, batch
+
+
+def lerobot_python() -> str:
+    wanted = os.environ.get("VLASERVE_LEROBOT_PYTHON")
+    python = Path(wanted) if wanted else ROOT / ".venv-lerobot" / "bin" / "python"
+    if not python.exists():
+        if wanted:
+            pytest.fail(f"VLASERVE_LEROBOT_PYTHON={wanted} does not exist: run make lerobot-venv")
+        pytest.skip("LeRobot's reference needs .venv-lerobot: run make test-lerobot")
+    return str(python)
+
+
+@dataclasses.dataclass
+class LeRobotRun:
+    cfg: object
+    checkpoint: Path
+    request: dict[str, torch.Tensor]
+    actions: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def lerobot_runs(tmp_path_factory) -> dict[str, LeRobotRun]:
+    """Each case once: LeRobot builds PI0Policy with random weights, saves it, and predicts an action chunk."""
+    python = lerobot_python()
+    runs = {}
+    for seed, (name, (cfg, batch)) in enumerate(CASES.items()):
+        folder = tmp_path_factory.mktemp(f"lerobot_{name}")
+        request = random_request(batch, cfg.views, cfg.vocab_size, seed=seed + 11)
+        np.savez(folder / "request.npz", **{k: v.numpy() for k, v in request.items()})
+        argv = [python, str(REFERENCE), "--sizes", json.dumps(dataclasses.asdict(cfg)), "--seed", str(seed)]
+        argv += ["--request", str(folder / "request.npz"), "--checkpoint", str(folder / "checkpoint")]
+        argv += ["--actions", str(folder / "actions.npy")]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        print(done.stdout.strip())
+        actions = torch.from_numpy(np.load(folder / "actions.npy"))
+        runs[name] = LeRobotRun(cfg, folder / "checkpoint", request, actions)
+    return runs
+
+
+def policy_actions(policy, request, joint=False) -> torch.Tensor:
+    forward = policy.forward_joint if joint else policy
+    with torch.no_grad():
+        return forward(request["images"], request["tokens"], request["state"], request["noise"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_imported_lerobot_checkpoint_gives_lerobots_actions(lerobot_runs, case):
+    run = lerobot_runs[case]
+    policy = build_policy(run.cfg, seed=99)
+    unloaded = policy_actions(policy, run.request)
+    assert load_checkpoint(policy, run.checkpoint) == "openpi"
+    split, joint = policy_actions(policy, run.request), policy_actions(policy, run.request, joint=True)
+    err, err_joint = compare(split, run.actions), compare(joint, run.actions)
+    print(f"{case}: vlaserve vs LeRobot actions rel {err['rel']:.2e} (monolithic form {err_joint['rel']:.2e})")
+    assert err["rel"] < TOL and err_joint["rel"] < TOL
+    assert compare(unloaded, run.actions)["rel"] > 0.1  # the import made the difference, not the noise alone
+
+
+def test_export_and_triton_serve_lerobots_actions(lerobot_runs, tmp_path):
+    """``make export CHECKPOINT=<LeRobot folder>``, then a real tritonserver answers with LeRobot's actions."""
+    from conftest import SPEC, start_server
+
+    from vlaserve.client import PolicyClient
+
+    run = lerobot_runs["tiny"]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(SPEC, repo / "spec.yaml")
+    assert export_main(["--checkpoint", str(run.checkpoint), "--repository", str(repo)]) == 0
+    manifest = json.loads((repo / "encoder" / "1" / "manifest.json").read_text())
+    assert manifest["checkpoint"] == str(run.checkpoint)
+    server = start_server(repo, tmp_path / "server")
+    try:
+        served = PolicyClient(server.grpc_url).infer({k: v.numpy() for k, v in run.request.items()})
+    finally:
+        server.stop()
+    err = compare(np.array(served), run.actions)  # a writable copy of the reply
+    print(f"served over gRPC vs LeRobot actions rel {err['rel']:.2e}")
+    assert err["rel"] < TOL
+
+
+def rewritten(run: LeRobotRun, folder: Path, change) -> Path:
+    """A copy of LeRobot's checkpoint folder whose tensors ``change`` (a function of the dict) rewrote."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run.checkpoint, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+EXPERT_Q = "model.paligemma_with_expert.gemma_expert.model.layers.1.self_attn.q_proj.weight"
+
+
+def _pi05(t):  # pi0.5's expert: a time MLP of its own and no state token
+    t["model.time_mlp_in.weight"] = t.pop("model.action_time_mlp_in.weight")
+    del t["model.state_proj.weight"], t["model.state_proj.bias"]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda t: t.pop(EXPERT_Q), ["missing", EXPERT_Q.removeprefix("model.")]),
+        (lambda t: t.update({"model.extra_head.weight": torch.zeros(2)}), ["unexpected", "extra_head.weight"]),
+        (lambda t: t.update({EXPERT_Q: torch.zeros(8, 32)}), ["self_attn.q_proj.weight [8, 32]", "qkv_proj"]),
+        (_pi05, ["pi0.5", "time_mlp_in.weight"]),
+    ],
+    ids=["missing", "unexpected", "shape", "pi05"],
+)
+def test_a_checkpoint_that_does_not_match_names_what(lerobot_runs, tmp_path, change, named):
+    run = lerobot_runs["tiny"]
+    folder = rewritten(run, tmp_path / "checkpoint", change)
+    with pytest.raises(VlaserveError) as caught:
+        load_checkpoint(build_policy(run.cfg), folder)
+    message = str(caught.value)
+    assert all(part in message for part in named), message
+
+
+def test_config_numbers_that_differ_are_refused(lerobot_runs, tmp_path, capsys):
+    run = lerobot_runs["tiny"]
+    folder = rewritten(run, tmp_path / "checkpoint", lambda t: None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "chunk_size": 10, "num_inference_steps": 5}))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "model_repository" / "spec.yaml", repo / "spec.yaml")
+    assert export_main(["--checkpoint", str(folder), "--repository", str(repo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "chunk_size is 10" in err and "num_inference_steps is 5" in err, err
+    assert not (repo / "encoder").exists()
+
+
+def test_the_time_mlp_under_pi05s_name_is_read_as_pi0s(lerobot_runs, tmp_path):
+    """Some pi0 checkpoints name the action-time MLP ``time_mlp_in``/``_out``; with a state token they are pi0's."""
+
+    def rename(t):
+        for key in [k for k in t if k.startswith("model.action_time_mlp_")]:
+            t[key.replace("action_time_mlp_", "time_mlp_")] = t.pop(key)
+
+    run = lerobot_runs["tiny"]
+    policy = build_policy(run.cfg, seed=99)
+    load_checkpoint(policy, rewritten(run, tmp_path / "checkpoint", rename))
+    assert compare(policy_actions(policy, run.request), run.actions)["rel"] < TOL
