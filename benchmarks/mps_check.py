@@ -42,7 +42,7 @@ def main() -> None:
     spec = repository.load_spec(src / "spec.yaml", "gpu").with_model("encoder", instance_groups=groups)
     result = {"percentages": percentages}
     with variant_server(spec, src, Path("/tmp/mps_check_repo"), Path("/tmp/mps_check")) as server:
-        result["total_sms"] = server.sidecar.total_sms
+        result["total_sms"] = server.sidecar.sm_counts
         client = PolicyClient(server.grpc_url)
         request = make_request(2, client.views(), seed=0, with_noise=True)
         result["actions_ok"] = bool(abs(client.infer(request)).mean() > 0)

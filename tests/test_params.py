@@ -13,7 +13,7 @@ from vlaserve.params import GroupLimits, RunnerParams
 def test_every_generated_config_reads_back_to_the_params_that_wrote_it():
     for variant in [None, *repository.load_spec(SPEC).variants]:
         spec = repository.load_spec(SPEC, variant)
-        for name, config in repository.build_configs(spec).items():
+        for name, config in repository.build_configs(spec, gpu_count=8).items():  # every variant fits 8 GPUs
             if config.platform == "ensemble":
                 continue
             params = RunnerParams.of_model_config(config)

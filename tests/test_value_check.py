@@ -187,7 +187,7 @@ def test_mps_check_names_each_missing_piece(tiny_repo, tmp_path, monkeypatch):
     import vlaserve.server
     from vlaserve import mps_check
 
-    monkeypatch.setattr(vlaserve.server, "_gpu_sm_count", lambda: 132)  # pretend a GPU is there
+    monkeypatch.setattr(vlaserve.server, "gpu_sm_counts", lambda: [132])  # pretend a GPU is there
     monkeypatch.setattr(mps_check.shutil, "which", lambda name: None)
     with pytest.raises(VlaserveError, match="nvidia-cuda-mps-control not on PATH"):
         mps_check.preflight(tiny_repo)

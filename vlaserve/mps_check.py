@@ -1,17 +1,18 @@
 """``python -m vlaserve.mps_check`` (``make mps-check``): which MPS thread percentages give right answers here.
 
-On the GPU you serve from, it starts the MPS control daemon (or uses the one already running on the
-same pipe directory), then, for each thread percentage (the spec's own and a grid), starts a child
-process with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` set before its CUDA context exists, which:
+It starts the MPS control daemon (or uses the one already running on the same pipe directory; one daemon
+serves every GPU), then, on each GPU you serve from (``--gpus``; default: every visible one) and for each
+thread percentage (the spec's own and a grid), starts a child process on that GPU with
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` set before its CUDA context exists, which:
 
 - reads the SM count its context got and the bf16 matmul rate of its share;
 - screens every matrix product the exported encoder and decoder run at their configured batch sizes
   (serving dtype against float32 on the device, :func:`vlaserve.value_check.screen_products`);
 - runs the export's golden samples through the TorchScript artifacts (unless ``--no-golden``).
 
-It prints a table (percentage, SMs, right or wrong with the worst error, TFLOP/s) and writes JSON
+It prints a table (GPU, percentage, SMs, right or wrong with the worst error, TFLOP/s) and writes JSON
 (default ``.vlaserve/mps-check.json``, where the server's instances read the safe percentages from, to
-name them when one refuses to load).
+name them when one refuses to load). A percentage counts as safe only if it was right on every GPU checked.
 """
 
 from __future__ import annotations
@@ -164,14 +165,14 @@ class MpsDaemon:
             self.sidecar.stop()
 
 
-def preflight(repo: Path, golden: bool = True) -> int:
-    """Every reason this cannot run, as one VlaserveError; returns the GPU's full SM count."""
+def preflight(repo: Path, golden: bool = True) -> list[int]:
+    """Every reason this cannot run, as one VlaserveError; returns each visible GPU's full SM count."""
     for model in repository.RUNNER_MODELS:
         if not manifest_path(repo, model).is_file():
             raise VlaserveError("--repository", str(repo), "an exported model repository (run `make export`)")
-    from vlaserve.server import _gpu_sm_count
+    from vlaserve.server import gpu_sm_counts
 
-    total = _gpu_sm_count()
+    total = gpu_sm_counts()
     if not total:
         raise VlaserveError(
             "GPU", "none visible (torch.cuda.is_available() is False)",
@@ -193,9 +194,9 @@ def preflight(repo: Path, golden: bool = True) -> int:
     return total
 
 
-def run_share(args, daemon: MpsDaemon, percentage: int, products_file: Path) -> dict:
+def run_share(args, daemon: MpsDaemon, percentage: int, products_file: Path, gpu: int = 0) -> dict:
     cmd = [sys.executable, "-m", "vlaserve.mps_check", "--child", "--repository", str(args.repository),
-           "--child-products", str(products_file)]  # fmt: skip
+           "--child-products", str(products_file), "--child-device", f"cuda:{gpu}"]  # fmt: skip
     if args.no_golden:
         cmd.append("--no-golden")
     env = {**os.environ, **daemon.env(), "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percentage)}
@@ -203,37 +204,54 @@ def run_share(args, daemon: MpsDaemon, percentage: int, products_file: Path) -> 
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"percentage": percentage, "right": False, "error": f"no answer within --timeout {args.timeout:g} s"}
+        return {"gpu_id": gpu, "percentage": percentage, "right": False,
+                "error": f"no answer within --timeout {args.timeout:g} s"}  # fmt: skip
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"percentage": percentage, "right": False, "error": f"child exited {done.returncode}: {tail[0]}"}
-    row = {"percentage": percentage, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
+        return {"gpu_id": gpu, "percentage": percentage, "right": False,
+                "error": f"child exited {done.returncode}: {tail[0]}"}  # fmt: skip
+    row = {"gpu_id": gpu, "percentage": percentage, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        f"{'percentage':>10}  {'SMs':>4}  {'expected':>8}  {'TFLOP/s':>7}  {'answers':<7}  worst error (tolerance) where"
+        f"{'GPU':>3}  {'percentage':>10}  {'SMs':>4}  {'expected':>8}  {'TFLOP/s':>7}  {'answers':<7}  "
+        "worst error (tolerance) where"
     ]
     for r in rows:
+        gpu = r.get("gpu_id", 0)
         if "error" in r:
-            lines.append(f"{r['percentage']:>10}  {'-':>4}  {'-':>8}  {'-':>7}  {'ERROR':<7}  {r['error']}")
+            lines.append(f"{gpu:>3}  {r['percentage']:>10}  {'-':>4}  {'-':>8}  {'-':>7}  {'ERROR':<7}  {r['error']}")
             continue
         w = r["worst"]
         lines.append(
-            f"{r['percentage']:>10}  {r['sm_count']:>4}  {r.get('expected_sm_count', '-'):>8}  {r['tflops']:>7.1f}  "
-            f"{'right' if r['right'] else 'WRONG':<7}  {w['error']:.3g} ({w['tolerance']:g}) {w['where']}"
+            f"{gpu:>3}  {r['percentage']:>10}  {r['sm_count']:>4}  {r.get('expected_sm_count', '-'):>8}  "
+            f"{r['tflops']:>7.1f}  {'right' if r['right'] else 'WRONG':<7}  "
+            f"{w['error']:.3g} ({w['tolerance']:g}) {w['where']}"
         )
     return "\n".join(lines)
+
+
+def safe_on_every_gpu(rows: list[dict]) -> list[int]:
+    """The percentages whose answers were right on every GPU checked (a share is safe for the spec only then:
+    its instances may land on any of them)."""
+    gpus = {r.get("gpu_id", 0) for r in rows}
+    right = [{r["percentage"] for r in rows if r.get("right") and r.get("gpu_id", 0) == g} for g in gpus]
+    return sorted(set.intersection(*right)) if right else []
 
 
 def sweep(args) -> dict:
     from vlaserve.runner import expected_sm_count
 
     repo = Path(args.repository)
-    total = preflight(repo, golden=not args.no_golden)
+    totals = preflight(repo, golden=not args.no_golden)
+    gpus = args.gpus if args.gpus is not None else list(range(len(totals)))
+    absent = [g for g in gpus if g >= len(totals)]
+    if absent:
+        raise VlaserveError("--gpus", ",".join(map(str, gpus)), f"GPU ids below {len(totals)} (the GPUs visible here)")
     percentages = sorted(set(args.percentages) | spec_percentages(repo / repository.SPEC_FILE))
     workdir = Path(args.workdir).resolve()
     log(f"recording the products of the {' and '.join(repository.RUNNER_MODELS)} at their configured batch sizes ...")
@@ -241,20 +259,26 @@ def sweep(args) -> dict:
     products_file = workdir / "mps-check-products.json"
     products_file.parent.mkdir(parents=True, exist_ok=True)
     products_file.write_text(json.dumps(products))
-    log(f"{sum(map(len, products.values()))} products; percentages {', '.join(map(str, percentages))}")
-    daemon = MpsDaemon(workdir)
+    log(
+        f"{sum(map(len, products.values()))} products; percentages {', '.join(map(str, percentages))}; "
+        f"GPU {', '.join(map(str, gpus))}"
+    )
+    daemon = MpsDaemon(workdir)  # one MPS daemon serves every GPU
     rows = []
     try:
         log(daemon.start())
-        for pct in percentages:
-            row = run_share(args, daemon, pct, products_file)
-            row["expected_sm_count"] = expected_sm_count(pct, total)
-            rows.append(row)
-            if "error" in row:
-                log(f"{pct:3d} %: {row['error']}")
-            else:
-                verdict = "right" if row["right"] else f"WRONG ({row['worst']['error']:.3g} at {row['worst']['where']})"
-                log(f"{pct:3d} %: {row['sm_count']} SMs, {row['tflops']} TFLOP/s, {verdict} ({row['seconds']} s)")
+        for gpu in gpus:
+            for pct in percentages:
+                row = run_share(args, daemon, pct, products_file, gpu)
+                row["expected_sm_count"] = expected_sm_count(pct, totals[gpu])
+                rows.append(row)
+                at = f"GPU {gpu}, {pct:3d} %"
+                if "error" in row:
+                    log(f"{at}: {row['error']}")
+                else:
+                    worst = row["worst"]
+                    verdict = "right" if row["right"] else f"WRONG ({worst['error']:.3g} at {worst['where']})"
+                    log(f"{at}: {row['sm_count']} SMs, {row['tflops']} TFLOP/s, {verdict} ({row['seconds']} s)")
     finally:
         daemon.stop()
     gpu = next((r["gpu"] for r in rows if "gpu" in r), "unknown")
@@ -262,11 +286,12 @@ def sweep(args) -> dict:
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
-        "total_sms": total,
+        "total_sms": totals[gpus[0]] if gpus else None,
+        "gpus": gpus,
         "repository": str(repo.resolve()),
         "model": value_check.model_key(manifest.settings),
         "golden": not args.no_golden,
-        "safe": sorted(r["percentage"] for r in rows if r.get("right")),
+        "safe": safe_on_every_gpu(rows),
         "rows": rows,
     }
 
@@ -284,6 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", help=f"the JSON report (default: <workdir>/{value_check.MPS_CHECK_FILE})")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per percentage (default: 300)")
+    parser.add_argument(
+        "--gpus", help="GPU ids to check, e.g. 0,1 (default: every visible GPU); a percentage is safe if right on all"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-device", default="cuda:0", help=argparse.SUPPRESS)
     parser.add_argument("--child-products", help=argparse.SUPPRESS)
@@ -294,6 +322,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--percentages: got {args.percentages!r}, expected integers in 1..100, e.g. 25,50,100")
     if not all(1 <= p <= 100 for p in args.percentages):
         parser.error(f"--percentages: got {sorted(args.percentages)}, expected integers in 1..100")
+    if args.gpus is not None:
+        try:
+            args.gpus = sorted({int(g) for g in args.gpus.split(",") if g.strip()})
+        except ValueError:
+            args.gpus = []
+        if not args.gpus or min(args.gpus) < 0:
+            parser.error("--gpus: expected GPU ids, e.g. 0 or 0,1")
     return args
 
 
@@ -322,7 +357,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"\nmps-check: {report['gpu']} ({report['total_sms']} SMs), {io.ENCODER} and {io.DECODER} of {args.repository}"
+        f"\nmps-check: {report['gpu']} ({report['total_sms']} SMs), GPU {', '.join(map(str, report['gpus']))}, "
+        f"{io.ENCODER} and {io.DECODER} of {args.repository}"
     )
     print(format_table(report["rows"]))
     print(f"\nright at: {', '.join(map(str, report['safe'])) or 'none'}   report: {out}")

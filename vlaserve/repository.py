@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -125,16 +128,35 @@ def runner_params(m: RunnerModel, admission: dict | None = None) -> RunnerParams
     )
 
 
-def runner_config(name: str, m: RunnerModel, dims, admission: dict | None = None, params=None) -> dict:
+def host_gpu_count() -> int:
+    """The GPUs Triton would see here: $CUDA_VISIBLE_DEVICES where set, else nvidia-smi's list. 1 where neither
+    names any (a CPU host writing a GPU variant's configs writes them for a one-GPU host)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip()]))
+    if shutil.which("nvidia-smi"):
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            listed = ""
+        return max(1, sum(line.startswith("GPU ") for line in listed.splitlines()))
+    return 1
+
+
+def runner_config(
+    name: str, m: RunnerModel, dims, admission: dict | None = None, params=None, gpu_count: int = 1
+) -> dict:
     """The ModelConfig (as a dict) of a Python-backend model: the encoder or the decoder, or the policy run as
-    one model (with ``params``: its steps' parameters; its batching and instances are ``m``'s)."""
+    one model (with ``params``: its steps' parameters; its batching and instances are ``m``'s). A group's
+    ``gpus`` are resolved for a host with ``gpu_count`` GPUs."""
     inputs, outputs = MODEL_IO[name]
     params = (params or runner_params(m, admission)).to_config()
     groups = []
-    for g in m.instance_groups:
+    for i, g in enumerate(m.instance_groups):
         group = {"name": g.name, "count": g.count, "kind": KINDS[g.kind]}
-        if g.gpus is not None and g.kind == "gpu":
-            group["gpus"] = list(g.gpus)
+        ids = g.device_ids(gpu_count, f"models.{name}.instance_groups[{i}]")
+        if ids is not None:
+            group["gpus"] = list(ids)
         groups.append(group)
     config = {
         "name": name,
@@ -198,7 +220,7 @@ def policy_config(spec: Spec, dims) -> dict:
     }
 
 
-def one_model_config(spec: Spec, dims) -> dict:
+def one_model_config(spec: Spec, dims, gpu_count: int = 1) -> dict:
     """The policy as one Python-backend model whose instances run every step (spec pipeline one_model):
     batched and placed as the first step says, each step with its own runtime settings."""
     first = spec.runners[RUNNER_MODELS[0]]
@@ -208,19 +230,24 @@ def one_model_config(spec: Spec, dims) -> dict:
         groups=own.groups,
         steps={name: runner_params(spec.runners[name]) for name in RUNNER_MODELS},
     )
-    config = runner_config(io.POLICY, first, dims, params=params)
+    config = runner_config(io.POLICY, first, dims, params=params, gpu_count=gpu_count)
     config["max_batch_size"] = spec.policy.max_batch_size
     return config
 
 
-def build_configs(spec: Spec, settings: ModelSettings | None = None) -> dict[str, model_config_pb2.ModelConfig]:
-    """Every model's ModelConfig message, for ``settings`` (default: the spec's own ``model:`` section)."""
+def build_configs(
+    spec: Spec, settings: ModelSettings | None = None, gpu_count: int | None = None
+) -> dict[str, model_config_pb2.ModelConfig]:
+    """Every model's ModelConfig message, for ``settings`` (default: the spec's own ``model:`` section), with
+    the instance groups' GPUs resolved for a host with ``gpu_count`` GPUs (default: this host's)."""
     dims = tensor_dims(settings or spec.model)
+    gpu_count = gpu_count or host_gpu_count()
     if spec.one_model:
-        dicts = {io.POLICY: one_model_config(spec, dims)}
+        dicts = {io.POLICY: one_model_config(spec, dims, gpu_count)}
     else:
         dicts = {
-            name: runner_config(name, spec.runners[name], dims, admission_params(name, spec)) for name in RUNNER_MODELS
+            name: runner_config(name, spec.runners[name], dims, admission_params(name, spec), gpu_count=gpu_count)
+            for name in RUNNER_MODELS
         }
         dicts[io.POLICY] = policy_config(spec, dims)
     return {name: json_format.ParseDict(d, model_config_pb2.ModelConfig()) for name, d in dicts.items()}
@@ -243,8 +270,15 @@ def _link_artifacts(source: Path, target: Path) -> None:
         link.symlink_to(artifact.resolve())
 
 
-def write_repository(spec: Spec, out: Path, settings: ModelSettings | None = None, artifacts_from: Path | None = None):
-    """Write configs (and the runner entry points) into ``out``; link artifacts from another repository.
+def write_repository(
+    spec: Spec,
+    out: Path,
+    settings: ModelSettings | None = None,
+    artifacts_from: Path | None = None,
+    gpu_count: int | None = None,
+):
+    """Write configs (and the runner entry points) into ``out``; link artifacts from another repository. The
+    instance groups' GPUs are resolved for a host with ``gpu_count`` GPUs (default: this host's).
 
     A one_model policy is written only into another folder: its version folder links each step's artifacts
     into a subfolder of the step's name (``policy/1/encoder/``), and the steps' own models are left out (a
@@ -261,7 +295,7 @@ def write_repository(spec: Spec, out: Path, settings: ModelSettings | None = Non
                 raise VlaserveError(
                     "--out", str(out), f"a folder without the {name} model (a one_model policy runs the steps itself)"
                 )
-    for name, config in build_configs(spec, settings).items():
+    for name, config in build_configs(spec, settings, gpu_count).items():
         version_dir = out / name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         (out / name / CONFIG_FILE).write_text(render(config))
@@ -318,6 +352,12 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", help="apply this variant of the spec (see its 'variants:' section)")
     parser.add_argument("--out", help="write the (variant) repository here, artifacts linked from --repository")
     parser.add_argument("--list-variants", action="store_true", help="print the spec's variants and exit")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs of the host that serves, for instance groups with gpus: all/even/odd (default: this host's, "
+        "from $CUDA_VISIBLE_DEVICES or nvidia-smi; 1 where there are none)",
+    )
     args = parser.parse_args(argv)
     repo = Path(args.repository)
     spec_path = Path(args.spec) if args.spec else repo / SPEC_FILE
@@ -325,10 +365,14 @@ def main(argv=None) -> int:
         if args.list_variants:
             print("\n".join(variant_names(spec_path)))
             return 0
+        if args.gpus is not None and not 1 <= args.gpus <= 64:
+            raise VlaserveError("--gpus", args.gpus, "an integer in 1..64")
         spec = load_spec(spec_path, args.variant)
         settings = read_manifest_settings(repo) or spec.model
         out = Path(args.out) if args.out else repo
-        write_repository(spec, out, settings, artifacts_from=repo if out.resolve() != repo.resolve() else None)
+        write_repository(
+            spec, out, settings, artifacts_from=repo if out.resolve() != repo.resolve() else None, gpu_count=args.gpus
+        )
     except VlaserveError as exc:
         print(f"repository: error: {exc}", file=sys.stderr)
         return 2

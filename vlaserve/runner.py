@@ -66,8 +66,18 @@ def check_torch_version(instance: str, exported_with: str, running: str) -> None
         )
 
 
-def apply_mps_limits(limits: GroupLimits, instance: str) -> dict:
-    """Put this instance's MPS limits into the environment; must run before the first CUDA call."""
+def gpu_sm_total(listed: str, device_id: int) -> int | None:
+    """The full SM count of GPU ``device_id`` from $VLASERVE_GPU_SMS (the launcher's "132,132,...", one per
+    GPU it sees, read before MPS limited anything); None where it does not say."""
+    counts = [c.strip() for c in listed.split(",")]
+    if device_id < len(counts) and counts[device_id].isdigit():
+        return int(counts[device_id])
+    return None
+
+
+def apply_mps_limits(limits: GroupLimits, instance: str, device_id: int | None = None) -> dict:
+    """Put this instance's MPS limits into the environment; must run before the first CUDA call. The pinned
+    memory limit is MPS's per device: it is set for the GPU the instance runs on (``device_id``)."""
     applied = {}
     value = limits.mps_thread_percentage
     if value is not None:
@@ -77,7 +87,7 @@ def apply_mps_limits(limits: GroupLimits, instance: str) -> dict:
         applied["mps_thread_percentage"] = value
     pinned = limits.mps_pinned_memory_limit_mb
     if pinned is not None:
-        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={pinned}M"
+        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"{device_id or 0}={pinned}M"
         applied["mps_pinned_memory_limit_mb"] = pinned
     return applied
 
@@ -108,7 +118,10 @@ class TritonPythonModel:
         self.instance = args["model_instance_name"]
         group = instance_group_of(self.instance, [g["name"] for g in config.get("instance_group", [])])
         self.status = {"model": self.model_name, "instance": self.instance, "group": group, "pid": os.getpid()}
-        self.status.update(apply_mps_limits(params.limits(group), self.instance))  # before any CUDA context
+        on_gpu = args["model_instance_kind"] == "GPU"
+        device_id = int(args["model_instance_device_id"]) if on_gpu else None
+        # before any CUDA context
+        self.status.update(apply_mps_limits(params.limits(group), self.instance, device_id))
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         self.stages = self._stages(version_dir, params)
@@ -126,8 +139,7 @@ class TritonPythonModel:
         # decoder would reject).
         self.check_only = {i["name"]: i["dims"] for i in config["input"] if i["name"] not in self.input_shapes}
         self.output_names = list(self.stages[-1].manifest.outputs)
-        on_gpu = args["model_instance_kind"] == "GPU"
-        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
+        device = f"cuda:{device_id}" if on_gpu else "cpu"
         for stage in self.stages:
             runtime_name = stage.params.runtime
             if runtime_name == "torchscript":
@@ -278,7 +290,7 @@ class TritonPythonModel:
         status = {"gpu": props.name, "sm_count": props.multi_processor_count,
                   "probe_tflops": value_check.matmul_tflops(torch, device)}  # fmt: skip
         pct = self.status.get("mps_thread_percentage")
-        total = os.environ.get("VLASERVE_GPU_SMS")
+        total = gpu_sm_total(os.environ.get("VLASERVE_GPU_SMS", ""), int(device.split(":")[1]))
         if pct is not None and total:
             status["expected_sm_count"] = expected_sm_count(pct, int(total))
             if abs(status["expected_sm_count"] - props.multi_processor_count) > 2:

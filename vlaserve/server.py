@@ -136,7 +136,7 @@ class ServerOptions:
     log_verbose: int = _option(0, "tritonserver's --log-verbose level")
     mps: bool = _option(False, "start the MPS sidecar (deploy/mps/entrypoint.sh) natively first (GPU hosts)")
     cuda_memory_pool_mb: int = _option(
-        0, "Triton's CUDA memory pool on GPU 0, MiB, for tensors between the models (0: Triton's 64 MiB)"
+        0, "Triton's CUDA memory pool on each GPU, MiB, for tensors between the models (0: Triton's 64 MiB)"
     )
     exit_timeout: int | None = _option(
         None, "seconds SIGTERM waits for the requests in flight (default: the configs' queue timeouts and 10 s)"
@@ -296,7 +296,10 @@ class TritonServer:
             f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_GROWTH_BYTES}",
             *(
-                [f"--cuda-memory-pool-byte-size=0:{opts.cuda_memory_pool_mb * 2**20}"]
+                [
+                    f"--cuda-memory-pool-byte-size={gpu}:{opts.cuda_memory_pool_mb * 2**20}"
+                    for gpu in range(_host_gpu_count())
+                ]
                 if opts.cuda_memory_pool_mb
                 else []
             ),
@@ -527,16 +530,16 @@ class MpsSidecar:
         self.pipe_dir = workdir / "mps-pipe"
         self.log_dir = workdir / "mps-log"
         self.process: subprocess.Popen | None = None
-        self.total_sms = None
+        self.sm_counts: list[int] = []
 
     def client_env(self) -> dict[str, str]:
         env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
-        if self.total_sms:
-            env["VLASERVE_GPU_SMS"] = str(self.total_sms)  # lets each instance check the SMs it got
+        if self.sm_counts:  # lets each instance check the SMs it got, on its own GPU
+            env["VLASERVE_GPU_SMS"] = ",".join(map(str, self.sm_counts))
         return env
 
     def start(self, timeout: float = 30.0) -> MpsSidecar:
-        self.total_sms = _gpu_sm_count()  # before the daemon: the whole GPU
+        self.sm_counts = gpu_sm_counts()  # before the daemon: the whole GPUs
         env = {**os.environ, **self.client_env()}
         self.process = subprocess.Popen(
             ["bash", str(self.ENTRYPOINT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -561,14 +564,25 @@ class MpsSidecar:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def _gpu_sm_count() -> int | None:
-    """The GPU's SM count, read in a short-lived process so that this one keeps no CUDA context."""
-    probe = "import torch; print(torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else '')"
+def _host_gpu_count() -> int:
+    from vlaserve.repository import host_gpu_count
+
+    return host_gpu_count()
+
+
+def gpu_sm_counts() -> list[int]:
+    """The SM count of every visible GPU, in CUDA's order ([] without one), read in a short-lived process so
+    that this one keeps no CUDA context."""
+    probe = (
+        "import torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
+        "print(','.join(str(torch.cuda.get_device_properties(i).multi_processor_count) for i in range(n)))"
+    )
     try:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return int(out) if out.isdigit() else None
+        return []
+    counts = out.splitlines()[-1].split(",") if out else []
+    return [int(c) for c in counts if c.isdigit()]
 
 
 def _flag_type(annotation: str):

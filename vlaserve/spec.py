@@ -29,6 +29,13 @@ from vlaserve.runtimes import RUNTIMES
 from vlaserve.value_check import VALUE_CHECK_MODES
 
 KINDS = ("cpu", "gpu")
+# Named sets of a host's GPUs for an instance group's gpus, by GPU count: every GPU (data parallel), or the
+# even and the odd ones (two kinds of instances on alternate GPUs, e.g. encoder and decoder on two of them).
+GPU_SETS = {
+    "all": lambda n: range(n),
+    "even": lambda n: range(0, n, 2),
+    "odd": lambda n: range(1, n, 2),
+}
 PRECISIONS = ("bf16", "fp8")
 RUNNER_MODELS = tuple(step.model for step in io.PIPELINE)
 # How the policy runs its steps: "ensemble", each step a model of its own (its own batching and instances;
@@ -77,9 +84,32 @@ class InstanceGroup:
     name: str
     count: int = _field(minimum=1)
     kind: str = _field("cpu", choices=KINDS)
-    gpus: tuple[int, ...] | None = _field(None, minimum=0)  # written to the config only for kind gpu
+    # kind gpu: GPU ids, or a set of the host's GPUs (GPU_SETS), resolved for the host's GPU count when the
+    # configs are written; unset: Triton's default, instances on every GPU. The MPS limits hold on each GPU.
+    gpus: tuple[int, ...] | str | None = _field(None, minimum=0, choices=lambda: GPU_SETS)
     mps_thread_percentage: int | None = _field(None, minimum=1, maximum=100)
     mps_pinned_memory_limit_mb: int | None = _field(None, minimum=1)
+
+    def device_ids(self, gpu_count: int, where: str) -> tuple[int, ...] | None:
+        """The GPU ids of this group on a host with ``gpu_count`` GPUs (None: unset, Triton's every GPU)."""
+        if self.gpus is None or self.kind != "gpu":
+            return None
+        ids = tuple(GPU_SETS[self.gpus](gpu_count)) if isinstance(self.gpus, str) else self.gpus
+        if not ids:
+            raise VlaserveError(
+                f"{where}.gpus",
+                self.gpus,
+                f"a set naming at least one GPU of a host with {gpu_count} GPU(s) (python -m vlaserve.repository "
+                "--gpus N: the GPUs of the host that serves)",
+            )
+        if max(ids) >= gpu_count:
+            raise VlaserveError(
+                f"{where}.gpus",
+                list(ids),
+                f"GPU ids below {gpu_count}: the configs are written for a host with {gpu_count} GPU(s) "
+                "(python -m vlaserve.repository --gpus N: the GPUs of the host that serves)",
+            )
+        return ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +304,8 @@ def _value(kind, value, where: str, meta: Mapping):
         options = [k for k in typing.get_args(kind) if k is not type(None)]
         if value is None or (value == {} and dataclasses.is_dataclass(options[0])):  # an empty section: none
             return None
+        if isinstance(value, str) and str in options:  # a name where a list may stand (gpus: all)
+            return _value(str, value, where, meta)
         return _value(options[0], value, where, meta)
     if dataclasses.is_dataclass(kind):
         return parse_section(kind, value, where)

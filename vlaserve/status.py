@@ -5,6 +5,8 @@ to load (see :mod:`vlaserve.runner`): its PID, device, runtime, MPS thread perce
 CUDA context actually got, the count that percentage should give, and its value checks (``pass``, or
 which check failed; the worst error of the product screen and of the golden samples, with the tolerance).
 An instance of the policy run as one model shows a row per step (``policy/encoder``, ``policy/decoder``).
+On a GPU host a second table sums up each GPU: its instances (alive of all), their models, and the MPS
+thread percentages they hold together.
 """
 
 from __future__ import annotations
@@ -46,10 +48,34 @@ def read_status(workdir: Path) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    cells = [[str(r.get(c, "-")) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+def per_gpu(rows: list[dict]) -> list[dict]:
+    """One row per device: its instances (counted once, though a one-model instance has a row per step)."""
+    devices: dict[str, dict] = {}
+    for row in rows:
+        device = row.get("device", "-")
+        if not str(device).startswith("cuda"):
+            continue
+        entry = devices.setdefault(device, {"device": device, "instances": {}, "models": set()})
+        entry["models"].add(str(row.get("model", "-")).split("/")[0])
+        entry["instances"][row.get("instance")] = row
+    out = []
+    for device in sorted(devices, key=lambda d: int(d.split(":")[1]) if ":" in d else 0):
+        entry = devices[device]
+        instances = entry["instances"].values()
+        percentages = [r["mps_thread_percentage"] for r in instances if r.get("mps_thread_percentage") is not None]
+        out.append({
+            "device": device,
+            "instances": f"{sum(r.get('alive') == 'yes' for r in instances)}/{len(instances)}",
+            "models": ",".join(sorted(entry["models"])),
+            "mps_thread_percentages": "+".join(map(str, percentages)) + f" = {sum(percentages)}" if percentages else "-",
+        })  # fmt: skip
+    return out
+
+
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
+    cells = [[str(r.get(c, "-")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
@@ -66,7 +92,14 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    gpus = per_gpu(rows)
+    if args.json:
+        print(json.dumps({"instances": rows, "gpus": gpus}, indent=2))
+    else:
+        print(format_table(rows))
+        if gpus:
+            print()
+            print(format_table(gpus, ("device", "instances", "models", "mps_thread_percentages")))
     return 0
 
 
