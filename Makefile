@@ -31,6 +31,7 @@ $(STAMP): requirements.txt requirements-serve.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@# the project's packages (vlaserve, export, loadtest) import from the checkout, also in Triton's stubs
 	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "vlaserve.pth").write_text("$(CURDIR)\n")'
+	$(PY) deploy/helm/get_helm.py $(VENV)/bin
 	@touch $@
 
 $(REPO)/encoder/1/manifest.json:  # the default export; the target's own ARGS are not export's

@@ -220,7 +220,7 @@ def shipped_launcher_command_lines() -> dict[str, list[str]]:
         for language, block in re.findall(r"```(\w*)\n(.*?)```", doc.read_text(), re.S):
             if language not in ("", "bash", "sh"):  # a Python example, say
                 continue
-            for line in block.splitlines():
+            for line in block.replace("\\\n", " ").splitlines():  # a command continued over lines is one line
                 tokens = shlex.split(line, comments=True)
                 args = _after_launcher(tokens)
                 if args is not None:

@@ -1,0 +1,31 @@
+{{/* Names and labels shared by every object. */}}
+{{- define "vlaserve.name" -}}
+{{- printf "%s-vlaserve" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "vlaserve.labels" -}}
+app.kubernetes.io/name: vlaserve
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "vlaserve.tritonSelector" -}}
+app.kubernetes.io/name: vlaserve
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: triton
+{{- end -}}
+
+{{- define "vlaserve.gatewaySelector" -}}
+app.kubernetes.io/name: vlaserve
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end -}}
+
+{{- define "vlaserve.image" -}}
+{{ printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end -}}
+
+{{/* The spec inside the image (deploy/triton/Dockerfile copies model_repository/spec.yaml there). */}}
+{{- define "vlaserve.spec" -}}/opt/vlaserve/model_repository/spec.yaml{{- end -}}
