@@ -13,6 +13,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import websockets.exceptions
 from openpi_client import action_chunk_broker, websocket_client_policy
 
 from tests.conftest import ROOT, SPEC
@@ -23,8 +24,8 @@ from vlaserve.server import free_port
 from vlaserve.spec import load_spec
 
 
-def start_gateway(server, robot: str = "droid") -> tuple[subprocess.Popen, int]:
-    port = free_port()
+def start_gateway(server, robot: str = "droid", port: int | None = None) -> tuple[subprocess.Popen, int]:
+    port = port or free_port()
     command = [sys.executable, "-m", "vlaserve.gateway", "--robot", robot, "--triton", server.grpc_url,
                "--port", str(port)]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -167,6 +168,26 @@ def test_sigterm_answers_what_is_in_flight_then_closes(server):
     assert "stopped" in process.stdout.read()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_a_robot_connects_again_after_the_gateway_restarts(server):
+    """openpi-client 0.1.2 has no reconnect of its own: once the gateway restarts on its port, the robot's old
+    connection is closed, and a new client to the same URL (what a robot's supervisor makes) is served."""
+    process, port = start_gateway(server)
+    rng = np.random.default_rng(9)
+    client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+    assert client.infer(droid_obs(rng))["actions"].shape == (50, 8)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        client.infer(droid_obs(rng))
+    process, _ = start_gateway(server, port=port)
+    try:
+        again = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        assert again.infer(droid_obs(rng))["actions"].shape == (50, 8)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
 
 
 def test_a_hostile_frame_is_refused_and_other_robots_keep_being_served(gateway):
