@@ -188,6 +188,7 @@ def test_image_and_commands_are_the_ones_compose_runs(tmp_path, tiny_repo):
         and "COPY model_repository/spec.yaml ./model_repository/spec.yaml" in dockerfile
     )
     assert spec_path == Path("/opt/vlaserve/model_repository/spec.yaml")
+    assert "!model_repository/spec.yaml" in (ROOT / ".dockerignore").read_text()  # in the build context
     # the configs init container, run for real on an export here: /models and the image's spec mapped
     models = tmp_path / "models"
     shutil.copytree(tiny_repo, models / "export", symlinks=True)
