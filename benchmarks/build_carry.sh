@@ -14,6 +14,8 @@ pin() { grep -i -E "^$1(\[[^]]*\])?==" requirements-serve.txt | sed 's/\[.*\]//'
 # resolved (read from .venv); packages the GPU image already has (requests, psutil, msgpack, jinja2,
 # click, pyyaml, ...) stay out, to keep the carry under 64 MiB, the most a copy to that machine may take.
 PACKAGES="$(pin numpy) $(pin tritonclient) $(pin protobuf) $(pin python-rapidjson) $(pin locust)"
+# the openpi gateway and openpi's client, for benchmarks/gpu_gateway.sh (msgpack is the image's)
+PACKAGES="$PACKAGES $(pin websockets) $(pin pillow) $(grep -E '^openpi-client==' requirements.txt | sed 's/ .*//')"
 for dep in grpcio ml_dtypes gevent geventhttpclient greenlet zope.event zope.interface flask flask-cors flask-login \
            werkzeug itsdangerous blinker configargparse pyzmq python-socketio python-engineio bidict \
            simple-websocket wsproto brotli lazy-importer; do

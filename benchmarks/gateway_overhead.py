@@ -1,13 +1,16 @@
 """The gateway's cost: a robot's observation through vlaserve.gateway (openpi's client) against the same request
 sent straight to Triton over gRPC (tritonclient), one at a time and under closed-loop load.
 
-Serves the exported repository (``--repository``, as it is) with the embedded tritonserver, starts the
-gateway in front of it for ``--robot``, and for each path: ``--requests`` requests one after another (after 5
-to warm up), then ``--clients`` closed-loop clients for ``--seconds``. Every answer's actions are checked
-for shape and finiteness (the gateway's equality with the direct path is tests/test_gateway.py's). Prints a
+Serves the exported repository (``--repository``, as it is, or its ``--variant``) with the embedded
+tritonserver, starts the gateway in front of it for ``--robot``, and for each path: ``--requests`` requests
+one after another (after 5 to warm up), then ``--clients`` closed-loop clients for ``--seconds``. The
+observation carries its own noise, so every answer is checked against the actions the exported model
+computes for it in-process (eager PyTorch with the export's weights, on the export's device), within the
+export's parity tolerance for its dtype; a wrong answer is counted, and a row with one is void. Prints a
 table last.
 
     python -m benchmarks.gateway_overhead --repository model_repository --out reports/gateway.json
+    python -m benchmarks.gateway_overhead --repository /tmp/pi0_repo --variant gpu_one_model --out ...
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from vlaserve.client import PolicyClient
-from vlaserve.robots import RobotTransform
-from vlaserve.server import ServerOptions, TritonServer, free_port
+from vlaserve.manifest import read_manifest
+from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.robots import NOISE_KEY, RobotTransform
+from vlaserve.server import ServerOptions, TritonServer, free_port, variant_server
 from vlaserve.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +50,46 @@ def observation(seed: int) -> dict:
         "observation/joint_position": rng.normal(size=7),
         "observation/gripper_position": np.array([0.5]),
         "prompt": "pick up the cup",
+        NOISE_KEY: rng.standard_normal((50, 32), dtype=np.float32),  # fixed: the answer can be checked
     }
+
+
+def in_process_actions(repo: Path, request: dict) -> np.ndarray:
+    """The actions the exported model computes for ``request`` in-process: eager PyTorch, the export's weights
+    (its seed), dtype and device."""
+    import torch
+
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    manifest = read_manifest(repo, "encoder")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    device = "cuda" if manifest.init_device == "cuda" else "cpu"
+    policy = build_policy(get_preset(manifest.preset, manifest.views), manifest.seed, dtypes[manifest.dtype], device)
+    tensors = {k: torch.from_numpy(v).to(device) for k, v in request.items()}
+    with torch.inference_mode():
+        actions = policy(tensors["images"], tensors["tokens"], tensors["state"], tensors["noise"])
+    del policy
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return actions.float().cpu().numpy()
+
+
+class Checked:
+    """Counts answers, and those further than the tolerance from the in-process reference."""
+
+    def __init__(self, reference: np.ndarray, tolerance: float):
+        self.reference, self.tolerance = reference, tolerance
+        self.answers, self.wrong, self.worst = 0, 0, 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self, actions: np.ndarray) -> None:
+        actions = np.asarray(actions, dtype=np.float64).reshape(self.reference.shape)
+        rel = float(np.linalg.norm(actions - self.reference) / np.linalg.norm(self.reference))
+        with self.lock:
+            self.answers += 1
+            self.worst = max(self.worst, rel if np.isfinite(rel) else float("inf"))
+            self.wrong += not rel <= self.tolerance
 
 
 def percentile(values, q):
@@ -91,13 +135,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--variant", help="serve this spec variant of the repository (default: as it is)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from openpi_client import websocket_client_policy
 
-    options = ServerOptions(model_repository=Path(args.repository), http_port=0, grpc_port=0, metrics_port=0,
-                            workdir=Path("/tmp/gateway_overhead"), ready_timeout=600)  # fmt: skip
-    with TritonServer(options).start() as server:
+    repo, workdir = Path(args.repository), Path("/tmp/gateway_overhead")
+    if args.variant:
+        spec = load_spec(repo / "spec.yaml", args.variant)
+        server = variant_server(spec, repo, workdir / "repo", workdir, ready_timeout=900, cuda_memory_pool_mb=2048)
+    else:
+        server = TritonServer(ServerOptions(model_repository=repo, http_port=0, grpc_port=0, metrics_port=0,
+                                            workdir=workdir, ready_timeout=600))  # fmt: skip
+    with server.start():
         port = free_port()
         gateway = subprocess.Popen([sys.executable, "-m", "vlaserve.gateway", "--robot", args.robot, "--triton",
                                     server.grpc_url, "--port", str(port)], cwd=ROOT)  # fmt: skip
@@ -113,30 +163,37 @@ def main() -> None:
             )
             obs = observation(0)
             request = robot.request(obs)
+            reference = in_process_actions(repo, request)
+            tolerance = REL_TOLERANCE[read_manifest(repo, "encoder").dtype]
+            direct_check = Checked(reference, tolerance)
+            gateway_check = Checked(reference[0, :, : robot.settings.action_dim], tolerance)
 
             def direct():
                 client = PolicyClient(server.grpc_url)
-                return lambda: np.isfinite(client.infer(request)).all() or sys.exit("non-finite actions")
+                return lambda: direct_check(client.infer(request))
 
             def through_gateway():
                 client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
-                return lambda: client.infer(obs)["actions"].shape == (50, robot.settings.action_dim) or sys.exit("bad")
+                return lambda: gateway_check(client.infer(obs)["actions"])
 
-            rows = {
-                "direct gRPC (tritonclient)": measure(direct, args.requests, args.clients, args.seconds),
-                "gateway (openpi-client)": measure(through_gateway, args.requests, args.clients, args.seconds),
-            }
+            rows = {}
+            for name, make_call, check in (("direct gRPC (tritonclient)", direct, direct_check),
+                                           ("gateway (openpi-client)", through_gateway, gateway_check)):  # fmt: skip
+                rows[name] = measure(make_call, args.requests, args.clients, args.seconds)
+                rows[name].update(answers=check.answers, wrong=check.wrong, worst_rel=float(f"{check.worst:.3g}"))
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(timeout=60)
     result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-              "repository": args.repository, "robot": args.robot, "rows": rows}  # fmt: skip
+              "repository": args.repository, "variant": args.variant, "robot": args.robot,
+              "tolerance": tolerance, "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{'path':28} {'batch-1 p50 / p99 ms':>20} | {'clients':>7} {'answers/s':>9} {'p50 / p99 ms':>14}")
+    print(f"\n{'path':28} {'batch-1 p50 / p99 ms':>20} | {'clients':>7} {'answers/s':>9} {'p50 / p99 ms':>14} | "
+          f"wrong of answers (worst rel, tolerance {tolerance:g})")  # fmt: skip
     for name, r in rows.items():
         print(f"{name:28} {r['p50_ms']:9.2f} / {r['p99_ms']:7.2f} | {r['clients']:7d} {r['per_s']:9.1f} "
-              f"{r['load_p50_ms']:6.1f} / {r['load_p99_ms']:6.1f}")  # fmt: skip
+              f"{r['load_p50_ms']:6.1f} / {r['load_p99_ms']:6.1f} | {r['wrong']} of {r['answers']} ({r['worst_rel']:.2g})")  # fmt: skip
 
 
 if __name__ == "__main__":
