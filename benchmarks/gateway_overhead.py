@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--variant", help="serve this spec variant of the repository (default: as it is)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure both paths this many times, alternating")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from openpi_client import websocket_client_policy
@@ -177,10 +178,14 @@ def main() -> None:
                 return lambda: gateway_check(client.infer(obs)["actions"])
 
             rows = {}
-            for name, make_call, check in (("direct gRPC (tritonclient)", direct, direct_check),
-                                           ("gateway (openpi-client)", through_gateway, gateway_check)):  # fmt: skip
-                rows[name] = measure(make_call, args.requests, args.clients, args.seconds)
-                rows[name].update(answers=check.answers, wrong=check.wrong, worst_rel=float(f"{check.worst:.3g}"))
+            for round_ in range(1, args.rounds + 1):  # the paths alternate: an order effect shows between rounds
+                for name, make_call, check in (("direct gRPC (tritonclient)", direct, direct_check),
+                                               ("gateway (openpi-client)", through_gateway, gateway_check)):  # fmt: skip
+                    before = (check.answers, check.wrong)
+                    row = measure(make_call, args.requests, args.clients, args.seconds)
+                    row.update(answers=check.answers - before[0], wrong=check.wrong - before[1],
+                               worst_rel=float(f"{check.worst:.3g}"))  # fmt: skip
+                    rows[f"{name}, round {round_}" if args.rounds > 1 else name] = row
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(timeout=60)
@@ -189,10 +194,10 @@ def main() -> None:
               "tolerance": tolerance, "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{'path':28} {'batch-1 p50 / p99 ms':>20} | {'clients':>7} {'answers/s':>9} {'p50 / p99 ms':>14} | "
+    print(f"\n{'path':38} {'batch-1 p50 / p99 ms':>20} | {'clients':>7} {'answers/s':>9} {'p50 / p99 ms':>14} | "
           f"wrong of answers (worst rel, tolerance {tolerance:g})")  # fmt: skip
     for name, r in rows.items():
-        print(f"{name:28} {r['p50_ms']:9.2f} / {r['p99_ms']:7.2f} | {r['clients']:7d} {r['per_s']:9.1f} "
+        print(f"{name:38} {r['p50_ms']:9.2f} / {r['p99_ms']:7.2f} | {r['clients']:7d} {r['per_s']:9.1f} "
               f"{r['load_p50_ms']:6.1f} / {r['load_p99_ms']:6.1f} | {r['wrong']} of {r['answers']} ({r['worst_rel']:.2g})")  # fmt: skip
 
 

@@ -5,6 +5,6 @@
 # Needs the carry with the gateway's packages (make carry).
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_pi0.sh
-python -m benchmarks.gateway_overhead --repository /tmp/pi0_repo --variant gpu_one_model --requests 100 \
+python -m benchmarks.gateway_overhead --repository /tmp/pi0_repo --variant gpu_one_model --requests 100 --rounds "${ROUNDS:-2}" \
   --clients "${CLIENTS:-16}" --seconds 15 --out "$OUT/gateway-h200.json" > "$OUT/gateway.log" 2>&1
 grep -v "^\[serve\] \[" "$OUT/gateway.log" | tail -6
