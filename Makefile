@@ -16,7 +16,7 @@ ARGS ?=
 COMPOSE_REPO ?= $(CURDIR)/.vlaserve/compose-repository
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lerobot-venv test-lerobot export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
+.PHONY: help venv lerobot-venv test-lerobot aloha-sim export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -74,8 +74,18 @@ compare: $(STAMP) $(REPO)/encoder/1/manifest.json ## the sweep over spec variant
 test: $(STAMP) ## run the test suite (starts real tritonservers on free ports)
 	$(PY) -m pytest -q tests $(ARGS)
 
-# LeRobot's own pi0, the reference of the checkpoint import: a second virtualenv that reads torch, numpy and the
-# project from .venv, with LeRobot (without its declared dependencies) and the transformers openpi patches
+# A virtualenv beside .venv that reads torch, numpy and the project from it (after its own packages), for tools
+# whose declared dependencies would replace the project's CPU torch: $(1) its folder, $(2) its requirements.
+define layered-venv
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(1)/bin/python -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "zz-vlaserve.pth").write_text("import site; site.addsitedir(%r)\n" % "'"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"'")'
+	grep -E '^(torch|numpy)==' requirements-serve.txt > $(1)/constraints.txt
+	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt -r $(2)
+endef
+
+# LeRobot's own pi0, the reference of the checkpoint import: LeRobot (without its declared dependencies) and
+# the transformers openpi patches
 LEROBOT_VENV := .venv-lerobot
 LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
 LEROBOT_PY := $(LEROBOT_VENV)/bin/python
@@ -83,17 +93,23 @@ lerobot-venv: $(LEROBOT_STAMP) ## make .venv-lerobot: LeRobot 0.4.4's pi0 beside
 
 $(LEROBOT_STAMP): $(STAMP) tests/lerobot/requirements.txt tests/lerobot/requirements-nodeps.txt tests/lerobot/transformers-4.53.2-openpi.patch
 	@echo "[lerobot-venv] creating $(LEROBOT_VENV): LeRobot's pi0 and the transformers openpi patches (first time: a minute or two) ..."
-	rm -rf $(LEROBOT_VENV)
-	$(PY) -m venv $(LEROBOT_VENV)
-	$(LEROBOT_PY) -c 'import site, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "zz-vlaserve.pth").write_text("import site; site.addsitedir(%r)\n" % "'"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"'")'
-	grep -E '^(torch|numpy)==' requirements-serve.txt > $(LEROBOT_VENV)/constraints.txt
-	$(LEROBOT_PY) -m pip install --quiet -c $(LEROBOT_VENV)/constraints.txt -r tests/lerobot/requirements.txt
+	$(call layered-venv,$(LEROBOT_VENV),tests/lerobot/requirements.txt)
 	$(LEROBOT_PY) -m pip install --quiet --no-deps -r tests/lerobot/requirements-nodeps.txt
 	cd "$$($(LEROBOT_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && GIT_DIR=/nonexistent git apply --whitespace=nowarn -p1 $(CURDIR)/tests/lerobot/transformers-4.53.2-openpi.patch
 	@touch $@
 
 test-lerobot: $(LEROBOT_STAMP) ## the LeRobot equivalence tests: LeRobot's PI0Policy saved, imported, same actions (in .ci/run)
 	VLASERVE_LEROBOT_PYTHON=$(LEROBOT_PY) $(PY) -m pytest -q tests/test_lerobot.py $(ARGS)
+
+SIM_VENV := .venv-sim
+SIM_STAMP := $(SIM_VENV)/.installed
+$(SIM_STAMP): $(STAMP) demo/sim/requirements.txt
+	@echo "[sim-venv] creating $(SIM_VENV): gym-aloha and MuJoCo (first time: a minute) ..."
+	$(call layered-venv,$(SIM_VENV),demo/sim/requirements.txt)
+	@touch $@
+
+aloha-sim: $(SIM_STAMP) ## a simulated ALOHA (gym-aloha) driven through a running gateway (make gateway ROBOT=aloha) at 50 Hz: rate and latency (ARGS="--steps 200 --fast")
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(SIM_VENV)/bin/python -m demo.aloha_sim $(ARGS)
 
 reliability: $(STAMP) $(REPO)/encoder/1/manifest.json ## hostile input, crashes, overload, soak, SIGTERM against a real server: one table (ARGS=--quick)
 	$(PY) -m loadtest.reliability --repository $(REPO) $(ARGS)
