@@ -39,7 +39,7 @@ $(REPO)/encoder/1/manifest.json:  # the default export; the target's own ARGS ar
 
 CHECKPOINT ?=
 export: $(STAMP) ## export encoder+decoder to ONNX and TorchScript, check parity, write configs (PRESET VIEWS DTYPE VARIANT; CHECKPOINT=a LeRobot/openpi pi0 folder or .safetensors)
-	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(if $(VARIANT),--variant $(VARIANT)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
+	$(PY) -m export --preset $(PRESET) --views $(VIEWS) --dtype $(DTYPE) --repository $(REPO) $(if $(VARIANT),--variant $(VARIANT)) $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(ARGS)
 
 configs: $(STAMP) ## regenerate every config.pbtxt from $(REPO)/spec.yaml
 	$(PY) -m vlaserve.repository --repository $(REPO)
@@ -99,7 +99,7 @@ $(LEROBOT_STAMP): $(STAMP) tests/lerobot/requirements.txt tests/lerobot/requirem
 	@touch $@
 
 test-lerobot: $(LEROBOT_STAMP) ## the LeRobot equivalence tests: LeRobot's PI0Policy saved, imported, same actions (in .ci/run)
-	VLASERVE_LEROBOT_PYTHON=$(LEROBOT_PY) $(PY) -m pytest -q tests/test_lerobot.py $(ARGS)
+	VLASERVE_LEROBOT_PYTHON=$(CURDIR)/$(LEROBOT_PY) $(PY) -m pytest -q tests/test_lerobot.py $(ARGS)
 
 SIM_VENV := .venv-sim
 SIM_STAMP := $(SIM_VENV)/.installed

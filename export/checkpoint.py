@@ -47,6 +47,9 @@ OLDER_LAYOUT = {
 }
 # Never run at inference: the prefix model's last norm (only its keys/values are read) and the two heads.
 UNUSED = (LANGUAGE + "norm.weight", PALIGEMMA + "lm_head.weight", EXPERT + "lm_head.weight")
+# Older LeRobot files also hold their normalization statistics as buffers: not weights of the model (the
+# gateway's robots take statistics from a norm_stats.json file), so they are left out, not imported.
+STATISTICS = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
 # config.json fields (LeRobot's names, then openpi's) that the served interface fixes
 FIXED_NUMBERS = {
     "chunk_size": ACTION_HORIZON,
@@ -55,6 +58,7 @@ FIXED_NUMBERS = {
     "max_action_dim": ACTION_DIM,
     "action_dim": ACTION_DIM,
     "num_inference_steps": NUM_FLOW_STEPS,
+    "num_steps": NUM_FLOW_STEPS,  # older LeRobot
     "tokenizer_max_length": MAX_TOKENS,
 }
 
@@ -77,10 +81,12 @@ def weights_file(path: Path) -> Path:
     return path
 
 
-def check_config(path: Path) -> None:
-    """A folder's ``config.json``: a pi0 whose fixed numbers are the served interface's."""
-    config_file = path / "config.json"
-    if not path.is_dir() or not config_file.is_file():
+def check_config(path: Path, views: int | None = None) -> None:
+    """The ``config.json`` beside the weights (a folder's, or that of a ``model.safetensors`` given as a file): a
+    pi0 whose fixed numbers are the served interface's, with ``views`` cameras where it lists them."""
+    folder = path if path.is_dir() else path.parent if path.name == WEIGHTS_FILE else None
+    config_file = folder / "config.json" if folder else None
+    if config_file is None or not config_file.is_file():
         return
     try:
         config = json.loads(config_file.read_text())
@@ -91,8 +97,13 @@ def check_config(path: Path) -> None:
     kind = config.get("type")
     if kind is not None and kind != "pi0":
         raise VlaserveError("--checkpoint", str(config_file), f"a pi0 policy (its type is {kind!r})")
-    wrong = [f"{k} is {config[k]}, the served interface has {v}" for k, v in FIXED_NUMBERS.items()
+    wrong = [f"{k} is {config[k]!r}, the served interface has {v}" for k, v in FIXED_NUMBERS.items()
              if k in config and config[k] != v]  # fmt: skip
+    features = config.get("input_features")
+    if views is not None and isinstance(features, dict):
+        cameras = [k for k, f in features.items() if isinstance(f, dict) and f.get("type") == "VISUAL"]
+        if cameras and len(cameras) != views:
+            wrong.append(f"{len(cameras)} cameras ({', '.join(cameras)}), the export has --views {views}")
     if wrong:
         _fail(config_file, "a pi0 with the served interface's numbers", wrong)
 
@@ -105,16 +116,49 @@ def _split_heads(tensors: dict[str, torch.Tensor], prefix: str, parts: tuple[str
     return torch.cat(chosen, dim=0)
 
 
+def _depth(tensors: dict, prefix: str) -> int:
+    """Layers under ``prefix`` (``...layers.<i>.``): the highest index plus one."""
+    found = [int(k[len(prefix) :].split(".", 1)[0]) for k in tensors if k.startswith(prefix)]
+    return max(found) + 1 if found else 0
+
+
+def _check_depths(tensors: dict, model: nn.Module, path: Path) -> None:
+    """A checkpoint of another size is named as such, with the preset it would need."""
+    found = {"vision": _depth(tensors, VISION + "encoder.layers."), "prefix": _depth(tensors, LANGUAGE + "layers."),
+             "expert": _depth(tensors, EXPERT + "model.layers.")}  # fmt: skip
+    cfg = model.cfg
+    wanted = {"vision": cfg.vision.depth, "prefix": cfg.prefix.depth, "expert": cfg.expert.depth}
+    if all(found.values()) and found != wanted:
+        from vlaserve.model.presets import PRESETS
+
+        fits = [p.name for p in PRESETS.values()
+                if (p.vision.depth, p.prefix.depth, p.expert.depth) == tuple(found.values())]  # fmt: skip
+        hint = f": export with --preset {fits[0]} (PRESET={fits[0]})" if fits else ""
+        _fail(path, f"a checkpoint of the {cfg.name} preset's depths {wanted}", [f"its depths are {found}{hint}"])
+
+
 def from_openpi(tensors: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """LeRobot's / openpi's pi0 names and tensors -> the project's (``model`` gives the depths)."""
-    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}  # LeRobot wraps openpi's module
+
+    def renamed(rename) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in tensors.items():
+            name = rename(key)
+            if name in out:  # two names for one tensor: which one is meant cannot be told
+                _fail(path, "one tensor per name", [f"{key} and another name both read as {name}"])
+            out[name] = value
+        return out
+
+    tensors = {k: v for k, v in tensors.items() if not k.removeprefix("model.").startswith(STATISTICS)}
+    tensors = renamed(lambda k: k.removeprefix("model."))  # LeRobot wraps openpi's module
     for old, new in OLDER_LAYOUT.items():
-        tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in tensors.items()}
+        tensors = renamed(lambda k, old=old, new=new: new + k[len(old) :] if k.startswith(old) else k)
     pi05 = sorted(k for k in tensors if k.startswith("time_mlp_") or ".dense." in k)
     if pi05 and "state_proj.weight" not in tensors:
         _fail(path, "a pi0 checkpoint, not pi0.5 (adaptive norms in the expert, no state token)", pi05)
     # some pi0 checkpoints name the action-time MLP as pi0.5 names its time MLP; LeRobot reads them as pi0's
-    tensors = {("action_" + k if k.startswith("time_mlp_") else k): v for k, v in tensors.items()}
+    tensors = renamed(lambda k: "action_" + k if k.startswith("time_mlp_") else k)
+    _check_depths(tensors, model, path)
 
     sources: dict[str, tuple[str, ...]] = {}  # own name -> checkpoint names (several: joined row-wise)
 
@@ -136,8 +180,8 @@ def from_openpi(tensors: dict[str, torch.Tensor], model: nn.Module, path: Path) 
     linear("vision.norm", VISION + "post_layernorm")
     linear("image_proj", PALIGEMMA + "model.multi_modal_projector.linear")
     # PaliGemma ties its head to the token embedding; a file saved with shared tensors dropped keeps one name
-    embedding = LANGUAGE + "embed_tokens.weight"
-    sources["embed_tokens.weight"] = (embedding if embedding in tensors else PALIGEMMA + "lm_head.weight",)
+    embedding, head = LANGUAGE + "embed_tokens.weight", PALIGEMMA + "lm_head.weight"
+    sources["embed_tokens.weight"] = (embedding if embedding in tensors or head not in tensors else head,)
     for layers, theirs in (("prefix_layers", LANGUAGE), ("expert_layers", EXPERT + "model.")):
         for i in range(len(getattr(model, layers))):
             own, src = f"{layers}.{i}.", f"{theirs}layers.{i}."
@@ -152,6 +196,7 @@ def from_openpi(tensors: dict[str, torch.Tensor], model: nn.Module, path: Path) 
         linear(name, name)
 
     missing = sorted({name for names in sources.values() for name in names if name not in tensors})
+    missing = [f"{m} (or {head})" if m == embedding else m for m in missing]
     used = {name for names in sources.values() for name in names} | set(UNUSED)
     unexpected = sorted(tensors.keys() - used)
     if missing or unexpected:
@@ -173,7 +218,7 @@ def from_openpi(tensors: dict[str, torch.Tensor], model: nn.Module, path: Path) 
     return converted
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> str:
+def load_checkpoint(model: nn.Module, path: str | Path, views: int | None = None) -> str:
     """Copy the checkpoint at ``path`` into ``model``; returns the layout it was in ("vlaserve" or "openpi").
 
     Every missing, unexpected or mis-shaped name is an error that lists them."""
@@ -182,7 +227,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
 
     path = Path(path)
     file = weights_file(path)
-    check_config(path)
+    check_config(path, views if views is not None else getattr(getattr(model, "cfg", None), "views", None))
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -82,7 +82,7 @@ def validate(args: argparse.Namespace):
         raise VlaserveError("--repository", str(repo), "an existing model repository folder")
     if args.checkpoint:
         weights_file(Path(args.checkpoint))
-        check_config(Path(args.checkpoint))
+        check_config(Path(args.checkpoint), views)
     return cfg, TORCH_DTYPES[args.dtype], torch.device(args.device), batches
 
 

@@ -179,3 +179,83 @@ def test_the_time_mlp_under_pi05s_name_is_read_as_pi0s(lerobot_runs, tmp_path):
     policy = build_policy(run.cfg, seed=99)
     load_checkpoint(policy, rewritten(run, tmp_path / "checkpoint", rename))
     assert compare(policy_actions(policy, run.request), run.actions)["rel"] < TOL
+
+
+def _openpi(t):  # openpi's PI0Pytorch saves the same module without LeRobot's "model." wrapper
+    for key in list(t):
+        t[key.removeprefix("model.")] = t.pop(key)
+
+
+def _older(t):  # transformers before 4.52 laid PaliGemma out differently
+    for key in list(t):
+        new = key.replace("paligemma.model.language_model.", "paligemma.language_model.model.")
+        new = new.replace("paligemma.model.vision_tower.", "paligemma.vision_tower.")
+        new = new.replace("paligemma.model.multi_modal_projector.", "paligemma.multi_modal_projector.")
+        t[new.replace("paligemma.lm_head.", "paligemma.language_model.lm_head.")] = t.pop(key)
+
+
+def _embedding_saved(t):  # the token embedding under its own name, the tied head dropped
+    head = "model.paligemma_with_expert.paligemma.lm_head.weight"
+    t["model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"] = t.pop(head)
+
+
+@pytest.mark.parametrize("change", [_openpi, _older, _embedding_saved], ids=["openpi", "older_layout", "embedding"])
+def test_the_other_layouts_of_the_same_weights_give_the_same_actions(lerobot_runs, tmp_path, change):
+    run = lerobot_runs["tiny"]
+    folder = rewritten(run, tmp_path / "checkpoint", change)
+    if change is _openpi:  # and openpi's own config.json
+        (folder / "config.json").write_text(
+            json.dumps({"action_dim": 32, "action_horizon": 50, "precision": "float32"})
+        )
+    policy = build_policy(run.cfg, seed=99)
+    assert load_checkpoint(policy, folder) == "openpi"
+    assert compare(policy_actions(policy, run.request), run.actions)["rel"] < TOL
+
+
+def test_a_bf16_checkpoint_loads_into_fp32_within_bf16s_rounding(lerobot_runs, tmp_path):
+    run = lerobot_runs["tiny"]
+    folder = rewritten(run, tmp_path / "checkpoint", lambda t: t.update({k: v.bfloat16() for k, v in t.items()}))
+    policy = build_policy(run.cfg, seed=99)
+    load_checkpoint(policy, folder)
+    assert compare(policy_actions(policy, run.request), run.actions)["rel"] < REL_TOLERANCE["bf16"]
+
+
+def _collision(t):  # the same tensor under its pi0 and its older name: which is meant cannot be told
+    key = "model.action_time_mlp_in.weight"
+    t[key.replace("action_time_mlp_in", "time_mlp_in")] = t[key] + 1
+
+
+def _adaptive_norms(t):  # pi0.5's expert norms are small dense layers
+    t["model.paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.dense.weight"] = torch.zeros(3, 32)
+    del t["model.state_proj.weight"], t["model.state_proj.bias"]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [(_collision, ["one tensor per name", "time_mlp_in.weight"]), (_adaptive_norms, ["pi0.5", ".dense.weight"])],
+    ids=["collision", "adaptive_norms"],
+)
+def test_ambiguous_or_pi05_checkpoints_are_refused(lerobot_runs, tmp_path, change, named):
+    run = lerobot_runs["tiny"]
+    with pytest.raises(VlaserveError) as caught:
+        load_checkpoint(build_policy(run.cfg), rewritten(run, tmp_path / "checkpoint", change))
+    assert all(part in str(caught.value) for part in named), str(caught.value)
+
+
+def test_a_checkpoint_of_another_size_names_its_depths(lerobot_runs):
+    run = lerobot_runs["full_resolution"]  # depths as tiny's, but 3 cameras
+    with pytest.raises(VlaserveError, match="3 cameras"):
+        load_checkpoint(build_policy(get_preset("tiny", 2)), run.checkpoint)
+    deeper = dataclasses.replace(_tiny, prefix=dataclasses.replace(_tiny.prefix, depth=3),
+                                 expert=dataclasses.replace(_tiny.expert, depth=3))  # fmt: skip
+    with pytest.raises(VlaserveError, match=r"its depths are \{'vision': 2, 'prefix': 2, 'expert': 2\}: export with "
+                       r"--preset tiny"):  # fmt: skip
+        load_checkpoint(build_policy(deeper), lerobot_runs["tiny"].checkpoint)
+
+
+def test_the_config_beside_a_weights_file_given_directly_is_read(lerobot_runs, tmp_path):
+    folder = rewritten(lerobot_runs["tiny"], tmp_path / "checkpoint", lambda t: None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "chunk_size": "50"}))  # a string, not the number
+    with pytest.raises(VlaserveError, match="chunk_size is '50'"):
+        load_checkpoint(build_policy(lerobot_runs["tiny"].cfg), folder / "model.safetensors")

@@ -17,9 +17,10 @@ built: ``get_gemma_config`` (the two Gemma sizes) and the PaliGemma constructor 
 sizes, the projector's output width and the vocabulary are set on the config LeRobot made). Everything
 that computes runs unchanged: LeRobot's pi0 code and the patched transformers models.
 
-LeRobot's package imports its dataset, robot and video tooling at import time. ``torchvision`` is the one
-of those that cannot be installed here (PyPI's wheels are built for CUDA torch, the project's torch is the
-CPU build); pi0 never calls it, so it is replaced by a stand-in whose every call raises.
+LeRobot's package imports its dataset, robot and video tooling at import time. Two of those are replaced by
+stand-ins whose every call raises, since pi0 never calls them: ``torchvision``, which cannot be installed
+here (PyPI's wheels are built for CUDA torch, the project's torch is the CPU build), and ``av`` (video
+decoding), whose current wheels need Python 3.11 where the project runs on 3.10 too.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def import_lerobot_pi0():
     import transformers.models.gemma.modeling_gemma  # noqa: F401
     import transformers.models.paligemma.modeling_paligemma  # noqa: F401
 
-    sys.meta_path.insert(0, _StandIns(("torchvision",)))
+    sys.meta_path.insert(0, _StandIns(("torchvision", "av")))
     policies = Path(importlib.util.find_spec("lerobot").submodule_search_locations[0]) / "policies"
     package = types.ModuleType("lerobot.policies")
     package.__path__ = [str(policies)]
