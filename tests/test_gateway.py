@@ -24,9 +24,9 @@ from vlaserve.server import free_port
 from vlaserve.spec import load_spec
 
 
-def start_gateway(server, robot: str = "droid", port: int | None = None) -> tuple[subprocess.Popen, int]:
+def start_gateway(server, robot: str = "droid", port: int | None = None, triton: str | None = None):
     port = port or free_port()
-    command = [sys.executable, "-m", "vlaserve.gateway", "--robot", robot, "--triton", server.grpc_url,
+    command = [sys.executable, "-m", "vlaserve.gateway", "--robot", robot, "--triton", triton or server.grpc_url,
                "--port", str(port)]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
@@ -45,7 +45,8 @@ def start_gateway(server, robot: str = "droid", port: int | None = None) -> tupl
 
 @pytest.fixture(scope="module")
 def gateway(server):
-    process, port = start_gateway(server)
+    # Triton named as the Helm chart names it (dns:///: round robin over what the name resolves to)
+    process, port = start_gateway(server, triton=f"dns:///{server.grpc_url}")
     yield port
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)

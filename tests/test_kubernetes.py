@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -27,16 +28,20 @@ PORTS = {"http": io.HTTP_PORT, "grpc": io.GRPC_PORT, "metrics": io.METRICS_PORT,
 ALL_OPTIONS = {  # every optional object on, and the non-default paths of the templates
     "persistence": {"enabled": True, "storageClassName": "fast"},
     "gpuSharing": {"mpsReplicas": 2},
-    "triton": {"gpusPerPod": 2, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+    "triton": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-    "model": {"checkpoint": "/models/checkpoint", "servedVariant": "gpu_multi"},  # gpu_multi: every GPU of the pod
+    "model": {"checkpoint": "/models/checkpoint"},
     "imagePullSecrets": [{"name": "registry"}],
 }  # fmt: skip
+# two GPUs per pod, the whole policy on each (MPS sharing is for one GPU per pod)
+MULTI_GPU = {"triton": {"gpusPerPod": 2}, "model": {"servedVariant": "gpu_multi", "checkpoint": "/models/ckpt"}}
 
 
 def helm_binary() -> str:
     helm = Path(sys.executable).parent / "helm"
     if not helm.exists():
+        if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+            pytest.skip("no helm for this platform in .venv/bin (deploy/helm/get_helm.py fetches Linux x86-64's)")
         pytest.fail(f"{helm} is missing: make venv fetches it (deploy/helm/get_helm.py)")
     return str(helm)
 
@@ -105,13 +110,13 @@ def test_the_chart_lints(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("values", [None, ALL_OPTIONS], ids=["defaults", "all_options"])
+@pytest.mark.parametrize("values", [None, ALL_OPTIONS, MULTI_GPU], ids=["defaults", "all_options", "multi_gpu"])
 def test_every_rendered_object_is_valid_against_the_kubernetes_schemas(tmp_path, values):
     objects = render(tmp_path, values)
     kinds = by_kind(objects)
-    expected = {"Deployment": 2, "Service": 2, "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1,
+    expected = {"Deployment": 2, "Service": 3, "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1,
                 "PodMonitor": 1, "ConfigMap": 1}  # fmt: skip
-    if values:
+    if values is ALL_OPTIONS:
         expected.update(PersistentVolumeClaim=1, ConfigMap=2)  # the claim, and the device plugin's MPS config
     assert {k: len(v) for k, v in kinds.items()} == expected
     for obj in objects:
@@ -146,6 +151,9 @@ def test_probes_and_ports_are_tritons_own(tmp_path, server):
         assert all(PORTS[name] == port for name, port in ports.items())
     for service in kinds["Service"]:
         assert all(PORTS[p["name"]] == p["port"] for p in service["spec"]["ports"])
+    pods = next(s for s in kinds["Service"] if s["metadata"]["name"].endswith("-triton-pods"))
+    assert pods["spec"]["clusterIP"] == "None"  # one address per pod: the gateway spreads its requests over them
+    assert gateway["gateway"]["args"][1] == f"dns:///{pods['metadata']['name']}:{io.GRPC_PORT}"
     paths = {
         name: triton["triton"][name]["httpGet"]["path"] for name in ("startupProbe", "readinessProbe", "livenessProbe")
     }
@@ -166,20 +174,23 @@ def test_image_and_commands_are_the_ones_compose_runs(tmp_path, tiny_repo):
     from vlaserve.server import parse_args as server_args
 
     compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
-    kinds = by_kind(render(tmp_path, ALL_OPTIONS))
+    kinds = by_kind(render(tmp_path, MULTI_GPU))
     pods = [c for d in kinds["Deployment"] for c in containers(d).values()]
     assert {c["image"] for c in pods} == {compose["x-image"]["image"]}
     triton = next(c for c in pods if c["name"] == "triton")
     assert "command" not in triton  # the image's entrypoint: the launcher, as compose's triton service
     options = server_args(triton["args"])
-    assert str(options.model_repository) == "/models/serve" and options.cuda_memory_pool_mb == 2048
+    assert str(options.model_repository) == "/serve/repository" and options.cuda_memory_pool_mb == 2048
+    assert options.ready_timeout == 900  # the launcher waits as long as the startup probe does
     gateway = next(c for c in pods if c["name"] == "gateway")
     assert gateway["command"] == compose["services"]["gateway"]["entrypoint"][:3]
     assert gateway_args(gateway["args"]).robot == "droid"
     export = next(c for c in pods if c["name"] == "export")
-    assert export["command"][-1] == "export" and compose["services"]["export"]["entrypoint"][-1] == "export"
-    parsed = export_args(export["args"])
-    assert (parsed.preset, parsed.variant, parsed.checkpoint) == ("pi0", "gpu", "/models/checkpoint")
+    assert "python3 -m export" in export["command"][2] and compose["services"]["export"]["entrypoint"][-1] == "export"
+    export_dir = export["command"][3]  # "$0" of the script: the export's folder, named by what it exports
+    assert export_dir.startswith("/models/exports/pi0-2v-bf16-")
+    parsed = export_args(["--repository", export_dir, *export["args"]])
+    assert (parsed.preset, parsed.variant, parsed.checkpoint) == ("pi0", "gpu", "/models/ckpt")
     # the spec those commands read is where the image puts it
     spec_path = Path(parsed.spec)
     dockerfile = (ROOT / "deploy" / "triton" / "Dockerfile").read_text()
@@ -189,14 +200,20 @@ def test_image_and_commands_are_the_ones_compose_runs(tmp_path, tiny_repo):
     )
     assert spec_path == Path("/opt/vlaserve/model_repository/spec.yaml")
     assert "!model_repository/spec.yaml" in (ROOT / ".dockerignore").read_text()  # in the build context
-    # the configs init container, run for real on an export here: /models and the image's spec mapped
-    models = tmp_path / "models"
-    shutil.copytree(tiny_repo, models / "export", symlinks=True)
+    # the configs init container, run for real on an export here: /models, /serve and the image's spec mapped
+    shutil.copytree(tiny_repo, tmp_path / export_dir.lstrip("/"), symlinks=True)
     configs = next(c for c in pods if c["name"] == "configs")
-    argv = [a.replace("/models", str(models)).replace(str(spec_path), str(ROOT / "model_repository" / "spec.yaml"))
-            for a in configs["args"]]  # fmt: skip
-    assert repository.main(argv) == 0
-    served = repository.read_config(models / "serve" / "policy" / "config.pbtxt")
+    assert configs["args"][1] == export_dir
+    local = {"/models": str(tmp_path / "models"), "/serve": str(tmp_path / "serve"),
+             str(spec_path): str(ROOT / "model_repository" / "spec.yaml")}  # fmt: skip
+
+    def mapped(arg: str) -> str:
+        for inside, here in local.items():
+            arg = arg.replace(inside, here) if arg.startswith(inside) else arg
+        return arg
+
+    assert repository.main([mapped(a) for a in configs["args"]]) == 0
+    served = repository.read_config(tmp_path / "serve" / "repository" / "policy" / "config.pbtxt")
     assert served.backend == "python" and [list(g.gpus) for g in served.instance_group] == [[0, 1]]  # its 2 GPUs
 
 
@@ -248,3 +265,27 @@ def test_a_repository_on_an_existing_claim_is_served_without_an_export(tmp_path)
     volume = triton["spec"]["template"]["spec"]["volumes"][0]
     assert volume["persistentVolumeClaim"]["claimName"] == "trained-pi0"
     assert "PersistentVolumeClaim" not in {o["kind"] for o in objects}
+
+
+def test_other_values_export_into_another_folder(tmp_path):
+    def export_dir(values):
+        triton = next(o for o in render(tmp_path, values) if o["metadata"]["name"].endswith("-triton")
+                      and o["kind"] == "Deployment")  # fmt: skip
+        return containers(triton)["export"]["command"][3]
+
+    first = export_dir(None)
+    assert export_dir({"model": {"checkpoint": "/models/mine"}}) != first  # a claim's old export is not reused
+    assert export_dir({"model": {"dtype": "fp16"}}) != first
+    assert export_dir({"modelRepository": {"exportDir": "my-export"}}) == "/models/my-export"
+
+
+def test_mps_sharing_with_several_gpus_per_pod_is_refused(tmp_path):
+    done = run_helm("template", "rel", str(CHART), values={"gpuSharing": {"mpsReplicas": 2}, "triton": {"gpusPerPod": 2}},
+                    tmp=tmp_path)  # fmt: skip
+    assert done.returncode != 0 and "gpuSharing.mpsReplicas with triton.gpusPerPod > 1" in done.stderr
+
+
+def test_the_install_notes_warn_of_random_weights():
+    # helm template does not render NOTES.txt and helm install needs a cluster: the template itself is read
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert "{{- if not .Values.model.checkpoint }}" in notes and "RANDOM weights" in notes

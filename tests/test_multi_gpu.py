@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def test_the_repository_command_writes_for_the_gpus_it_is_told(tmp_path, capsys)
     assert text.count("gpus:") == 8
     assert repository.main(["--variant", "gpu_multi", "--out", str(tmp_path / "none"), "--gpus", "0"]) == 2
     assert "--gpus: got 0" in capsys.readouterr().err
+    assert repository.main(["--variant", "gpu_multi", "--out", str(tmp_path / "here")]) == 0
+    assert "GPU(s), " in capsys.readouterr().out  # how many it wrote for, and where that was read
 
 
 def test_the_host_gpu_count_follows_cuda_visible_devices(monkeypatch):
@@ -155,9 +158,16 @@ def test_mps_check_counts_a_percentage_safe_only_if_right_on_every_gpu():
     assert [line.split()[0] for line in format_table(rows).splitlines()[1:]] == ["0", "0", "1", "1"]
 
 
-def test_the_sidecar_takes_a_pinned_memory_limit_per_gpu():
+@pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is not None, reason="this host has MPS: it would start")
+def test_the_sidecar_takes_a_pinned_memory_limit_per_gpu(tmp_path):
     def run(value):
-        env = {**os.environ, "MPS_PINNED_DEVICE_MEM_LIMIT": value, "PATH": "/usr/bin:/bin"}
+        env = {
+            **os.environ,
+            "MPS_PINNED_DEVICE_MEM_LIMIT": value,
+            "PATH": "/usr/bin:/bin",
+            "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "pipe"),
+            "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "log"),
+        }
         return subprocess.run(["bash", str(ROOT / "deploy" / "mps" / "entrypoint.sh")], env=env,
                               capture_output=True, text=True, timeout=30)  # fmt: skip
 

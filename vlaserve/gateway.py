@@ -116,7 +116,7 @@ class Gateway:
         import tritonclient.grpc.aio as grpcclient
 
         self.grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(self.triton_url)
+        self.client = grpcclient.InferenceServerClient(self.triton_url, channel_args=channel_args(grpcclient))
 
     async def infer(self, request: dict[str, np.ndarray], priority: int) -> np.ndarray:
         from vlaserve.client import infer_inputs
@@ -234,7 +234,11 @@ class Gateway:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vlaserve.gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--robot", required=True, help="the robot's settings, by name, from the spec's robots: section")
-    parser.add_argument("--triton", default=f"{io.DEFAULT_HOST}:{io.GRPC_PORT}", help="Triton's gRPC address")
+    parser.add_argument(
+        "--triton",
+        default=f"{io.DEFAULT_HOST}:{io.GRPC_PORT}",
+        help="Triton's gRPC address; dns:///NAME:PORT spreads requests over every address NAME resolves to",
+    )
     parser.add_argument("--host", default=io.DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument(
         "--port", type=int, default=io.GATEWAY_PORT, help=f"port (default {io.GATEWAY_PORT}; 0: any free)"
@@ -246,6 +250,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drain-s", type=float, default=10.0, help="at SIGTERM, how long answers in flight may take")
     parser.add_argument("--max-size-mb", type=float, default=64.0, help="the largest frame a robot may send (MiB)")
     return parser.parse_args(argv)
+
+
+def channel_args(grpcclient) -> list[tuple]:
+    """tritonclient's own channel options, with requests spread over every address the Triton name resolves
+    to (round robin): behind a headless Kubernetes Service (``--triton dns:///<service>:8001``) that is every
+    Triton pod, where one connection to a ClusterIP would pin all of this gateway's requests to one pod."""
+    from tritonclient.grpc import KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
 
 
 def _served_views(url: str, wait_s: float) -> int:

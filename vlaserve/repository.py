@@ -128,19 +128,26 @@ def runner_params(m: RunnerModel, admission: dict | None = None) -> RunnerParams
     )
 
 
-def host_gpu_count() -> int:
-    """The GPUs Triton would see here: $CUDA_VISIBLE_DEVICES where set, else nvidia-smi's list. 1 where neither
-    names any (a CPU host writing a GPU variant's configs writes them for a one-GPU host)."""
+def host_gpus() -> tuple[int, str]:
+    """The GPUs Triton would see here, and where that was read: $CUDA_VISIBLE_DEVICES where set, else
+    nvidia-smi's list. 1 where neither names any (a CPU host writing a GPU variant's configs writes them for a
+    one-GPU host; the repository command says so)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return max(1, len([d for d in visible.split(",") if d.strip()]))
+        count = len([d for d in visible.split(",") if d.strip()])
+        return (count, "$CUDA_VISIBLE_DEVICES") if count else (1, "none in $CUDA_VISIBLE_DEVICES: 1 assumed")
     if shutil.which("nvidia-smi"):
         try:
             listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.TimeoutExpired):
             listed = ""
-        return max(1, sum(line.startswith("GPU ") for line in listed.splitlines()))
-    return 1
+        count = sum(line.startswith("GPU ") for line in listed.splitlines())
+        return (count, "nvidia-smi -L") if count else (1, "nvidia-smi listed none: 1 assumed")
+    return 1, "no nvidia-smi: 1 assumed"
+
+
+def host_gpu_count() -> int:
+    return host_gpus()[0]
 
 
 def runner_config(
@@ -376,9 +383,9 @@ def main(argv=None) -> int:
     except VlaserveError as exc:
         print(f"repository: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"wrote {out} ({settings.preset}, {settings.views} views, {settings.dtype}{', variant ' + args.variant if args.variant else ''})"
-    )
+    gpus = f"{args.gpus} GPU(s), --gpus" if args.gpus else "{} GPU(s), {}".format(*host_gpus())
+    variant = f", variant {args.variant}" if args.variant else ""
+    print(f"wrote {out} ({settings.preset}, {settings.views} views, {settings.dtype}{variant}; for {gpus})")
     return 0
 
 

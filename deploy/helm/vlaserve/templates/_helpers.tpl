@@ -29,3 +29,13 @@ app.kubernetes.io/component: gateway
 
 {{/* The spec inside the image (deploy/triton/Dockerfile copies model_repository/spec.yaml there). */}}
 {{- define "vlaserve.spec" -}}/opt/vlaserve/model_repository/spec.yaml{{- end -}}
+
+{{/* The export's folder on the model volume, named by what it exports, so that other values export afresh
+     (modelRepository.exportDir, for a claim that holds an export under another name). */}}
+{{- define "vlaserve.exportDir" -}}
+{{- if .Values.modelRepository.exportDir -}}
+{{ printf "/models/%s" .Values.modelRepository.exportDir }}
+{{- else -}}
+{{ printf "/models/exports/%s-%dv-%s-%s" .Values.model.preset (int .Values.model.views) .Values.model.dtype (.Values.model.checkpoint | default "random" | sha256sum | trunc 8) }}
+{{- end -}}
+{{- end -}}
