@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers import latencies
 from vlaserve.client import PolicyClient
 from vlaserve.manifest import read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
@@ -98,14 +99,7 @@ def percentile(values, q):
 
 
 def measure(make_call, requests: int, clients: int, seconds: float) -> dict:
-    call = make_call()
-    for _ in range(5):
-        call()
-    times = []
-    for _ in range(requests):
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = latencies(make_call(), requests, warmup=5)
     row = {"p50_ms": round(statistics.median(times), 2), "p99_ms": round(percentile(times, 0.99), 2)}
     done, stop = [], threading.Event()
 
