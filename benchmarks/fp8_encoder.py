@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fused_decoder import eager_cases, graphed
+from benchmarks.fused_decoder import bf16_policy, eager_cases, graphed
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.model.fp8 import to_fp8
 from vlaserve.model.parity import compare
-from vlaserve.model.policy import Encoder, build_policy
-from vlaserve.model.presets import get_preset
+from vlaserve.model.policy import Encoder
 from vlaserve.runtimes import compile_layers
 
 DEVICE = "cuda:0"
@@ -57,11 +56,7 @@ def main() -> None:
     parser.add_argument("--scopes", default="all", help="which layers go to fp8, comma-separated (SCOPES)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    cfg = get_preset(args.preset, args.views)
-    started = time.perf_counter()
-    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
-    print(f"[fp8] {cfg.name} policy built in {time.perf_counter() - started:.1f} s", flush=True)
+    batches, cfg, policy = bf16_policy(args, "fp8")
     cases = eager_cases(policy, batches)  # bf16 eager references, before anything is compiled
     encoders = {"bf16": Encoder(policy).eval()}
     scopes = {}

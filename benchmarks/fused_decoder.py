@@ -50,6 +50,17 @@ KIND_OF_KERNEL = {
 }  # fmt: skip
 
 
+def bf16_policy(args, tag: str):
+    """The batch sizes of ``--batches``, the preset of ``--preset``/``--views``, and its seed-0 bf16 policy on
+    the GPU (what this benchmark and the fp8 one measure against)."""
+    batches = [int(b) for b in args.batches.split(",")]
+    cfg = get_preset(args.preset, args.views)
+    started = time.perf_counter()
+    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
+    print(f"[{tag}] {cfg.name} policy built in {time.perf_counter() - started:.1f} s", flush=True)
+    return batches, cfg, policy
+
+
 def eager_cases(policy, batches) -> dict[int, tuple]:
     """Per batch size: a random request (seeded by the batch size) on the GPU, and eager PyTorch's prefix
     keys/values, prefix mask and actions for it. Made before anything is compiled: compiling patches the
@@ -114,11 +125,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=len(OPTIONS["qkv"]), help="launch-option sets to try per batch")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    cfg = get_preset(args.preset, args.views)
-    started = time.perf_counter()
-    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
-    print(f"[fused] {cfg.name} policy built in {time.perf_counter() - started:.1f} s", flush=True)
+    batches, cfg, policy = bf16_policy(args, "fused")
     cases = {
         batch: ([prefix_kv, mask, request["state"], request["noise"]], actions)
         for batch, (request, prefix_kv, mask, actions) in eager_cases(policy, batches).items()

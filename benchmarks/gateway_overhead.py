@@ -62,11 +62,12 @@ def in_process_actions(repo: Path, request: dict) -> np.ndarray:
 
     from vlaserve.model.policy import build_policy
     from vlaserve.model.presets import get_preset
+    from vlaserve.value_check import TORCH_DTYPE
 
     manifest = read_manifest(repo, "encoder")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtype = getattr(torch, TORCH_DTYPE[manifest.dtype])
     device = "cuda" if manifest.init_device == "cuda" else "cpu"
-    policy = build_policy(get_preset(manifest.preset, manifest.views), manifest.seed, dtypes[manifest.dtype], device)
+    policy = build_policy(get_preset(manifest.preset, manifest.views), manifest.seed, dtype, device)
     tensors = {k: torch.from_numpy(v).to(device) for k, v in request.items()}
     with torch.inference_mode():
         actions = policy(tensors["images"], tensors["tokens"], tensors["state"], tensors["noise"])

@@ -24,8 +24,7 @@ from vlaserve.manifest import read_manifest
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
 from vlaserve.server import ServerOptions, TritonServer
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from vlaserve.value_check import TORCH_DTYPE
 
 
 def inprocess_runtime_p50(repo: Path, request: dict, repeats: int) -> float:
@@ -57,7 +56,7 @@ def main() -> None:
     repo = Path(args.repository)
     manifest = read_manifest(repo, "encoder")
     cfg = get_preset(manifest.preset, manifest.views)
-    policy = build_policy(cfg, manifest.seed, DTYPES[manifest.dtype], device="cuda")
+    policy = build_policy(cfg, manifest.seed, getattr(torch, TORCH_DTYPE[manifest.dtype]), device="cuda")
     result = {"preset": cfg.name, "views": cfg.views, "dtype": manifest.dtype, "gpu": torch.cuda.get_device_name()}
 
     def local(request):
