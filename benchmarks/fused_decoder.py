@@ -29,23 +29,24 @@ from vlaserve.runtimes import CudaGraphs, _compiled_attention_math, compile_laye
 
 DEVICE = "cuda:0"
 # Launch options per kernel kind (vlaserve.model.kernels.TILES_BY_ROWS says what each number is; a fifth
-# number splits a product's K). The first set is the batch-1 default before K was split, the last the larger
-# batches' default. The sweep runs set i = the i-th option of every kind, times each kind's kernels in a profiled replay, and keeps the
-# fastest option per kind: the kinds are independent kernels, so the best ones combine.
+# number splits the K of a product added to the residual stream). benchmarks/decoder_kernels.py sweeps each
+# kind alone over a much wider grid; this is the whole decoder's view. The sweep runs set i = the i-th option
+# of every kind, times each kind's kernels in a profiled replay, and keeps the fastest option per kind: the
+# kinds are independent kernels, so the best ones combine.
 OPTIONS = {
-    "qkv": [(16, 64, 4, 5), (16, 64, 4, 4, 2), (16, 64, 4, 4, 4), (16, 128, 4, 3, 4), (32, 64, 4, 4, 4),
-            (16, 64, 4, 3, 8), (32, 128, 8, 3, 2), (64, 64, 4, 3)],
+    "qkv": [(16, 64, 4, 6), (16, 128, 4, 6), (16, 128, 8, 4), (32, 64, 4, 4), (32, 128, 8, 4), (16, 256, 4, 4),
+            (64, 64, 4, 3), (64, 128, 8, 4)],
     "attention": [(16, 128, 4, 2), (16, 64, 4, 3), (16, 32, 4, 3), (32, 64, 4, 3), (16, 64, 2, 3), (64, 32, 4, 3),
                   (16, 128, 4, 3), (16, 256, 8, 2)],
     "out": [(16, 128, 4, 5), (16, 128, 4, 4, 2), (16, 128, 4, 4, 4), (16, 64, 4, 4, 8), (32, 128, 4, 4, 4),
             (16, 256, 4, 3, 4), (32, 64, 4, 4, 8), (32, 128, 4, 4)],
-    "geglu": [(32, 64, 4, 5), (32, 64, 4, 4, 2), (16, 64, 4, 4, 2), (32, 128, 4, 3, 2), (64, 64, 4, 4, 2),
-              (32, 64, 4, 4, 4), (16, 128, 4, 3, 4), (64, 64, 4, 3)],
+    "geglu": [(32, 64, 4, 6), (32, 128, 4, 6), (32, 128, 8, 4), (64, 64, 4, 4), (64, 128, 8, 4), (16, 128, 4, 6),
+              (32, 64, 8, 4), (64, 64, 4, 3)],
     "down": [(16, 128, 4, 5), (16, 128, 4, 4, 4), (16, 128, 4, 4, 8), (32, 128, 4, 4, 8), (16, 256, 4, 3, 4),
              (16, 64, 4, 4, 16), (32, 256, 4, 3, 4), (32, 128, 4, 4)],
 }  # fmt: skip
 KIND_OF_KERNEL = {
-    "_norm_qkv_kernel": "qkv", "_attention_kernel": "attention", "_combine_kernel": "attention",
+    "_norm_qkv_kernel": "qkv", "_attention_kernel": "attention",
     "_out_proj_kernel": "out", "_norm_geglu_kernel": "geglu", "_down_proj_kernel": "down",
 }  # fmt: skip
 

@@ -174,3 +174,22 @@ def test_a_failing_fused_choice_drops_only_itself(tiny_repo, monkeypatch, failur
     assert runtime.compile(manifest, batch=2, backend="eager") == ""
     assert runtime.compiled is not None and not runtime.fused_kernels
     assert runtime.fused_note.startswith("fused kernels dropped: " + ("RuntimeError" if failure == "raises" else "rel"))
+
+
+def test_decoder_kernel_grids_fit_the_gpu_and_the_shapes():
+    """benchmarks/decoder_kernels.py's launch settings: the norm kinds take no K split, every setting's
+    pipeline fits in shared memory, a split of K holds at least one BLOCK_K step, and each kind has some."""
+    from benchmarks.decoder_kernels import SMEM_BYTES, attention_grid, settings
+    from vlaserve.model.presets import get_preset
+
+    cfg = get_preset("pi0", 2)
+    grids = settings(cfg)
+    inner = {"qkv": 1024, "out": 2048, "geglu": 1024, "down": 4096}
+    for kind, k in inner.items():
+        assert grids[kind], kind
+        for tiles in grids[kind]:
+            bn, bk, warps, stages, *split = tiles[kind]
+            assert (len(split) == 0) == (kind in ("qkv", "geglu")), tiles
+            assert stages * 2 * (64 + (2 if kind in ("qkv", "geglu") else 1) * bn) * bk <= SMEM_BYTES, tiles
+            assert k // (split[0] if split else 1) >= bk, tiles
+    assert grids["attention"] and all(s >= 1 for _, s in attention_grid())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
+from vlaserve.model.kernels import FusedDecoder, fused_forward
 
 CHECK = """
 import dataclasses, json, torch
@@ -21,10 +22,12 @@ cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=3
                           expert=dataclasses.replace(cfg.expert, head_dim=32))
 policy = build_policy(cfg, seed=0)
 rows = []
-# BLOCK_K 16 gives the tiny expert's products (K 64 to 128) several steps, so that splitting K (the fifth
-# number) really splits: 2 and 3 splits, uneven at 3, and one split for every kind of the batch-2 case
-split_k = {"qkv": (16, 16, 4, 1, 2), "out": (16, 16, 4, 1, 3), "geglu": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2)}
-for batch, tiles in ((2, {"splits": 0}), (1, {"splits": 1, **split_k})):
+# BLOCK_K 16 gives the tiny expert's products (K 32 to 128) several steps, so that splitting K (the fifth
+# number of the products added to the residual stream) really splits: 3 splits of the output projection's
+# 128 (uneven) and 2 of the down projection's 64; 3 key splits of the attention; one split for every kind of
+# the batch-2 case
+split_k = {"qkv": (16, 16, 4, 1), "out": (16, 16, 4, 1, 3), "geglu": (16, 16, 4, 1), "down": (16, 16, 4, 1, 2)}
+for batch, tiles in ((2, {"splits": 1, "out": (16, 16, 4, 1, 1), "down": (16, 16, 4, 1, 1)}), (1, {"splits": 3, **split_k})):
     r = random_request(batch, 2, cfg.vocab_size, seed=batch)
     with torch.no_grad():
         kv, mask = policy.encode(r["images"], r["tokens"])
@@ -102,3 +105,48 @@ def test_fused_kernels_refuse_a_head_too_small_for_the_gpu_products():
         assert "head_dim 16" in str(exc)
     else:
         raise AssertionError("head_dim 16 must be refused")
+
+
+def _head32_policy():
+    import dataclasses
+
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    cfg = get_preset("tiny", 2)
+    cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=32),
+                              expert=dataclasses.replace(cfg.expert, head_dim=32))  # fmt: skip
+    return build_policy(cfg, seed=0)
+
+
+def test_scaled_weights_live_as_long_as_the_policy_not_the_decoder():
+    """A CUDA graph captured inside fused_forward reads the norm-scaled weights by address after the
+    FusedDecoder is gone (the served decoder's graphs): they must stay with the policy."""
+    import gc
+
+    import torch
+
+    from vlaserve.model import kernels
+    from vlaserve.model.policy import Decoder
+
+    policy = _head32_policy()
+    module = Decoder(policy)
+    with fused_forward(module):
+        held = module.forward.__self__.scaled
+    gc.collect()
+    assert kernels._SCALED[module.policy] is held  # still there, the same tensors, with the module's policy
+    layer = module.policy.expert_layers[0]
+    expected = layer.qkv_proj.weight * (1 + layer.input_norm.weight)[None, :]
+    assert torch.allclose(held[0]["qkv_proj"], expected)
+    assert FusedDecoder(module.policy).scaled is held  # made once per policy
+
+
+def test_norm_products_refuse_a_split_of_k():
+    policy = _head32_policy()
+    for kind in ("qkv", "geglu"):
+        try:
+            FusedDecoder(policy, {kind: (16, 16, 4, 1, 2)})
+        except ValueError as exc:
+            assert kind in str(exc) and "does not split K" in str(exc)
+        else:
+            raise AssertionError(f"{kind} with a fifth number must be refused")

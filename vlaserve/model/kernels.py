@@ -6,19 +6,29 @@ skinny (51 rows) and each layer's norms, RoPE, key/value writes, masks, softmax,
 about 19 kernels of a few microseconds each, so the GPU spent most of a call between kernels. Here one
 expert layer is five kernels:
 
-1. :func:`_norm_qkv_kernel`: RMSNorm (in the matmul's prologue), the q/k/v projection, RoPE on q and k,
-   and the write of k and v into the decoder's key/value buffer.
+1. :func:`_norm_qkv_kernel`: RMSNorm, the q/k/v projection, RoPE on q and k, and the write of k and v into
+   the decoder's key/value buffer.
 2. :func:`_attention_kernel`: attention of the folded query heads over the prefix and suffix keys, the
    mask made from the prefix validity and the suffix's fixed structure (no bias tensor), split over the
-   keys so that a batch of 1 still fills the GPU; :func:`_combine_kernel` merges the splits.
+   keys so that a batch of 1 still fills the GPU; the last split to finish merges them.
 3. :func:`_out_proj_kernel`: the output projection added to the residual stream, in place.
 4. :func:`_norm_geglu_kernel`: RMSNorm, the gate and up projections and GeGLU (tanh GELU) in one pass.
 5. :func:`_down_proj_kernel`: the down projection added to the residual stream, in place.
 
+What keeps the products near the speed of a bare product (benchmarks/decoder_kernels.py measures both):
+the residual stream goes from memory straight into the products, with no work on it in between, so Triton
+pipelines its loads. For that, each norm's scale (1 + weight) is multiplied into the q/k/v and gate/up
+weights once per policy, and each norm's 1 / RMS is applied to the products' outputs from per-row sums of
+squares that the kernel which last wrote the residual stream added up in its epilogue (the output and down
+projections; the first layer's come from PyTorch). The output and down projections split K over programs
+whose partial products add up atomically; the last to arrive finishes the tile.
+
 The arithmetic is the reference model's (vlaserve.model.policy) up to rounding: float32 accumulation, the
 products' outputs rounded to the weights' dtype where the reference rounds them, and RMSNorm's 1 / RMS
-applied after the product instead of before it (the reference rounds the normalized input to bfloat16). Results are checked against the
-reference by whoever uses them (tests, benchmarks/fused_decoder.py); they are close, not bit-equal.
+applied after the product, its scale multiplied into the weights in their dtype (the reference rounds the
+normalized input to bfloat16 instead). Results are checked against the reference by whoever uses them
+(tests, the runtime's start-up check, benchmarks/decoder_kernels.py); they are close, not bit-equal, and
+the order of the atomic additions may change the last bit from one call to the next.
 
 Triton runs these on a CUDA GPU; with ``TRITON_INTERPRET=1`` it runs them on the CPU (float32 only:
 the interpreter's bfloat16 products are wrong), which is how the tests check them here.
@@ -27,6 +37,8 @@ the interpreter's bfloat16 products are wrong), which is how the tests check the
 from __future__ import annotations
 
 import contextlib
+import os
+import weakref
 
 import torch
 import triton
@@ -37,95 +49,56 @@ from vlaserve.model.policy import RMS_EPS, Policy, rope_tables, time_embedding
 
 
 @triton.jit
-def _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
-    """Columns k0.. of x times Gemma's norm scale (1 + weight), in x's dtype, and the float32 sum of squares
-    of x's columns there. RMSNorm(x) @ w^T = rstd * ((x * scale) @ w^T): the per-row 1 / RMS is applied to
-    the product afterwards, so x is read once, in the same loop as the weights."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    xf = x.to(tl.float32)
-    scale = 1.0 + tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (xf * scale[None, :]).to(x.dtype), tl.sum(xf * xf, axis=1), cols, col_ok
-
-
-@triton.jit
-def _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, w_rows1, w_rows2, w_ok, K, k_start, k_stop,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """(x[rows] * scale) @ w[w_rows1]^T and (x[rows] * scale) @ w[w_rows2]^T over columns k_start..k_stop of
-    K, float32 [BLOCK_M, BLOCK_N] each, and the float32 sum of squares of x's rows there: RMSNorm's 1 / RMS is
-    applied by the epilogue, once the squares of all of K are summed. x and both weight tiles are read once
-    per step of one loop over K (the weight tiles [BLOCK_N, BLOCK_K] as stored, transposed for the product)."""
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+def _two_products(x_ptr, w_ptr, rows, row_ok, w_rows1, w_rows2,
+                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """x[rows] @ w[w_rows1]^T and x[rows] @ w[w_rows2]^T, float32 [BLOCK_M, BLOCK_N] each, in one loop over
+    K. x goes straight from memory into the products (Triton pipelines such loads through shared memory);
+    the norm's scale is already in the weights (:class:`FusedDecoder`) and its 1 / RMS comes after."""
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        y, chunk_squares, ks, k_ok = _scaled_chunk(x_ptr, nw_ptr, rows, row_ok, k0, K, BLOCK_K)
-        squares += chunk_squares
-        ok = w_ok[:, None] & k_ok[None, :]
-        w1 = tl.load(w_ptr + w_rows1[:, None] * K + ks[None, :], mask=ok, other=0.0)
-        w2 = tl.load(w_ptr + w_rows2[:, None] * K + ks[None, :], mask=ok, other=0.0)
-        acc1 += tl.dot(y, tl.trans(w1))
-        acc2 += tl.dot(y, tl.trans(w2))
-    return acc1, acc2, squares
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+        w1 = tl.load(w_ptr + w_rows1[:, None] * K + ks[None, :])
+        w2 = tl.load(w_ptr + w_rows2[:, None] * K + ks[None, :])
+        acc1 += tl.dot(x, tl.trans(w1))
+        acc2 += tl.dot(x, tl.trans(w2))
+    return acc1, acc2
 
 
 @triton.jit
-def _split_arrive(part_ptr, count_ptr, tile, split, acc1, acc2, squares,
-                  SPLITS: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Split-K: store this split's partial sums of output tile ``tile`` (acc1; with NORM also acc2 and the
-    squares) and count it in; true for the split that arrives last, which then sums them all
-    (:func:`_split_sum`) and runs the epilogue. A skinny product (51 rows at batch 1) has too few output
-    tiles to keep the GPU's memory busy; split over K it has SPLITS times as many programs, each a shorter
-    loop, and no extra kernel."""
-    TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    SLAB: tl.constexpr = 2 * TILE + BLOCK_M if NORM else TILE
-    base = part_ptr + (tile * SPLITS + split) * SLAB
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(base + offs, acc1)
-    if NORM:
-        tl.store(base + TILE + offs, acc2)
-        tl.store(base + 2 * TILE + tl.arange(0, BLOCK_M), squares)
-    tl.debug_barrier()  # every thread's stores are made before the count (acq_rel, GPU scope) says so
-    return tl.atomic_add(count_ptr + tile, 1) == SPLITS - 1
+def _inv_rms(sq_ptr, rows, row_ok, eps, K: tl.constexpr):
+    """1 / RMS of the rows from their sums of squares, which the kernel that wrote them added up
+    (:func:`_residual_epilogue`)."""
+    return 1.0 / tl.sqrt(tl.load(sq_ptr + rows, mask=row_ok, other=0.0) / K + eps)
 
 
 @triton.jit
-def _split_sum(part_ptr, count_ptr, tile,
-               SPLITS: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """The sums over the splits of tile ``tile`` (see :func:`_split_arrive`), its count reset for the next
-    launch; read past the L1 cache, which is not coherent with the other programs' stores."""
-    TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    SLAB: tl.constexpr = 2 * TILE + BLOCK_M if NORM else TILE
-    tl.atomic_xchg(count_ptr + tile, 0)
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for split in range(SPLITS):
-        base = part_ptr + (tile * SPLITS + split) * SLAB
-        acc1 += tl.load(base + offs, cache_modifier=".cg")
-        if NORM:
-            acc2 += tl.load(base + TILE + offs, cache_modifier=".cg")
-            squares += tl.load(base + 2 * TILE + tl.arange(0, BLOCK_M), cache_modifier=".cg")
-    return acc1, acc2, squares
-
-
-@triton.jit
-def _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_ptr, q_ptr, kv_ptr, K, T, eps,
-                  kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset, dtype: tl.constexpr,
-                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """1 / RMS, RoPE on q and k, and the stores of :func:`_norm_qkv_kernel`."""
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
+def _norm_qkv_kernel(
+    x_ptr, sq_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, M, T, eps,
+    kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset,
+    K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """RMSNorm, the q/k/v projection, RoPE on q and k, and the write of k and v into the key/value buffer at
+    the suffix's positions. Program (row block, head, column block): columns c.. of both halves of one q, k
+    or v head, so that RoPE (which pairs column j with j + D/2) is applied before anything is stored."""
+    pid_m, head, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
+    first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
+    acc1, acc2 = _two_products(x_ptr, w_ptr, rows, row_ok, first, first + D // 2, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
+    dtype: tl.constexpr = w_ptr.dtype.element_ty
     a1 = (acc1 * rstd[:, None]).to(dtype).to(tl.float32)  # the projection's output in the weights' dtype
     a2 = (acc2 * rstd[:, None]).to(dtype).to(tl.float32)
-    if head < H + HKV:  # q or k: rotate-half RoPE with the tables of vlaserve.model.policy.rope_tables
+    if head < H + HKV:  # q or k: rotate-half RoPE with the tables of vlaserve.model.policy.rope_tables,
+        # whose second half repeats the first (cos) or negates it (sin): only the first is read
         t1 = rows[:, None] * D + half[None, :]
-        cos1 = tl.load(cos_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin1 = tl.load(sin_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        cos2 = tl.load(cos_ptr + t1 + D // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin2 = tl.load(sin_ptr + t1 + D // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        a1, a2 = a1 * cos1 + a2 * sin1, a2 * cos2 + a1 * sin2
+        cos = tl.load(cos_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        a1, a2 = a1 * cos + a2 * sin, a2 * cos - a1 * sin
     if head < H:
         dst = q_ptr + rows[:, None] * (H * D) + head * D + half[None, :]
     else:  # k or v of kv head h: into the key/value buffer at the suffix's positions
@@ -139,49 +112,36 @@ def _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_pt
 
 
 @triton.jit
-def _norm_qkv_kernel(
-    x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, part_ptr, count_ptr,
-    M, K, T, eps, k_per_split,
-    kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Program (row block x split of K, head, column block): columns c.. of both halves of one q, k or v head,
-    so that RoPE (which pairs column j with j + D/2) is applied before anything is stored."""
-    pid, head, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pid_m, split = pid // SPLITS, pid % SPLITS
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
-    first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
-    k_start = split * k_per_split
-    acc1, acc2, squares = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, first, first + D // 2,
-                                             half < D // 2, K, k_start, tl.minimum(k_start + k_per_split, K),
-                                             BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    dtype: tl.constexpr = w_ptr.dtype.element_ty
-    if SPLITS == 1:
-        _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_ptr, q_ptr, kv_ptr, K, T, eps,
-                      kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset, dtype, H, HKV, D)  # fmt: skip
-    else:
-        tile = (pid_m * tl.num_programs(1) + head) * tl.num_programs(2) + pid_n
-        if _split_arrive(part_ptr, count_ptr, tile, split, acc1, acc2, squares, SPLITS, True, BLOCK_M, BLOCK_N):
-            acc1, acc2, squares = _split_sum(part_ptr, count_ptr, tile, SPLITS, True, BLOCK_M, BLOCK_N)
-            _qkv_epilogue(acc1, acc2, squares, rows, row_ok, half, head, cos_ptr, sin_ptr, q_ptr, kv_ptr, K, T,
-                          eps, kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset, dtype, H, HKV, D)  # fmt: skip
+def _last_to_arrive(count_ptr, tile, SPLITS: tl.constexpr, FENCE: tl.constexpr):
+    """Split-K and split keys: true in the program that arrives last at ``tile``, after every other split
+    has made its stores or atomic additions; that program resets the count for the next launch. As in CUDA's
+    threadfence reduction, each thread fences its own stores and additions GPU-wide, the barrier waits for
+    all of the program's threads, and then one thread counts the program in. FENCE is false only in
+    Triton's CPU interpreter, which runs programs one at a time and has no inline assembly."""
+    if FENCE:
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [tile], dtype=tl.int32, is_pure=False, pack=1
+        )
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr + tile, 1) == SPLITS - 1
+    if last:
+        tl.atomic_xchg(count_ptr + tile, 0)
+    return last
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, kv_ptr, pmask_ptr, o_ptr, part_ptr,
+    q_ptr, kv_ptr, pmask_ptr, o_ptr, part_ptr, count_ptr,
     T, S, P, scale, keys_per_split,
     kv_stride_b, kv_stride_kv, kv_stride_h,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
     query token r // G of query head h * G + r % G (G = H / HKV), as vlaserve.model.policy.attention
     folds them. Masking: prefix key j counts if the prefix token is valid; suffix key s = j - P is seen by
-    every action token, and by the state token (t = 0) only when s = 0."""
+    every action token, and by the state token (t = 0) only when s = 0. Split over the keys, each split
+    stores its partial result and the last to arrive merges them (:func:`_merge_splits`)."""
     G: tl.constexpr = H // HKV
     bh, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // HKV, bh % HKV
@@ -215,164 +175,178 @@ def _attention_kernel(
         v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    dst = o_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :]
     if SPLITS == 1:
-        out = acc / l_i[:, None]
-        dst = o_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :]
-        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=r_ok[:, None])
+        tl.store(dst, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=r_ok[:, None])
     else:  # partial results: [B*HKV, SPLITS, T*G, D + 2] (acc, max, sum) in float32
         row = (bh * SPLITS + split) * (T * G) + r
         tl.store(part_ptr + row[:, None] * (D + 2) + d[None, :], acc, mask=r_ok[:, None])
         tl.store(part_ptr + row * (D + 2) + D, m_i, mask=r_ok)
         tl.store(part_ptr + row * (D + 2) + D + 1, l_i, mask=r_ok)
+        if _last_to_arrive(count_ptr, bh * tl.num_programs(1) + pid_m, SPLITS, FENCE):
+            _merge_splits(part_ptr, dst, bh, r, r_ok, T, G, D, SPLITS, BLOCK_M)
 
 
 @triton.jit
-def _combine_kernel(
-    part_ptr, o_ptr, T,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """Merge the key splits of :func:`_attention_kernel` (log-sum-exp weights) into the output rows."""
-    G: tl.constexpr = H // HKV
-    bh, pid_m = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HKV, bh % HKV
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = r < T * G
+def _merge_splits(part_ptr, dst, bh, r, r_ok, T, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_M: tl.constexpr):  # fmt: skip
+    """The key splits' partial results of rows r merged with log-sum-exp weights and stored at dst; read
+    past the L1 cache, which is not coherent with the other programs' stores. The splits are unrolled, so
+    their loads are in flight together."""
     d = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for split in range(SPLITS):
+    for split in tl.static_range(SPLITS):
         row = (bh * SPLITS + split) * (T * G) + r
-        m = tl.maximum(m, tl.load(part_ptr + row * (D + 2) + D, mask=r_ok, other=float("-inf")))
+        m = tl.maximum(m, tl.load(part_ptr + row * (D + 2) + D, mask=r_ok, other=float("-inf"), cache_modifier=".cg"))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for split in range(SPLITS):
+    for split in tl.static_range(SPLITS):
         row = (bh * SPLITS + split) * (T * G) + r
-        w = tl.exp(tl.load(part_ptr + row * (D + 2) + D, mask=r_ok, other=float("-inf")) - m_safe)
-        total += w * tl.load(part_ptr + row * (D + 2) + D + 1, mask=r_ok, other=0.0)
-        acc += w[:, None] * tl.load(part_ptr + row[:, None] * (D + 2) + d[None, :], mask=r_ok[:, None], other=0.0)
-    t = r // G
-    head = h * G + r % G
-    dst = o_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :]
-    tl.store(dst, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=r_ok[:, None])
+        m_s = tl.load(part_ptr + row * (D + 2) + D, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp(m_s - m_safe)
+        total += w * tl.load(part_ptr + row * (D + 2) + D + 1, mask=r_ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(
+            part_ptr + row[:, None] * (D + 2) + d[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg"
+        )
+        acc += w[:, None] * part
+    tl.store(dst, (acc / total[:, None]).to(dst.dtype.element_ty), mask=r_ok[:, None])
 
 
 @triton.jit
-def _matmul_residual(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
+                     FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """x [M, N] += a [M, K] @ w [N, K]^T, in place, the product rounded to x's dtype before the sum (as
-    the reference's ``x + linear(a)``). Program (row block x split of K, column block)."""
+    the reference's ``x + linear(a)``). Program (row block x split of K, column block). Split over K (a
+    skinny product has too few output tiles to keep the memory busy), each split adds its partial product
+    into a float32 tile of ``sum_ptr`` (zeros) atomically, and the last to arrive adds the sum to x and puts
+    the zeros back for the next launch. The sums of squares of x's new rows are added into ``sq_ptr`` for
+    the next norm."""
     pid, pid_n = tl.program_id(0), tl.program_id(1)
     pid_m, split = pid // SPLITS, pid % SPLITS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < N
+    row_ok = rows < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = split * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
         acc += tl.dot(a, tl.trans(w))
     if SPLITS == 1:
-        _residual_epilogue(acc, x_ptr, rows, cols, row_ok, col_ok, N)
+        _residual_epilogue(acc, x_ptr, sq_ptr, rows, cols, row_ok, N)
     else:
         tile = pid_m * tl.num_programs(1) + pid_n
-        none = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if _split_arrive(part_ptr, count_ptr, tile, split, acc, acc, none, SPLITS, False, BLOCK_M, BLOCK_N):
-            acc, _, _ = _split_sum(part_ptr, count_ptr, tile, SPLITS, False, BLOCK_M, BLOCK_N)
-            _residual_epilogue(acc, x_ptr, rows, cols, row_ok, col_ok, N)
+        offs = tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.atomic_add(sum_ptr + offs, acc, sem="relaxed")
+        if _last_to_arrive(count_ptr, tile, SPLITS, FENCE):
+            total = tl.load(sum_ptr + offs, cache_modifier=".cg")
+            # Every thread has read its part before any writes zeros: Triton may lay the load and the store out
+            # over the threads differently. Without this barrier a thread zeroed elements another had not read
+            # yet, and on the H200 the decoder's answers were wrong (rel 0.34 against eager PyTorch).
+            tl.debug_barrier()
+            tl.store(sum_ptr + offs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+            _residual_epilogue(total, x_ptr, sq_ptr, rows, cols, row_ok, N)
 
 
 @triton.jit
-def _residual_epilogue(acc, x_ptr, rows, cols, row_ok, col_ok, N):
+def _residual_epilogue(acc, x_ptr, sq_ptr, rows, cols, row_ok, N):
+    """x[rows, cols] += acc, rounded as the reference rounds; the squares of the new values (as stored) are
+    added into their rows' sums at sq_ptr, which the next norm reads (:func:`_inv_rms`): complete once this
+    kernel has ended, and no program has to read whole rows of x again."""
     dtype = x_ptr.dtype.element_ty
     ptrs = x_ptr + rows[:, None] * N + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, (x + acc.to(dtype).to(tl.float32)).to(dtype), mask=ok)
+    x = tl.load(ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    new = (x + acc.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(ptrs, new, mask=row_ok[:, None])
+    new32 = new.to(tl.float32)
+    tl.atomic_add(sq_ptr + rows, tl.sum(new32 * new32, axis=1), mask=row_ok, sem="relaxed")
 
 
 @triton.jit
-def _out_proj_kernel(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _out_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
+                     FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """The attention's output projection added to the residual stream (a kernel of its own name, so that a
     profile tells it from the down projection)."""
-    _matmul_residual(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS,
+    _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
-def _down_proj_kernel(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _down_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
+                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """The MLP's down projection added to the residual stream."""
-    _matmul_residual(a_ptr, w_ptr, x_ptr, part_ptr, count_ptr, M, N, K, k_per_split, SPLITS,
+    _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
-def _geglu_epilogue(gate, up, squares, out_ptr, rows, cols, row_ok, col_ok, F, K, eps, dtype: tl.constexpr):
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
+def _norm_geglu_kernel(
+    x_ptr, sq_ptr, w_ptr, out_ptr, M, F, eps,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
+    second F rows of w [2F, K] (the reference's fused gate_up projection, chunked). Program (row block,
+    column block)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    gate, up = _two_products(x_ptr, w_ptr, rows, row_ok, cols, cols + F, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
+    dtype: tl.constexpr = w_ptr.dtype.element_ty
     g = (gate * rstd[:, None]).to(dtype).to(tl.float32)
     z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (x + 0.044715 x^3)
     tanh = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
     act = (0.5 * g * (1.0 + tanh)).to(dtype).to(tl.float32)
     out = act * (up * rstd[:, None]).to(dtype).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _norm_geglu_kernel(
-    x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, F, K, eps, k_per_split,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
-    second F rows of w [2F, K] (the reference's fused gate_up projection, chunked). Program (row block x
-    split of K, column block)."""
-    pid, pid_n = tl.program_id(0), tl.program_id(1)
-    pid_m, split = pid // SPLITS, pid % SPLITS
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < F
-    k_start = split * k_per_split
-    gate, up, squares = _norm_two_products(x_ptr, nw_ptr, w_ptr, rows, row_ok, cols, cols + F, col_ok, K, k_start,
-                                           tl.minimum(k_start + k_per_split, K), BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    dtype: tl.constexpr = w_ptr.dtype.element_ty
-    if SPLITS == 1:
-        _geglu_epilogue(gate, up, squares, out_ptr, rows, cols, row_ok, col_ok, F, K, eps, dtype)
-    else:
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if _split_arrive(part_ptr, count_ptr, tile, split, gate, up, squares, SPLITS, True, BLOCK_M, BLOCK_N):
-            gate, up, squares = _split_sum(part_ptr, count_ptr, tile, SPLITS, True, BLOCK_M, BLOCK_N)
-            _geglu_epilogue(gate, up, squares, out_ptr, rows, cols, row_ok, col_ok, F, K, eps, dtype)
-
-
-def _product_tiles(setting) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, splits of K) of a product's launch setting."""
-    return (*setting, 1) if len(setting) == 4 else tuple(setting)
+    tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None])
 
 
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-# Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages[, splits of K]) for the
-# products (splits of K: 1 if left out), and (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for
-# the attention; "splits" is the attention's key splits (0: enough to keep about `target_programs` programs
-# busy). Per row count (batch x 51 tokens): the fastest that benchmarks/fused_decoder.py found for pi0 on
-# the H200 at batch 1 (51 rows) and at batch 4 (docs/BENCHMARKS.md).
+KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kernels, in order
+
+# Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the norm-and-product
+# kernels (qkv: BLOCK_N columns of each half of a head; geglu: of gate and of up), the same and the splits of
+# K for the products added to the residual stream, and (BLOCK_M folded query rows, BLOCK_N keys, num_warps,
+# num_stages) for the attention, whose "splits" of the keys are 0 for enough to keep about
+# `target_programs` programs busy. Per row count (batch x 51 tokens): the fastest that
+# benchmarks/decoder_kernels.py found for pi0 on the H200 (docs/BENCHMARKS.md).
 TILES_BY_ROWS = (
-    (64, {"qkv": (32, 64, 4, 4, 4), "attention": (16, 128, 4, 2), "out": (16, 128, 4, 5),
-          "geglu": (32, 64, 4, 4, 2), "down": (16, 128, 4, 4, 4), "splits": 0}),
-    (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 3), "out": (32, 128, 4, 4),
-            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4), "splits": 0}),
+    (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
+          "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0}),
+    (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 3), "out": (32, 128, 4, 4, 1),
+            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0}),
 )  # fmt: skip
+
+
+_SCALED = weakref.WeakKeyDictionary()  # policy -> its expert layers' weights with the norm scales in
+
+
+def _scaled_weights(policy: Policy) -> list[dict]:
+    """Per expert layer, the q/k/v and gate/up weights with their norm's scale (1 + weight) multiplied in,
+    made once per policy and kept as long as it lives: a CUDA graph captured through the fused decoder
+    reads them by address after the decoder object itself is gone."""
+    if policy not in _SCALED:
+        with torch.no_grad():
+            _SCALED[policy] = [
+                {name: (getattr(layer, name).weight.float() * (1 + getattr(layer, norm).weight.float())).to(policy.dtype)
+                 for name, norm in (("qkv_proj", "input_norm"), ("gate_up_proj", "mlp_norm"))}
+                for layer in policy.expert_layers
+            ]  # fmt: skip
+    return _SCALED[policy]
 
 
 class FusedDecoder:
     """The decoder (``Policy.decode``) with each expert layer as the five kernels above; the rest of a flow
     step (action-time MLP, final norm, output projection, Euler update) stays in PyTorch.
 
+    The q/k/v and gate/up weights are kept a second time with their norm's scale (1 + weight) multiplied in,
+    so that the residual stream goes straight into the products (for pi0 about 0.4 GB more GPU memory).
     ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count."""
 
     def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132):
@@ -384,6 +358,10 @@ class FusedDecoder:
         for name, weight in policy.expert_layers.named_parameters():
             if not weight.is_contiguous():
                 raise ValueError(f"expert_layers.{name} is not contiguous: the kernels index weights as stored")
+        for kind, setting in (tiles or {}).items():
+            if kind in ("qkv", "geglu") and len(setting) != 4:
+                raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
+        self.scaled = _scaled_weights(policy)
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
 
@@ -397,112 +375,45 @@ class FusedDecoder:
         programs = batch * self.cfg.expert.num_kv_heads * row_blocks
         return max(1, min(keys // 64, -(-self.target_programs // programs)))
 
-    def layer(self, i: int, x: torch.Tensor, kv: torch.Tensor, cos, sin, prefix_mask, scratch: dict) -> None:
-        """Expert layer ``i`` over x [B, T, W] in place; its suffix keys/values go into ``kv``."""
-        e, layer = self.cfg.expert, self.policy.expert_layers[i]
-        b, t, w = x.shape
-        m = b * t
-        h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
-        p = self.cfg.prefix_len
-        keys = kv.shape[4]
-        kv_i = kv[:, i]  # [B, 2, HKV, S, D]
-        bm = _block_m(m)
-        tiles = self.tiles_for(m)
-        bn, bk, warps, stages, k_splits = _product_tiles(tiles["qkv"])
-        bn = min(bn, d // 2)
-        n_blocks = (d // 2) // bn
-        k_splits, k_per_split, part, counts = self._k_splits(
-            "qkv", k_splits, w, bk, triton.cdiv(m, bm) * (h + 2 * hkv) * n_blocks, 2 * bm * bn + bm, scratch, x.device
-        )
-        q = scratch["q"]
-        _norm_qkv_kernel[(triton.cdiv(m, bm) * k_splits, h + 2 * hkv, n_blocks)](
-            x, layer.input_norm.weight, layer.qkv_proj.weight, cos, sin, q, kv_i, part, counts,
-            m, w, t, RMS_EPS, k_per_split, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), p,
-            H=h, HKV=hkv, D=d, SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-            num_stages=stages,
-        )  # fmt: skip
-        g = h // hkv
-        am, an, warps, stages = tiles["attention"]
-        am = 16 if t * g <= 16 else am
-        row_blocks = triton.cdiv(t * g, am)
-        splits = self._splits(tiles, b, row_blocks, keys)
-        per_split = triton.cdiv(triton.cdiv(keys, splits), an) * an
-        splits = triton.cdiv(keys, per_split)
-        attn = scratch["attn"]
-        part = attn  # unused with one split
-        if splits > 1:
-            if ("part", splits) not in scratch:
-                size = b * hkv * splits * t * g * (d + 2)
-                scratch[("part", splits)] = torch.empty((size,), dtype=torch.float32, device=x.device)
-            part = scratch[("part", splits)]
-        _attention_kernel[(b * hkv, row_blocks, splits)](
-            q, kv_i, prefix_mask, attn, part, t, keys, p, d**-0.5, per_split,
-            kv_i.stride(0), kv_i.stride(1), kv_i.stride(2),
-            H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=am, BLOCK_N=an, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        if splits > 1:
-            _combine_kernel[(b * hkv, row_blocks)](part, attn, t, H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=am)
-        bn, bk, warps, stages, k_splits = _product_tiles(tiles["out"])
-        k_splits, k_per_split, part, counts = self._k_splits(
-            "out", k_splits, h * d, bk, triton.cdiv(m, bm) * triton.cdiv(w, bn), bm * bn, scratch, x.device
-        )
-        _out_proj_kernel[(triton.cdiv(m, bm) * k_splits, triton.cdiv(w, bn))](
-            attn, layer.o_proj.weight, x, part, counts, m, w, h * d, k_per_split,
-            SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        f = e.mlp_dim
-        bn, bk, warps, stages, k_splits = _product_tiles(tiles["geglu"])
-        k_splits, k_per_split, part, counts = self._k_splits(
-            "geglu", k_splits, w, bk, triton.cdiv(m, bm) * triton.cdiv(f, bn), 2 * bm * bn + bm, scratch, x.device
-        )
-        hidden = scratch["hidden"]
-        _norm_geglu_kernel[(triton.cdiv(m, bm) * k_splits, triton.cdiv(f, bn))](
-            x, layer.mlp_norm.weight, layer.gate_up_proj.weight, hidden, part, counts, m, f, w, RMS_EPS, k_per_split,
-            SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        bn, bk, warps, stages, k_splits = _product_tiles(tiles["down"])
-        k_splits, k_per_split, part, counts = self._k_splits(
-            "down", k_splits, f, bk, triton.cdiv(m, bm) * triton.cdiv(w, bn), bm * bn, scratch, x.device
-        )
-        _down_proj_kernel[(triton.cdiv(m, bm) * k_splits, triton.cdiv(w, bn))](
-            hidden, layer.down_proj.weight, x, part, counts, m, w, f, k_per_split,
-            SPLITS=k_splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+    def layer(self, i: int, x: torch.Tensor, kv: torch.Tensor, cos, sin, prefix_mask, scratch: dict, squares,
+              kinds: tuple[str, ...] = KINDS, tiles: dict | None = None) -> None:  # fmt: skip
+        """Expert layer ``i`` over x [B, T, W] in place; its suffix keys/values go into ``kv``. ``squares``
+        [depth + 1, 2, B * T] holds this flow step's sums of squares of x's rows before each norm: [i, 0]
+        before layer i's first norm, [i, 1] before its second (float32; zeros where a kernel adds them up).
+        ``kinds`` runs only those of its kernels (benchmarks/decoder_kernels.py times them one kind at a time)
+        and ``tiles`` replaces the launch settings of :meth:`tiles_for`."""
+        step = _LayerStep(self, i, x, kv, cos, sin, prefix_mask, scratch, squares)
+        tiles = tiles or self.tiles_for(step.m)
+        for kind in kinds:
+            getattr(step, kind)(tiles)
 
-    @staticmethod
-    def _k_splits(kind: str, splits: int, k: int, block_k: int, tiles: int, slab: int, scratch: dict, device):
-        """The splits of K a product really gets (each a whole number of BLOCK_K steps), the columns per
-        split, and its workspace: each split's partial sums per output tile (``slab`` floats), and a count
-        per tile that the last split of each resets (zeros, made once per call)."""
-        k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-        splits = triton.cdiv(k, k_per_split)
-        key = ("k_splits", kind, splits, tiles, slab) if splits > 1 else ("k_splits", "unused")
-        tiles, slab = (tiles, slab) if splits > 1 else (1, 1)
-        if key not in scratch:
-            scratch[key] = (
-                torch.empty((tiles * splits * slab,), dtype=torch.float32, device=device),
-                torch.zeros((tiles,), dtype=torch.int32, device=device),
-            )
-        return splits, k_per_split, *scratch[key]
+    def prepare(self, prefix_kv, prefix_mask) -> tuple:
+        """What every layer of a call reads and writes besides the residual stream: the key/value buffer
+        (the prefix's, then room for the suffix's), RoPE tables of the suffix positions, the prefix
+        validity as bytes, the scratch tensors (q, attention output, MLP hidden), and zeros for every flow
+        step's sums of squares before each norm (:meth:`layer`)."""
+        e, dtype = self.cfg.expert, self.policy.dtype
+        b, depth, _, hkv, p, d = prefix_kv.shape
+        t = 1 + ACTION_HORIZON
+        positions = self.policy.suffix_positions(prefix_mask)
+        cos, sin = (c.reshape(b * t, d).contiguous() for c in rope_tables(positions, d, dtype))
+        kv = prefix_kv.new_empty((b, depth, 2, hkv, p + t, d), dtype=dtype)
+        kv[:, :, :, :, :p] = prefix_kv
+        mask = prefix_mask.to(torch.int8).contiguous()
+        scratch = {
+            name: torch.empty((b * t, width), dtype=dtype, device=prefix_kv.device)
+            for name, width in (("q", e.num_heads * d), ("attn", e.num_heads * d), ("hidden", e.mlp_dim))
+        }
+        squares = torch.zeros((NUM_FLOW_STEPS, depth + 1, 2, b * t), dtype=torch.float32, device=prefix_kv.device)
+        return kv, cos, sin, mask, scratch, squares
 
     @torch.no_grad()
     def decode(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
         """What ``Policy.decode`` computes, with the same inputs and output."""
         policy, e = self.policy, self.cfg.expert
         dtype = policy.dtype
-        b, depth, _, hkv, p, d = prefix_kv.shape
-        t = 1 + ACTION_HORIZON
-        keys = p + t
-        positions = policy.suffix_positions(prefix_mask)
-        cos, sin = (c.reshape(b * t, d).contiguous() for c in rope_tables(positions, d, dtype))
-        kv = prefix_kv.new_empty((b, depth, 2, hkv, keys, d), dtype=dtype)
-        kv[:, :, :, :, :p] = prefix_kv
-        mask = prefix_mask.to(torch.int8).contiguous()
-        scratch = {
-            "q": torch.empty((b * t, e.num_heads * d), dtype=dtype, device=noise.device),
-            "attn": torch.empty((b * t, e.num_heads * d), dtype=dtype, device=noise.device),
-            "hidden": torch.empty((b * t, e.mlp_dim), dtype=dtype, device=noise.device),
-        }
+        depth = prefix_kv.shape[1]
+        kv, cos, sin, mask, scratch, squares = self.prepare(prefix_kv, prefix_mask)
         state_tok = policy.state_proj(state.to(dtype))[:, None]
         dt = -1.0 / NUM_FLOW_STEPS
         times = (1.0 + dt * torch.arange(NUM_FLOW_STEPS, dtype=torch.float64, device=noise.device)).float()
@@ -515,10 +426,119 @@ class FusedDecoder:
             act = torch.nn.functional.linear(policy.action_in_proj(x_t.to(dtype)), w_act) + time_in[step]
             act = policy.action_time_mlp_out(torch.nn.functional.silu(act))
             x = torch.cat([state_tok, act], dim=1).contiguous()
+            squares[step, 0, 0] = x.float().square().sum(-1).flatten()  # the later ones, the kernels add up
             for i in range(depth):
-                self.layer(i, x, kv, cos, sin, mask, scratch)
+                self.layer(i, x, kv, cos, sin, mask, scratch, squares[step])
             x_t = x_t + dt * policy.action_out_proj(policy.expert_norm(x)[:, 1:]).float()
         return x_t
+
+
+def _fence() -> bool:
+    """Whether the kernels fence before counting a split in: everywhere but in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
+
+
+def _fit(block: int, size: int, what: str) -> int:
+    """A power-of-two block no larger than ``size``, which it must divide (the kernels mask no columns)."""
+    block = min(block, size)
+    if size % block:
+        raise ValueError(f"{what}: block {block} does not divide {size}")
+    return block
+
+
+class _LayerStep:
+    """One expert layer's launches (:meth:`FusedDecoder.layer`): a method per kernel kind, each taking the
+    layer's launch settings."""
+
+    def __init__(self, fused: FusedDecoder, i: int, x, kv, cos, sin, prefix_mask, scratch: dict, squares):
+        self.fused, self.e, self.layer = fused, fused.cfg.expert, fused.policy.expert_layers[i]
+        self.squares_in, self.squares_mid, self.squares_out = squares[i, 0], squares[i, 1], squares[i + 1, 0]
+        self.scaled = fused.scaled[i]
+        self.x, self.cos, self.sin, self.mask, self.scratch = x, cos, sin, prefix_mask, scratch
+        self.b, self.t, self.w = x.shape
+        self.m = self.b * self.t
+        self.kv_i = kv[:, i]  # [B, 2, HKV, S, D]
+        self.keys = kv.shape[4]
+        self.bm = _block_m(self.m)
+
+    def _counts(self, key, tiles: int) -> torch.Tensor:
+        """Arrival counts per tile (zeros; the last to arrive at a tile resets it), made once per call."""
+        if (key, tiles) not in self.scratch:
+            self.scratch[(key, tiles)] = torch.zeros((tiles,), dtype=torch.int32, device=self.x.device)
+        return self.scratch[(key, tiles)]
+
+    def qkv(self, tiles: dict) -> None:
+        e, m, bm, kv_i = self.e, self.m, self.bm, self.kv_i
+        h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
+        bn, bk, warps, stages = tiles["qkv"]
+        bn, bk = _fit(bn, d // 2, "qkv BLOCK_N"), _fit(bk, self.w, "qkv BLOCK_K")
+        _norm_qkv_kernel[(triton.cdiv(m, bm), h + 2 * hkv, (d // 2) // bn)](
+            self.x, self.squares_in, self.scaled["qkv_proj"], self.cos, self.sin, self.scratch["q"], kv_i, m, self.t, RMS_EPS,
+            kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), self.fused.cfg.prefix_len,
+            K=self.w, H=h, HKV=hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def attention(self, tiles: dict) -> None:
+        e, b, t, kv_i, scratch = self.e, self.b, self.t, self.kv_i, self.scratch
+        h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
+        g = h // hkv
+        am, an, warps, stages = tiles["attention"]
+        am = 16 if t * g <= 16 else am
+        row_blocks = triton.cdiv(t * g, am)
+        splits = self.fused._splits(tiles, b, row_blocks, self.keys)
+        per_split = triton.cdiv(triton.cdiv(self.keys, splits), an) * an
+        splits = triton.cdiv(self.keys, per_split)
+        attn = scratch["attn"]
+        part = attn  # unused with one split
+        if splits > 1:
+            if ("part", splits) not in scratch:
+                size = b * hkv * splits * t * g * (d + 2)
+                scratch[("part", splits)] = torch.empty((size,), dtype=torch.float32, device=self.x.device)
+            part = scratch[("part", splits)]
+        _attention_kernel[(b * hkv, row_blocks, splits)](
+            scratch["q"], kv_i, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks), t, self.keys,
+            self.fused.cfg.prefix_len, d**-0.5, per_split, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2),
+            H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+
+    def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
+        """x += a @ weight^T through ``kernel`` (:func:`_matmul_residual`), K split as ``tiles[kind]`` says,
+        the new rows' sums of squares added into ``squares``."""
+        m, bm, n = self.m, self.bm, self.w
+        k = a.shape[1]
+        bn, bk, warps, stages, splits = (*tiles[kind], 1) if len(tiles[kind]) == 4 else tiles[kind]
+        bn, bk = _fit(bn, n, f"{kind} BLOCK_N"), _fit(bk, k, f"{kind} BLOCK_K")
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+        splits = triton.cdiv(k, k_per_split)  # the last may be shorter
+        out_tiles = triton.cdiv(m, bm) * (n // bn)
+        sums, counts = a, a  # unused with one split
+        if splits > 1:
+            if ("sums", kind, out_tiles, bm * bn) not in self.scratch:
+                sums = torch.zeros((out_tiles * bm * bn,), dtype=torch.float32, device=self.x.device)
+                self.scratch[("sums", kind, out_tiles, bm * bn)] = sums
+            sums, counts = self.scratch[("sums", kind, out_tiles, bm * bn)], self._counts(kind, out_tiles)
+        kernel[(triton.cdiv(m, bm) * splits, n // bn)](
+            a, weight, self.x, squares, sums, counts, m, n, k, k_per_split,
+            SPLITS=splits, FENCE=_fence(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def out(self, tiles: dict) -> None:
+        self._residual(_out_proj_kernel, "out", tiles, self.scratch["attn"], self.layer.o_proj.weight, self.squares_mid)
+
+    def geglu(self, tiles: dict) -> None:
+        m, bm, f = self.m, self.bm, self.e.mlp_dim
+        bn, bk, warps, stages = tiles["geglu"]
+        bn, bk = _fit(bn, f, "geglu BLOCK_N"), _fit(bk, self.w, "geglu BLOCK_K")
+        _norm_geglu_kernel[(triton.cdiv(m, bm), f // bn)](
+            self.x, self.squares_mid, self.scaled["gate_up_proj"], self.scratch["hidden"], m, f, RMS_EPS,
+            K=self.w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def down(self, tiles: dict) -> None:
+        self._residual(
+            _down_proj_kernel, "down", tiles, self.scratch["hidden"], self.layer.down_proj.weight, self.squares_out
+        )
 
 
 @contextlib.contextmanager

@@ -1,0 +1,415 @@
+# ruff: noqa: N803  (Triton's convention: upper-case sizes and compile-time constants)
+"""The fused decoder's kernels one kind at a time, over a wide grid of launch settings, on a GPU.
+
+For one batch size: each kernel kind of an expert layer (vlaserve.model.kernels.KINDS) is timed alone as a
+CUDA graph of one launch per layer (18 layers' weights, so the products read their weights from memory,
+not from the cache) for every launch setting of its grid. A setting's output on layer 0 is first compared
+with the default setting's (a setting that differs by more than rounding, or fails to compile, is left
+out). The matrix products are also timed through cuBLAS (``torch.mm`` on the same shapes) for reference,
+and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
+setting per kind against the defaults, each compared with eager PyTorch's actions.
+
+Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
+a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
+timing then runs in this process alone.
+
+    python -m benchmarks.decoder_kernels --batch 1 --out $OUT/decoder-kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import itertools
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from vlaserve.interface import ACTION_HORIZON
+from vlaserve.model.kernels import KINDS, FusedDecoder
+from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
+from vlaserve.model.policy import build_policy
+from vlaserve.model.presets import get_preset
+
+DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")  # "cpu" only for a check in Triton's interpreter
+SMEM_BYTES = 220 * 1024  # what one program may take on an H100/H200, a little under the hardware's 227 KB
+
+
+def product_grid(kind: str, k: int) -> list[tuple]:
+    """Launch settings to try for a product whose inner size is k: (BLOCK_N, BLOCK_K, warps, stages) for the
+    norm-and-product kinds, with the splits of K last for the residual ones; without those whose pipeline
+    buffers cannot fit in shared memory or whose splits would be under one BLOCK_K step."""
+    two = kind in ("qkv", "geglu")  # two weight tiles per step (two halves of a head; gate and up)
+    stage_options = ((4, 3), (4, 4), (4, 6), (8, 4))
+    if two:
+        grid = [(bn, bk, w, st) for bn, bk, (w, st) in itertools.product((16, 32, 64), (64, 128, 256), stage_options)]
+    else:
+        splits = (1, 2, 4, 8) if kind == "out" else (2, 4, 8, 16)
+        grid = [(bn, bk, w, st, s) for bn, bk, (w, st), s in itertools.product((32, 64, 128), (64, 128), stage_options, splits)]  # fmt: skip
+    return [
+        g for g in grid
+        if g[3] * 2 * (64 + (2 if two else 1) * g[0]) * g[1] <= SMEM_BYTES and k // (g[4] if len(g) > 4 else 1) >= g[1]
+    ]  # fmt: skip
+
+
+def attention_grid() -> list[tuple]:
+    """((BLOCK_M folded query rows, BLOCK_N keys, warps, stages), key splits)."""
+    grid = itertools.product((16, 32), (32, 64, 128), ((4, 2), (4, 3), (8, 2)), (1, 2, 4, 6, 8, 12))
+    return [((am, an, w, st), s) for am, an, (w, st), s in grid if st * 2 * (am + 2 * an) * 256 <= SMEM_BYTES]
+
+
+@triton.jit
+def _plain_product(x_ptr, w_ptr, out_ptr, N, K, k_per_split, SPLITS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """out [BLOCK_M, N] (float32) = x [BLOCK_M, K] @ w [N, K]^T with no masks, no prologue and no
+    epilogue: the floor of a Triton product at these shapes. Split over K, the splits add into out
+    atomically (out zeroed first)."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = split * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :])
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
+        acc += tl.dot(a, tl.trans(w))
+    dst = out_ptr + rows[:, None] * N + cols[None, :]
+    if SPLITS == 1:
+        tl.store(dst, acc)
+    else:
+        tl.atomic_add(dst, acc, sem="relaxed")
+
+
+PLAIN = {"qkv": ("qkv_proj", 2560, 1024), "out": ("o_proj", 1024, 2048), "geglu": ("gate_up_proj", 8192, 1024),
+         "down": ("down_proj", 1024, 4096)}  # fmt: skip
+
+
+def plain_grid(n: int, k: int) -> list[tuple]:
+    grid = itertools.product((16, 32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (4, 6), (8, 4)), (1, 2, 4, 8))
+    return [
+        (bn, bk, w, st, s) for bn, bk, (w, st), s in grid
+        if st * 2 * (64 + bn) * bk <= SMEM_BYTES and k % (s * bk) == 0 and 64 <= (n // bn) * s <= 1056
+    ]  # fmt: skip
+
+
+def plain_launch(x, w, out, setting) -> None:
+    bn, bk, warps, stages, splits = setting
+    n, k = w.shape
+    if splits > 1:
+        out.zero_()
+    _plain_product[(n // bn, splits)](x, w, out, n, k, k // splits, SPLITS=splits, BLOCK_M=x.shape[0], BLOCK_N=bn,
+                                      BLOCK_K=bk, num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def plain_run(weights, setting, rows: int, seed: int = 1, timed: bool = True) -> tuple[float, float | None]:
+    """(rel error against torch on layer 0's weights, µs per product over every layer, None off a GPU)."""
+    n, k = weights[0].shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.zeros((64, k), dtype=weights[0].dtype, device=DEVICE)
+    x[:rows] = torch.randn((rows, k), generator=gen, device=DEVICE).to(x.dtype)
+    out = torch.empty((64, n), dtype=torch.float32, device=DEVICE)
+    plain_launch(x, weights[0], out, setting)
+    rel = compare(out[:rows], x[:rows].float() @ weights[0].float().t())["rel"]
+    if not (timed and DEVICE.startswith("cuda")):
+        return rel, None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            plain_launch(x, w, out, setting)
+    return rel, 1e3 * replay_ms(graph.replay, 20) / len(weights)
+
+
+def settings(cfg) -> dict[str, list[dict]]:
+    """Per kind, the tiles dicts to try (each one kind's entry replaced)."""
+    e = cfg.expert
+    inner = {"qkv": e.width, "out": e.num_heads * e.head_dim, "geglu": e.width, "down": e.mlp_dim}
+    grids = {kind: [{kind: s} for s in product_grid(kind, k)] for kind, k in inner.items()}
+    grids["attention"] = [{"attention": a, "splits": s} for a, s in attention_grid()]
+    return grids
+
+
+class Bench:
+    """A fused decoder's per-layer state for one batch size: a random residual stream and prefix
+    keys/values, and the defaults' outputs of every kind on layer 0."""
+
+    def __init__(self, policy, batch: int, seed: int = 0):
+        self.fused, cfg = FusedDecoder(policy), policy.cfg
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        e, t, p = cfg.expert, 1 + ACTION_HORIZON, cfg.prefix_len
+        shape = (batch, e.depth, 2, e.num_kv_heads, p, e.head_dim)
+        prefix_kv = torch.randn(shape, generator=gen, device=DEVICE).to(policy.dtype)
+        mask = torch.ones((batch, p), dtype=torch.bool, device=DEVICE)
+        mask[:, p - 20 :] = False  # a padded prompt
+        self.kv, self.cos, self.sin, self.mask, self.scratch, squares = self.fused.prepare(prefix_kv, mask)
+        self.squares = squares[0]  # one flow step's: every slot holds the sums of squares of the saved x
+        self.kv[:, :, :, :, p:].normal_(generator=gen)  # the suffix's keys/values, which qkv writes in a call
+        self.x = torch.randn((batch, t, e.width), generator=gen, device=DEVICE).to(policy.dtype)
+        for name in ("q", "attn", "hidden"):
+            self.scratch[name].normal_(generator=gen)
+        self.depth, self.rows = e.depth, batch * t
+        self.saved = self._state()
+        self.defaults = self.fused.tiles_for(self.rows)
+        self.reference = {kind: self.run_once(kind, self.defaults) for kind in KINDS}
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t.clone() for t in (self.x, self.kv, self.scratch["q"], self.scratch["attn"], self.scratch["hidden"])]
+
+    def _restore(self) -> None:
+        for saved, live in zip(self.saved, (self.x, self.kv, self.scratch["q"], self.scratch["attn"], self.scratch["hidden"])):  # fmt: skip
+            live.copy_(saved)
+        self.squares.copy_(self.x.float().square().sum(-1).flatten().expand_as(self.squares))
+
+    def launch(self, kind: str, tiles: dict, layer: int) -> None:
+        self.fused.layer(
+            layer, self.x, self.kv, self.cos, self.sin, self.mask, self.scratch, self.squares, (kind,), tiles
+        )
+
+    def run_once(self, kind: str, tiles: dict) -> list[torch.Tensor]:
+        """The kind's outputs on layer 0 from the saved state."""
+        self._restore()
+        with torch.inference_mode():
+            self.launch(kind, tiles, 0)
+        sync()
+        written = {
+            "qkv": [self.scratch["q"], self.kv[:, 0, :, :, -self.x.shape[1] :]],
+            "attention": [self.scratch["attn"]], "out": [self.x], "geglu": [self.scratch["hidden"]], "down": [self.x],
+        }[kind]  # fmt: skip
+        return [t.clone() for t in written]
+
+    def time_us(self, kind: str, tiles: dict, replays: int = 20) -> float:
+        """Median µs per launch, in a CUDA graph of one launch per layer."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode():
+            for layer in range(self.depth):  # warm (and compile, if the cache missed)
+                self.launch(kind, tiles, layer)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                for layer in range(self.depth):
+                    self.launch(kind, tiles, layer)
+        return 1e3 * replay_ms(graph.replay, replays) / self.depth
+
+
+def sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def replay_ms(run, repeats: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    run()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _compile_worker(args) -> list[str | None]:
+    """In a worker process: launch each setting once on a one-layer model of the same widths (filling
+    Triton's cache); the error line of each that fails."""
+    preset, views, batch, jobs = args
+    cfg = get_preset(preset, views)
+    one = dataclasses.replace(
+        cfg, vocab_size=1024, vision=dataclasses.replace(cfg.vision, depth=1),
+        prefix=dataclasses.replace(cfg.prefix, depth=1), expert=dataclasses.replace(cfg.expert, depth=1),
+    )  # fmt: skip
+    bench = Bench(build_policy(one, dtype=torch.bfloat16, device=DEVICE), batch)
+    errors = []
+    for kind, tiles in jobs:
+        try:
+            if kind.startswith("plain-"):
+                _, n, k = PLAIN[kind[6:]]
+                plain_run([torch.randn((n, k), device=DEVICE).to(torch.bfloat16)], tiles, bench.rows, timed=False)
+            else:
+                bench.run_once(kind, {**bench.defaults, **tiles})
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - e.g. Triton's OutOfResources
+            sync()
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return errors
+
+
+def compile_all(args, jobs: list[tuple[str, dict]]) -> list[str | None]:
+    chunks = [jobs[i :: args.workers] for i in range(args.workers)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        done = list(pool.map(_compile_worker, [(args.preset, args.views, args.batch, c) for c in chunks]))
+    errors: list[str | None] = [None] * len(jobs)
+    for i, chunk_errors in enumerate(done):
+        for j, error in enumerate(chunk_errors):
+            errors[i + j * args.workers] = error
+    return errors
+
+
+def plain_products(policy, rows: int, jobs, errors) -> dict:
+    """Per product: every compiled bare-product setting timed over the layers' weights, and the fastest."""
+    result = {}
+    for kind, (name, _, _) in PLAIN.items():
+        weights = [getattr(layer, name).weight for layer in policy.expert_layers]
+        tries = []
+        for (job_kind, setting), error in zip(jobs, errors):
+            if job_kind == f"plain-{kind}" and error is None:
+                rel, us = plain_run(weights, setting, rows)
+                tries.append({"setting": setting, "rel": rel, "us": round(us, 2) if rel < 1e-2 else None})
+        timed = [t for t in tries if t["us"]]
+        best = min(timed, key=lambda t: t["us"]) if timed else {"setting": None, "us": None}
+        result[kind] = {"best": best["setting"], "best_us": best["us"], "timed": len(timed), "tries": tries}
+        print(f"[kernels] bare product {kind}: best {best['us']} µs with {best['setting']}", flush=True)
+    return result
+
+
+def cublas_us(policy, rows: int) -> dict[str, float]:
+    """µs per product through torch.mm (cuBLAS), the four products' shapes over every layer's weights."""
+    x = {
+        "qkv": torch.randn(rows, policy.cfg.expert.width, device=DEVICE, dtype=policy.dtype),
+        "out": torch.randn(rows, policy.cfg.expert.num_heads * policy.cfg.expert.head_dim, device=DEVICE, dtype=policy.dtype),
+        "geglu": torch.randn(rows, policy.cfg.expert.width, device=DEVICE, dtype=policy.dtype),
+        "down": torch.randn(rows, policy.cfg.expert.mlp_dim, device=DEVICE, dtype=policy.dtype),
+    }  # fmt: skip
+    weight = {"qkv": "qkv_proj", "out": "o_proj", "geglu": "gate_up_proj", "down": "down_proj"}
+    result = {}
+    for kind, name in weight.items():
+        weights = [getattr(layer, name).weight for layer in policy.expert_layers]
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode():
+            for w in weights:
+                torch.mm(x[kind], w.t())
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                for w in weights:
+                    torch.mm(x[kind], w.t())
+        result[kind] = round(1e3 * replay_ms(graph.replay, 20) / len(weights), 2)
+    return result
+
+
+def copy_tb_s() -> float:
+    a = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    ms = replay_ms(lambda: b.copy_(a), 10)
+    return round(2 * a.numel() / ms / 1e9, 2)
+
+
+def decoder_ms(policy, batch: int, tiles: dict | None) -> dict:
+    """The whole fused decoder (one CUDA graph) with these settings, against eager PyTorch's actions."""
+    cfg = policy.cfg
+    request = {k: v.to(DEVICE) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed=batch).items()}
+    with torch.inference_mode():
+        prefix_kv, mask = policy.encode(request["images"], request["tokens"])
+        reference = policy.decode(prefix_kv, mask, request["state"], request["noise"])
+        fused = FusedDecoder(policy, tiles)
+        inputs = (prefix_kv, mask, request["state"], request["noise"])
+        fused.decode(*inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            actions = fused.decode(*inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    error = compare(actions, reference)
+    return {"ms": round(replay_ms(graph.replay, 30), 3), "rel": float(f"{error['rel']:.3g}"),
+            "right": error["rel"] <= REL_TOLERANCE["bf16"], "tiles": tiles}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="pi0")
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--kinds", default=",".join(KINDS), help="kinds to sweep (others keep their defaults)")
+    parser.add_argument("--plain", action="store_true", help="also time bare Triton products at the same shapes")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
+    cfg = get_preset(args.preset, args.views)
+    grids = settings(cfg)
+    jobs = [(kind, tiles) for kind in kinds for tiles in grids[kind]]
+    if args.plain:
+        jobs += [(f"plain-{kind}", setting) for kind, (_, n, k) in PLAIN.items() for setting in plain_grid(n, k)]
+    started = time.perf_counter()
+    print(f"[kernels] compiling {len(jobs)} settings in {args.workers} processes ...", flush=True)
+    errors = compile_all(args, jobs) if jobs else []
+    print(f"[kernels] compiled in {time.perf_counter() - started:.0f} s, {sum(e is not None for e in errors)} failed", flush=True)  # fmt: skip
+    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
+    bench = Bench(policy, args.batch)
+    result = {
+        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "preset": cfg.name, "batch": args.batch, "rows": bench.rows,
+        "copy_tb_s": copy_tb_s(), "cublas_us": cublas_us(policy, bench.rows), "defaults": bench.defaults, "kinds": {},
+    }  # fmt: skip
+    print(f"[kernels] copy {result['copy_tb_s']} TB/s; cuBLAS µs per product {result['cublas_us']}", flush=True)
+    best_tiles = {}
+    for kind in kinds:
+        tries = [{"tiles": bench.defaults, "default": True, "error": None}]
+        tries += [{"tiles": {**bench.defaults, **t}, "error": e} for (k, t), e in zip(jobs, errors) if k == kind]
+        for entry in tries:
+            if entry["error"] is None:
+                try:
+                    out = bench.run_once(kind, entry["tiles"])
+                    entry["rel"] = max(compare(o, r)["rel"] for o, r in zip(out, bench.reference[kind]))
+                    entry["us"] = round(bench.time_us(kind, entry["tiles"]), 2) if entry["rel"] < 1e-2 else None
+                except Exception as exc:  # noqa: BLE001
+                    torch.cuda.synchronize()
+                    entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        timed = [e for e in tries if e.get("us")]
+        result["kinds"][kind] = {"tries": tries}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        if not timed:
+            print(f"[kernels] {kind}: nothing timed; the default: {tries[0]}", flush=True)
+            continue
+        best = min(timed, key=lambda e: e["us"])
+        best_tiles.update(
+            {k: v for k, v in best["tiles"].items() if k == kind or (kind == "attention" and k == "splits")}
+        )
+        result["kinds"][kind] = {
+            "default_us": tries[0].get("us"),
+            "best_us": best["us"],
+            "best": best["tiles"],
+            "tries": tries,
+        }
+        key = "attention" if kind == "attention" else kind
+        print(f"[kernels] {kind}: default {tries[0].get('us')} µs, best {best['us']} µs with {best['tiles'][key]}"
+              f"{' splits ' + str(best['tiles']['splits']) if kind == 'attention' else ''}; "
+              f"{len(timed)} timed, {sum(1 for e in tries if e.get('error'))} failed, "
+              f"{sum(1 for e in tries if e.get('rel', 0) >= 1e-2)} wrong", flush=True)  # fmt: skip
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.plain:
+        result["plain"] = plain_products(policy, bench.rows, jobs, errors)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    result["decoder"] = {
+        "defaults": decoder_ms(policy, args.batch, None),
+        "best": decoder_ms(policy, args.batch, best_tiles),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nbatch {args.batch} ({bench.rows} rows), copy {result['copy_tb_s']} TB/s")
+    print(f"{'kind':10} {'default µs':>10} {'best µs':>8} {'cuBLAS µs':>9}  best setting")
+    for kind in kinds:
+        r = result["kinds"][kind]
+        if "best" not in r:
+            continue
+        print(f"{kind:10} {r['default_us'] or 0:10.2f} {r['best_us']:8.2f} {result['cublas_us'].get(kind, 0):9.2f}  "
+              f"{r['best'][kind]}{' splits ' + str(r['best']['splits']) if kind == 'attention' else ''}")  # fmt: skip
+    for kind, r in result.get("plain", {}).items():
+        print(f"bare Triton product, {kind}: best {r['best_us']} µs with {r['best']} ({r['timed']} timed)")
+    for name, row in result["decoder"].items():
+        print(
+            f"decoder, {name}: {row['ms']} ms, rel {row['rel']} against eager{'' if row['right'] else '  WRONG (void)'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
