@@ -6,14 +6,15 @@ CUDA graph of one launch per layer (18 layers' weights, so the products read the
 not from the cache) for every launch setting of its grid. A setting's output on layer 0 is first compared
 with the default setting's (a setting that differs by more than rounding, or fails to compile, is left
 out). The matrix products are also timed through cuBLAS (``torch.mm`` on the same shapes) for reference,
-and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
+with ``--plain`` as bare Triton products too (no masks, no norm, no epilogue: the floor of a Triton product
+there), and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
 setting per kind against the defaults, each compared with eager PyTorch's actions.
 
 Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
 a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
 timing then runs in this process alone.
 
-    python -m benchmarks.decoder_kernels --batch 1 --out $OUT/decoder-kernels.json
+    source benchmarks/gpu_env.sh && python -m benchmarks.decoder_kernels --batch 1 --out $OUT/decoder-kernels.json
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
 from vlaserve.model.kernels import KINDS, FusedDecoder
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
@@ -126,7 +127,7 @@ def plain_run(weights, setting, rows: int, seed: int = 1, timed: bool = True) ->
     with torch.cuda.graph(graph):
         for w in weights:
             plain_launch(x, w, out, setting)
-    return rel, 1e3 * replay_ms(graph.replay, 20) / len(weights)
+    return rel, 1e3 * warm_ms(graph.replay, 20) / len(weights)
 
 
 def settings(cfg) -> dict[str, list[dict]]:
@@ -196,7 +197,7 @@ class Bench:
             with torch.cuda.graph(graph):
                 for layer in range(self.depth):
                     self.launch(kind, tiles, layer)
-        return 1e3 * replay_ms(graph.replay, replays) / self.depth
+        return 1e3 * warm_ms(graph.replay, replays) / self.depth
 
 
 def sync() -> None:
@@ -204,17 +205,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def replay_ms(run, repeats: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def warm_ms(run, repeats: int) -> float:
+    """Median ms of ``run`` after one untimed call (a graph's first replay uploads it)."""
     run()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return replay_ms(run, repeats)
 
 
 def _compile_worker(args) -> list[str | None]:
@@ -291,14 +285,14 @@ def cublas_us(policy, rows: int) -> dict[str, float]:
             with torch.cuda.graph(graph):
                 for w in weights:
                     torch.mm(x[kind], w.t())
-        result[kind] = round(1e3 * replay_ms(graph.replay, 20) / len(weights), 2)
+        result[kind] = round(1e3 * warm_ms(graph.replay, 20) / len(weights), 2)
     return result
 
 
 def copy_tb_s() -> float:
     a = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     b = torch.empty_like(a)
-    ms = replay_ms(lambda: b.copy_(a), 10)
+    ms = warm_ms(lambda: b.copy_(a), 10)
     return round(2 * a.numel() / ms / 1e9, 2)
 
 
@@ -319,7 +313,7 @@ def decoder_ms(policy, batch: int, tiles: dict | None) -> dict:
     graph.replay()
     torch.cuda.synchronize()
     error = compare(actions, reference)
-    return {"ms": round(replay_ms(graph.replay, 30), 3), "rel": float(f"{error['rel']:.3g}"),
+    return {"ms": round(warm_ms(graph.replay, 30), 3), "rel": float(f"{error['rel']:.3g}"),
             "right": error["rel"] <= REL_TOLERANCE["bf16"], "tiles": tiles}  # fmt: skip
 
 

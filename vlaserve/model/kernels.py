@@ -358,9 +358,7 @@ class FusedDecoder:
         for name, weight in policy.expert_layers.named_parameters():
             if not weight.is_contiguous():
                 raise ValueError(f"expert_layers.{name} is not contiguous: the kernels index weights as stored")
-        for kind, setting in (tiles or {}).items():
-            if kind in ("qkv", "geglu") and len(setting) != 4:
-                raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
+        _check_tiles(tiles or {})
         self.scaled = _scaled_weights(policy)
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
@@ -383,7 +381,7 @@ class FusedDecoder:
         ``kinds`` runs only those of its kernels (benchmarks/decoder_kernels.py times them one kind at a time)
         and ``tiles`` replaces the launch settings of :meth:`tiles_for`."""
         step = _LayerStep(self, i, x, kv, cos, sin, prefix_mask, scratch, squares)
-        tiles = tiles or self.tiles_for(step.m)
+        tiles = _check_tiles(tiles) if tiles else self.tiles_for(step.m)
         for kind in kinds:
             getattr(step, kind)(tiles)
 
@@ -431,6 +429,13 @@ class FusedDecoder:
                 self.layer(i, x, kv, cos, sin, mask, scratch, squares[step])
             x_t = x_t + dt * policy.action_out_proj(policy.expert_norm(x)[:, 1:]).float()
         return x_t
+
+
+def _check_tiles(tiles: dict) -> dict:
+    for kind, setting in tiles.items():
+        if kind in ("qkv", "geglu") and len(setting) != 4:
+            raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
+    return tiles
 
 
 def _fence() -> bool:
