@@ -1,5 +1,5 @@
 """The fused decoder kernels (vlaserve.model.kernels) against the reference decoder, in Triton's CPU
-interpreter (float32; the GPU run in bfloat16 is benchmarks/fused_decoder.py)."""
+interpreter (float32; the GPU runs in bfloat16 are benchmarks/decoder_kernels.py and fused_decoder.py)."""
 
 import json
 import os
@@ -42,6 +42,20 @@ for batch, tiles in ((2, {"splits": 1, "out": (16, 16, 4, 1, 1), "down": (16, 16
             out = FusedDecoder(policy, tiles).decode(kv, mask, r["state"], r["noise"])
         other = policy.decode(kv, mask, r["state"], r["noise"] + 1)
     rows.append({"batch": batch, "tiles": str(tiles), **compare(out, ref), "moved": compare(out, other)["rel"]})
+# two kv heads, three row blocks of 64 (batch 3), K split for both residual products, three key splits, and a
+# second call of the same decoder (its buffers reset by the last split of each tile, the sums made afresh)
+cfg2 = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, num_kv_heads=2),
+                           expert=dataclasses.replace(cfg.expert, num_kv_heads=2))
+policy2 = build_policy(cfg2, seed=1)
+r = random_request(3, 2, cfg2.vocab_size, seed=3)
+fused = FusedDecoder(policy2, {"splits": 3, "out": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2)})
+with torch.no_grad():
+    kv, mask = policy2.encode(r["images"], r["tokens"])
+    ref = policy2.decode(kv, mask, r["state"], r["noise"])
+    other = policy2.decode(kv, mask, r["state"], r["noise"] + 1)
+    for call in (1, 2):
+        out = fused.decode(kv, mask, r["state"], r["noise"])
+        rows.append({"batch": 3, "call": call, "kv_heads": 2, **compare(out, ref), "moved": compare(out, other)["rel"]})
 print(json.dumps(rows))
 """
 
@@ -134,11 +148,14 @@ def test_scaled_weights_live_as_long_as_the_policy_not_the_decoder():
     with fused_forward(module):
         held = module.forward.__self__.scaled
     gc.collect()
-    assert kernels._SCALED[module.policy] is held  # still there, the same tensors, with the module's policy
-    layer = module.policy.expert_layers[0]
+    assert kernels._SCALED[policy.expert_layers] is held  # still there, the same tensors
+    layer = policy.expert_layers[0]
     expected = layer.qkv_proj.weight * (1 + layer.input_norm.weight)[None, :]
     assert torch.allclose(held[0]["qkv_proj"], expected)
-    assert FusedDecoder(module.policy).scaled is held  # made once per policy
+    assert FusedDecoder(policy).scaled is held  # made once for the layers the module's copy of the policy shares
+    del held, module, policy, layer
+    gc.collect()
+    assert not kernels._SCALED  # and gone with them
 
 
 def test_norm_products_refuse_a_split_of_k():

@@ -113,11 +113,22 @@ class TorchScriptRuntime:
         except Exception as exc:  # noqa: BLE001 - e.g. a Triton compile error on another GPU or Triton version
             if self.device.startswith("cuda"):
                 self.torch.cuda.synchronize(self.device)
+            self._release_fused(module)
             return f"fused kernels dropped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         rel["fused"] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]
         if not rel["fused"] <= tolerance:
+            self._release_fused(module)
             return f"fused kernels dropped: rel {rel['fused']:.2g} against the artifact > {tolerance:g}"
         return ""
+
+    @staticmethod
+    def _release_fused(module) -> None:
+        """No graph will replay the fused kernels: the copies of the weights they keep (about 0.4 GB for pi0)
+        can go."""
+        if getattr(module, "policy", None) is not None:
+            from vlaserve.model.kernels import release_scaled_weights
+
+            release_scaled_weights(module.policy)
 
     def compile(self, manifest: Manifest, batch: int = 1, backend: str = "inductor") -> str:
         """Run the Python model the artifact was traced from (``manifest``'s preset and views, the artifact's
@@ -209,8 +220,12 @@ class TorchScriptRuntime:
                     )
         except RuntimeError as exc:  # the module is still usable without graphs; the status says why
             self.torch.cuda.synchronize(self.device)
+            if self.fused_kernels:
+                self._release_fused(self.compiled)
             return f"CUDA-graph capture failed at batch {batch}, running without graphs: {str(exc).splitlines()[0]}"
         self.graphs = graphs
+        if self.fused_kernels and "fused" not in graphs.chosen.values():  # no bucket kept them
+            self._release_fused(self.compiled)
         return ""
 
     def run(self, inputs: dict) -> list:

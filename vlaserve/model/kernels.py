@@ -314,8 +314,10 @@ KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kerne
 # kernels (qkv: BLOCK_N columns of each half of a head; geglu: of gate and of up), the same and the splits of
 # K for the products added to the residual stream, and (BLOCK_M folded query rows, BLOCK_N keys, num_warps,
 # num_stages) for the attention, whose "splits" of the keys are 0 for enough to keep about
-# `target_programs` programs busy. Per row count (batch x 51 tokens): the fastest that
-# benchmarks/decoder_kernels.py found for pi0 on the H200 (docs/BENCHMARKS.md).
+# `target_programs` programs busy. Per row count (batch x 51 tokens). Up to 64 rows (batch 1): from
+# benchmarks/decoder_kernels.py's sweep for pi0 on the H200, the fastest for q/k/v and gate/up and within
+# 5 % of it for the others (docs/BENCHMARKS.md). Above: settings from an earlier sweep at batch 4, not yet
+# swept again with these kernels.
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0}),
@@ -324,21 +326,30 @@ TILES_BY_ROWS = (
 )  # fmt: skip
 
 
-_SCALED = weakref.WeakKeyDictionary()  # policy -> its expert layers' weights with the norm scales in
+_SCALED = weakref.WeakKeyDictionary()  # expert layers -> their weights with the norm scales in
 
 
 def _scaled_weights(policy: Policy) -> list[dict]:
     """Per expert layer, the q/k/v and gate/up weights with their norm's scale (1 + weight) multiplied in,
-    made once per policy and kept as long as it lives: a CUDA graph captured through the fused decoder
-    reads them by address after the decoder object itself is gone."""
-    if policy not in _SCALED:
+    made once per set of expert layers (which the served modules' copies of a policy share) and kept as long
+    as those layers live: a CUDA graph captured through the fused decoder reads them by address after the
+    decoder object itself is gone. Made from the weights as they are then: weights changed later (a
+    checkpoint loaded into the same policy) need :func:`release_scaled_weights` first."""
+    layers = policy.expert_layers
+    if layers not in _SCALED:
         with torch.no_grad():
-            _SCALED[policy] = [
+            _SCALED[layers] = [
                 {name: (getattr(layer, name).weight.float() * (1 + getattr(layer, norm).weight.float())).to(policy.dtype)
                  for name, norm in (("qkv_proj", "input_norm"), ("gate_up_proj", "mlp_norm"))}
-                for layer in policy.expert_layers
+                for layer in layers
             ]  # fmt: skip
-    return _SCALED[policy]
+    return _SCALED[layers]
+
+
+def release_scaled_weights(policy: Policy) -> None:
+    """Forget the policy's norm-scaled weights (about 0.4 GB for pi0): for a runtime whose CUDA graphs do
+    not use the fused decoder, or before its weights change. A graph that does use them must not run after."""
+    _SCALED.pop(policy.expert_layers, None)
 
 
 class FusedDecoder:
@@ -444,7 +455,7 @@ def _fence() -> bool:
 
 
 def _fit(block: int, size: int, what: str) -> int:
-    """A power-of-two block no larger than ``size``, which it must divide (the kernels mask no columns)."""
+    """The block, cut to ``size``, which it must divide (the kernels mask no columns)."""
     block = min(block, size)
     if size % block:
         raise ValueError(f"{what}: block {block} does not divide {size}")
