@@ -34,10 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.fused_decoder import eager_cases, fused_run
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
 from vlaserve.model.kernels import KINDS, FusedDecoder
-from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
+from vlaserve.model.parity import compare
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
 
@@ -93,8 +94,15 @@ def _plain_product(x_ptr, w_ptr, out_ptr, N, K, k_per_split, SPLITS: tl.constexp
         tl.atomic_add(dst, acc, sem="relaxed")
 
 
-PLAIN = {"qkv": ("qkv_proj", 2560, 1024), "out": ("o_proj", 1024, 2048), "geglu": ("gate_up_proj", 8192, 1024),
-         "down": ("down_proj", 1024, 4096)}  # fmt: skip
+def products(cfg) -> dict[str, tuple[str, int, int]]:
+    """Per product kind: the expert layer's weight it multiplies by, and that weight's [N, K]."""
+    e = cfg.expert
+    return {
+        "qkv": ("qkv_proj", (e.num_heads + 2 * e.num_kv_heads) * e.head_dim, e.width),
+        "out": ("o_proj", e.width, e.num_heads * e.head_dim),
+        "geglu": ("gate_up_proj", 2 * e.mlp_dim, e.width),
+        "down": ("down_proj", e.width, e.mlp_dim),
+    }
 
 
 def plain_grid(n: int, k: int) -> list[tuple]:
@@ -134,9 +142,7 @@ def plain_run(weights, setting, rows: int, seed: int = 1, timed: bool = True) ->
 
 def settings(cfg) -> dict[str, list[dict]]:
     """Per kind, the tiles dicts to try (each one kind's entry replaced)."""
-    e = cfg.expert
-    inner = {"qkv": e.width, "out": e.num_heads * e.head_dim, "geglu": e.width, "down": e.mlp_dim}
-    grids = {kind: [{kind: s} for s in product_grid(kind, k)] for kind, k in inner.items()}
+    grids = {kind: [{kind: s} for s in product_grid(kind, k)] for kind, (_, _, k) in products(cfg).items()}
     grids["attention"] = [{"attention": a, "splits": s} for a, s in attention_grid()]
     return grids
 
@@ -160,15 +166,16 @@ class Bench:
         for name in ("q", "attn", "hidden"):
             self.scratch[name].normal_(generator=gen)
         self.depth, self.rows = e.depth, batch * t
-        self.saved = self._state()
+        self.saved = [t.clone() for t in self._live()]
         self.defaults = self.fused.tiles_for(self.rows)
         self.reference = {kind: self.run_once(kind, self.defaults) for kind in KINDS}
 
-    def _state(self) -> list[torch.Tensor]:
-        return [t.clone() for t in (self.x, self.kv, self.scratch["q"], self.scratch["attn"], self.scratch["hidden"])]
+    def _live(self) -> tuple[torch.Tensor, ...]:
+        """What a layer's kernels read and write, besides the sums of squares and the split workspaces."""
+        return self.x, self.kv, self.scratch["q"], self.scratch["attn"], self.scratch["hidden"]
 
     def _restore(self) -> None:
-        for saved, live in zip(self.saved, (self.x, self.kv, self.scratch["q"], self.scratch["attn"], self.scratch["hidden"])):  # fmt: skip
+        for saved, live in zip(self.saved, self._live()):
             live.copy_(saved)
         self.squares.copy_(self.x.float().square().sum(-1).flatten().expand_as(self.squares))
         for key, tensor in self.scratch.items():  # split sums and arrival counts, shared by the settings
@@ -182,8 +189,8 @@ class Bench:
 
     def run_once(self, kind: str, tiles: dict) -> list[torch.Tensor]:
         """The kind's outputs on layer 0 from the saved state."""
-        self._restore()
-        with torch.inference_mode():
+        with torch.inference_mode():  # the split workspaces were made in it, so they are zeroed in it
+            self._restore()
             self.launch(kind, tiles, 0)
         sync()
         written = {
@@ -230,8 +237,8 @@ def _compile_worker(args) -> list[str | None]:
     for kind, tiles in jobs:
         try:
             if kind.startswith("plain-"):
-                _, n, k = PLAIN[kind[6:]]
-                plain_run([torch.randn((n, k), device=DEVICE).to(torch.bfloat16)], tiles, bench.rows, timed=False)
+                weight = getattr(bench.fused.policy.expert_layers[0], products(one)[kind[6:]][0]).weight
+                plain_run([weight], tiles, bench.rows, timed=False)
             else:
                 bench.run_once(kind, {**bench.defaults, **tiles})
             errors.append(None)
@@ -256,7 +263,7 @@ def compile_all(args, jobs: list[tuple[str, dict]]) -> list[str | None]:
 def plain_products(policy, rows: int, jobs, errors) -> dict:
     """Per product: every compiled bare-product setting timed over the layers' weights, and the fastest."""
     result = {}
-    for kind, (name, _, _) in PLAIN.items():
+    for kind, (name, _, _) in products(policy.cfg).items():
         weights = [getattr(layer, name).weight for layer in policy.expert_layers]
         tries = []
         for (job_kind, setting), error in zip(jobs, errors):
@@ -272,24 +279,18 @@ def plain_products(policy, rows: int, jobs, errors) -> dict:
 
 def cublas_us(policy, rows: int) -> dict[str, float]:
     """µs per product through torch.mm (cuBLAS), the four products' shapes over every layer's weights."""
-    x = {
-        "qkv": torch.randn(rows, policy.cfg.expert.width, device=DEVICE, dtype=policy.dtype),
-        "out": torch.randn(rows, policy.cfg.expert.num_heads * policy.cfg.expert.head_dim, device=DEVICE, dtype=policy.dtype),
-        "geglu": torch.randn(rows, policy.cfg.expert.width, device=DEVICE, dtype=policy.dtype),
-        "down": torch.randn(rows, policy.cfg.expert.mlp_dim, device=DEVICE, dtype=policy.dtype),
-    }  # fmt: skip
-    weight = {"qkv": "qkv_proj", "out": "o_proj", "geglu": "gate_up_proj", "down": "down_proj"}
     result = {}
-    for kind, name in weight.items():
+    for kind, (name, _, k) in products(policy.cfg).items():
+        x = torch.randn(rows, k, device=DEVICE, dtype=policy.dtype)
         weights = [getattr(layer, name).weight for layer in policy.expert_layers]
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode():
             for w in weights:
-                torch.mm(x[kind], w.t())
+                torch.mm(x, w.t())
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 for w in weights:
-                    torch.mm(x[kind], w.t())
+                    torch.mm(x, w.t())
         result[kind] = round(1e3 * warm_ms(graph.replay, 20) / len(weights), 2)
     return result
 
@@ -299,27 +300,6 @@ def copy_tb_s() -> float:
     b = torch.empty_like(a)
     ms = warm_ms(lambda: b.copy_(a), 10)
     return round(2 * a.numel() / ms / 1e9, 2)
-
-
-def decoder_ms(policy, batch: int, tiles: dict | None) -> dict:
-    """The whole fused decoder (one CUDA graph) with these settings, against eager PyTorch's actions."""
-    cfg = policy.cfg
-    request = {k: v.to(DEVICE) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed=batch).items()}
-    with torch.inference_mode():
-        prefix_kv, mask = policy.encode(request["images"], request["tokens"])
-        reference = policy.decode(prefix_kv, mask, request["state"], request["noise"])
-        fused = FusedDecoder(policy, tiles)
-        inputs = (prefix_kv, mask, request["state"], request["noise"])
-        fused.decode(*inputs)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            actions = fused.decode(*inputs)
-    graph.replay()
-    torch.cuda.synchronize()
-    error = compare(actions, reference)
-    return {"ms": round(warm_ms(graph.replay, 30), 3), "rel": float(f"{error['rel']:.3g}"),
-            "right": error["rel"] <= REL_TOLERANCE["bf16"], "tiles": tiles}  # fmt: skip
 
 
 def main() -> None:
@@ -338,7 +318,7 @@ def main() -> None:
     grids = settings(cfg)
     jobs = [(kind, tiles) for kind in kinds for tiles in grids[kind]]
     if args.plain:
-        jobs += [(f"plain-{kind}", setting) for kind, (_, n, k) in PLAIN.items() for setting in plain_grid(n, k)]
+        jobs += [(f"plain-{kind}", s) for kind, (_, n, k) in products(cfg).items() for s in plain_grid(n, k)]
     started = time.perf_counter()
     print(f"[kernels] compiling {len(jobs)} settings in {args.workers} processes ...", flush=True)
     errors = compile_all(args, jobs) if jobs else []
@@ -389,9 +369,11 @@ def main() -> None:
     if args.plain:
         result["plain"] = plain_products(policy, bench.rows, jobs, errors)
         Path(args.out).write_text(json.dumps(result, indent=2))
+    request, prefix_kv, mask, reference = eager_cases(policy, [args.batch])[args.batch]
+    inputs = [prefix_kv, mask, request["state"], request["noise"]]
     result["decoder"] = {
-        "defaults": decoder_ms(policy, args.batch, None),
-        "best": decoder_ms(policy, args.batch, best_tiles),
+        name: fused_run(policy, tiles, args.batch, inputs, reference)
+        for name, tiles in (("defaults", {}), ("best", best_tiles))
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nbatch {args.batch} ({bench.rows} rows), copy {result['copy_tb_s']} TB/s")
@@ -406,7 +388,7 @@ def main() -> None:
         print(f"bare Triton product, {kind}: best {r['best_us']} µs with {r['best']} ({r['timed']} timed)")
     for name, row in result["decoder"].items():
         print(
-            f"decoder, {name}: {row['ms']} ms, rel {row['rel']} against eager{'' if row['right'] else '  WRONG (void)'}"
+            f"decoder, {name}: {row['graph_ms']} ms, rel {row['rel']} against eager{'' if row['right'] else '  WRONG (void)'}"
         )
 
 

@@ -4,6 +4,9 @@ parts are checked with TorchDynamo alone, and the peers benchmark runs (tiny).""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +201,38 @@ def test_decoder_kernel_grids_cover_the_defaults_and_fit_the_gpu():
             assert (not split) == two, tiles
             assert stages * (64 * bk + (2 if two else 1) * bn * bk) * 2 <= 227 * 1024, tiles
     assert any(t["attention"] == tuple(defaults["attention"]) for t in grids["attention"])
+
+
+BENCH_CHECK = """
+import dataclasses, json
+from benchmarks import decoder_kernels as dk
+from vlaserve.model.policy import build_policy
+from vlaserve.model.presets import get_preset
+
+cfg = get_preset("tiny", 2)
+cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=32),
+                          expert=dataclasses.replace(cfg.expert, head_dim=32))
+policy = build_policy(cfg)
+bench = dk.Bench(policy, 1)
+rel = {}
+for kind, tiles in (("out", {"out": (16, 16, 4, 1, 3)}), ("out", {"out": (16, 16, 4, 1, 2)}),
+                    ("down", {"down": (16, 16, 4, 1, 2)}), ("qkv", {"qkv": (16, 16, 4, 1)}),
+                    ("attention", {"attention": (16, 16, 4, 1), "splits": 3})):
+    out = bench.run_once(kind, {**bench.defaults, **tiles})
+    rel[f"{kind} {tiles}"] = max(dk.compare(o, r)["rel"] for o, r in zip(out, bench.reference[kind]))
+shapes = {kind: [n, k] == list(getattr(policy.expert_layers[0], name).weight.shape)
+          for kind, (name, n, k) in dk.products(cfg).items()}
+print(json.dumps({"rel": rel, "shapes": shapes}))
+"""
+
+
+def test_decoder_kernels_bench_runs_settings_one_after_another_in_the_interpreter():
+    """benchmarks/decoder_kernels.py's Bench on a small model in Triton's CPU interpreter: settings that split
+    K run one after another on the shared workspaces (restored between them) and agree with the defaults, and
+    its table of products names each weight with its shape."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "VLASERVE_BENCH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", BENCH_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(r < 1e-5 for r in result["rel"].values()), result
+    assert all(result["shapes"].values()), result

@@ -18,7 +18,7 @@ expert layer is five kernels:
 What keeps the products near the speed of a bare product (benchmarks/decoder_kernels.py measures both):
 the residual stream goes from memory straight into the products, with no work on it in between, so Triton
 pipelines its loads. For that, each norm's scale (1 + weight) is multiplied into the q/k/v and gate/up
-weights once per policy, and each norm's 1 / RMS is applied to the products' outputs from per-row sums of
+weights once per set of expert layers, and each norm's 1 / RMS is applied to the products' outputs from per-row sums of
 squares that the kernel which last wrote the residual stream added up in its epilogue (the output and down
 projections; the first layer's come from PyTorch). The output and down projections split K over programs
 whose partial products add up atomically; the last to arrive finishes the tile.
@@ -373,6 +373,7 @@ class FusedDecoder:
         self.scaled = _scaled_weights(policy)
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
+        self.fence = _fence()
 
     def tiles_for(self, rows: int) -> dict:
         tiles = next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
@@ -514,7 +515,7 @@ class _LayerStep:
         _attention_kernel[(b * hkv, row_blocks, splits)](
             scratch["q"], kv_i, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks), t, self.keys,
             self.fused.cfg.prefix_len, d**-0.5, per_split, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2),
-            H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, num_warps=warps,
+            H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an, num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
 
@@ -536,7 +537,7 @@ class _LayerStep:
             sums, counts = self.scratch[("sums", kind, out_tiles, bm * bn)], self._counts(kind, out_tiles)
         kernel[(triton.cdiv(m, bm) * splits, n // bn)](
             a, weight, self.x, squares, sums, counts, m, n, k, k_per_split,
-            SPLITS=splits, FENCE=_fence(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     def out(self, tiles: dict) -> None:
