@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import time
 
+import numpy as np
+
 from vlaserve import admission
 
 
@@ -42,3 +44,36 @@ def test_processes_never_take_more_than_the_limit_together(tmp_path):
     for p in procs:
         p.join(30)
     assert taken == 64 and admission.taken(path) == 64
+
+
+def test_acquire_gives_up_when_told_to(tmp_path):
+    path = tmp_path / admission.ADMISSION_FILE
+    admission.create(path)
+    enc = admission.Admission(path, limit=1, ttl_s=60)
+    assert enc.try_acquire(1)
+    start = time.monotonic()
+    assert not enc.acquire(1, timeout_s=10, give_up=lambda: time.monotonic() - start > 0.1)
+    assert time.monotonic() - start < 2
+
+
+def test_the_door_marks_batches_running_and_closes(tmp_path):
+    """An instance's busy mark is seen by the launcher while it runs a batch, not once it has left or its
+    process is gone; the closing file reaches every instance; without a status dir nothing happens."""
+    from vlaserve import drain
+
+    door = drain.Door(tmp_path, "encoder_cpu_0")
+    assert drain.busy(tmp_path) == [] and not door.closing()
+    door.enter()
+    assert drain.busy(tmp_path) == ["encoder_cpu_0"]
+    door.leave()
+    assert drain.busy(tmp_path) == []
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    (tmp_path / f"gone{drain.BUSY_SUFFIX}").write_bytes(np.array([1.0, dead.pid], np.float64).tobytes())
+    assert drain.busy(tmp_path) == []  # a killed instance's mark does not hold the stop up
+    drain.close(tmp_path)
+    assert door.closing() and drain.Door(tmp_path, "decoder_cpu_0").closing()
+    nowhere = drain.Door(None, "x")
+    nowhere.enter()
+    assert not nowhere.closing()

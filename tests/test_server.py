@@ -210,6 +210,44 @@ def test_a_full_pipeline_answers_retryable_before_the_encoder_computes(server, t
         slots.flush()
 
 
+def test_stop_refuses_new_requests_retryably_and_waits_for_those_admitted(tiny_repo, tiny_policy, tmp_path):
+    """A stop closes the door: new requests are answered UNAVAILABLE with the launcher's message (never
+    NOT_FOUND, Triton's answer while it unloads), tritonserver keeps running while a request is admitted
+    (an in-flight slot held) or a batch runs (a live process's busy mark), and then it ends, drained."""
+    from vlaserve import admission, drain
+
+    srv = start_server(tiny_repo, tmp_path / "work")
+    slots = np.memmap(srv.status_dir / admission.ADMISSION_FILE, dtype=np.float64, mode="r+")
+    mark = srv.status_dir / f"test{drain.BUSY_SUFFIX}"
+    stopper = ThreadPoolExecutor(1)
+    try:
+        good = make_request(1, views=2, seed=5, with_noise=True)
+        client = PolicyClient(srv.grpc_url)
+        np.testing.assert_allclose(client.infer(good), reference_actions(tiny_policy, good), atol=1e-4)
+        slots[0] = time.time() + 120  # a request between encoder and decoder
+        stopping = stopper.submit(srv.stop)
+        deadline = time.monotonic() + 30
+        while not (srv.status_dir / drain.CLOSING_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(3):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(good)
+            assert "UNAVAILABLE" in str(refused.value.status()), refused.value
+            assert drain.STOPPING_MESSAGE in str(refused.value), refused.value
+        mark.write_bytes(np.array([1.0, os.getpid()], np.float64).tobytes())  # a batch running
+        slots[0] = 0.0
+        slots.flush()
+        time.sleep(0.5)
+        assert not stopping.done() and srv.process.poll() is None
+        mark.write_bytes(np.array([0.0, os.getpid()], np.float64).tobytes())
+        assert stopping.result(30) == 0 and srv.stop_reason.startswith("drained"), srv.stop_reason
+    finally:
+        slots[:] = 0.0
+        mark.unlink(missing_ok=True)
+        stopper.shutdown(wait=True)
+        srv.stop()
+
+
 def test_generated_admin_key_is_for_its_owner_and_opens_the_restricted_endpoints(server):
     import stat
     import urllib.error

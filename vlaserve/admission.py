@@ -87,11 +87,12 @@ class Admission:
             self._slots[free[:count]] = now + self.ttl_s
             return True
 
-    def acquire(self, count: int, timeout_s: float, poll_s: float = 0.001) -> bool:
-        """Wait up to ``timeout_s`` for ``count`` free slots and take them; False if they did not come."""
+    def acquire(self, count: int, timeout_s: float, poll_s: float = 0.001, give_up=None) -> bool:
+        """Wait up to ``timeout_s`` for ``count`` free slots and take them; False if they did not come, or
+        as soon as ``give_up()`` is true (the server is stopping)."""
         deadline = time.monotonic() + timeout_s
         while not self.try_acquire(count):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (give_up is not None and give_up()):
                 return False
             time.sleep(poll_s)
         return True

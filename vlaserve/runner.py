@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlaserve import admission, validation, value_check
+from vlaserve import admission, drain, validation, value_check
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.manifest import Manifest
@@ -210,6 +210,10 @@ class TritonPythonModel:
                 params.admission_ttl_s,
             )
             self.admission_wait_s = params.admission_wait_s if params.admission_wait_s is not None else 5.0
+        # Stopping (vlaserve.drain): this instance's busy mark, and whether it refuses new work once the
+        # launcher closes the door. The decoder of an admission pipeline finishes what the encoder admitted.
+        self.door = drain.Door(status_dir, self.instance)
+        self.refuses_on_close = self.admission_role != "release"
         self.computed = None
         if pb_utils is not None:  # the family is kept: its metric dies with it
             self.computed_family = family = pb_utils.MetricFamily(
@@ -442,12 +446,26 @@ class TritonPythonModel:
         return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
 
     def execute(self, requests):
-        if self.admission is not None and self.admission_role == "release":
-            try:
-                return self._execute(requests)
-            finally:  # every request answered, right or wrong, frees its slot
-                self.admission.release(len(requests))
-        return self._execute(requests)
+        self.door.enter()  # before looking at the door: a batch past it is visible to the launcher
+        try:
+            if self.refuses_on_close and self.door.closing():
+                return self._refuse(requests, f"{self.model_name}: {drain.STOPPING_MESSAGE}")
+            if self.admission is not None and self.admission_role == "release":
+                try:
+                    return self._execute(requests)
+                finally:  # every request answered, right or wrong, frees its slot
+                    self.admission.release(len(requests))
+            return self._execute(requests)
+        finally:
+            self.door.leave()
+
+    @staticmethod
+    def _refuse(requests, message: str) -> list:
+        """UNAVAILABLE (retryable) for each request, computing nothing."""
+        return [
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE))
+            for _ in requests
+        ]
 
     def _execute(self, requests):
         responses = [None] * len(requests)
@@ -463,15 +481,15 @@ class TritonPythonModel:
         if not parts:
             return responses
         admitting = self.admission is not None and self.admission_role == "acquire"
-        if admitting and not self.admission.acquire(len(accepted), self.admission_wait_s):
+        if admitting and not self.admission.acquire(len(accepted), self.admission_wait_s, give_up=self.door.closing):
             message = (
-                f"{self.model_name}: the pipeline is full ({self.admission.limit} requests between encoder and "
-                f"decoder for {self.admission_wait_s:g} s, models.policy.max_in_flight); retry later"
+                f"{self.model_name}: {drain.STOPPING_MESSAGE}"
+                if self.door.closing()
+                else f"{self.model_name}: the pipeline is full ({self.admission.limit} requests between encoder "
+                f"and decoder for {self.admission_wait_s:g} s, models.policy.max_in_flight); retry later"
             )
-            for i in accepted:
-                responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
-                )
+            for i, response in zip(accepted, self._refuse(accepted, message), strict=True):
+                responses[i] = response
             return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
         try:

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlaserve import admission
+from vlaserve import admission, drain
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 from vlaserve.runner import STATUS_DIR_ENV
@@ -139,7 +139,8 @@ class ServerOptions:
         0, "Triton's CUDA memory pool on each GPU, MiB, for tensors between the models (0: Triton's 64 MiB)"
     )
     exit_timeout: int | None = _option(
-        None, "seconds SIGTERM waits for the requests in flight (default: the configs' queue timeouts and 10 s)"
+        None,
+        "seconds a stop waits for the requests admitted to be answered (default: the configs' queue timeouts and 10 s)",
     )
     http_guard: bool = _option(
         True,
@@ -147,10 +148,6 @@ class ServerOptions:
         "config first (a lying shape can crash tritonserver 2.51); Triton's own HTTP then listens on loopback",
     )
     extra_args: tuple[str, ...] = _option((), "one more tritonserver argument, as --name=value (repeatable)")
-
-
-# What tritonserver logs once no inference is in flight after SIGTERM (then it unloads the models).
-DRAINED_MARK = b"All models are stopped, unloading models"
 
 
 def _drain_seconds(repo: Path) -> int:
@@ -204,17 +201,6 @@ def remove_stale_python_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float =
     return removed
 
 
-def _admission_active(repo: Path) -> bool:
-    from vlaserve.params import RunnerParams
-    from vlaserve.repository import RUNNER_MODELS, read_config
-
-    try:  # the first model of the pipeline takes the slots
-        params = RunnerParams.of_model_config(read_config(Path(repo) / RUNNER_MODELS[0] / "config.pbtxt"))
-        return params.admission_limit is not None
-    except Exception:  # noqa: BLE001 - no or unreadable config: start() names the problem
-        return False
-
-
 def group_members(pgid: int) -> list[int]:
     """The live processes of a process group (tritonserver's stubs stay in its group)."""
     members = []
@@ -240,9 +226,8 @@ class TritonServer:
         opts.admin_key = opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY") or secrets.token_hex(16)
         self.admin_key_file = opts.workdir / ADMIN_KEY_FILE if self.generated_key else None
         self.status_dir = opts.workdir / "instances"
-        # how long tritonserver waits, on SIGTERM, for the requests in flight (sized from the queue timeouts)
+        # how long a stop waits for the requests admitted (sized from the queue timeouts)
         self.exit_timeout = opts.exit_timeout or _drain_seconds(opts.model_repository)
-        self.admission_active = _admission_active(opts.model_repository)
         # Triton's own HTTP: behind the guard on a loopback port, else where clients connect
         self.triton_http = f"{io.DEFAULT_HOST}:{free_port()}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
@@ -413,17 +398,18 @@ class TritonServer:
         errors = [line for line in text[:-lines] if re.match(r"E\d{4} ", line)][-10:]
         return "\n".join([*errors, *(["..."] if errors else []), *text[-lines:]])
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """Stop what was started; 0 when every request in flight was answered first.
+    def stop(self, timeout: float | None = None, admitted: bool = True) -> int | None:
+        """Stop what was started; 0 when every request admitted was answered first.
 
-        The HTTP guard goes first (no new HTTP requests; those in flight are answered). Then tritonserver
-        gets SIGTERM: it answers new requests UNAVAILABLE ("Server is stopping") and waits for the ones in
-        flight. Once it logs that they are done, it would unload the models, answering NOT_FOUND (a
-        permanent error) to every request meanwhile, for seconds (the Python-backend stubs take 2 to 3 s
-        to unload on cpu-2, pi0 longer than Triton's exit timeout). So at that point the launcher ends the
-        process group instead (the models' unloading is what is cut short: nothing is in flight), and
-        removes the shared-memory segments the stubs held. Past ``timeout`` (default: the exit timeout
-        and 10 s) without that mark, the group is killed as well, and the exit code says so.
+        The HTTP guard goes first (no new HTTP requests; those in flight are answered). Then the launcher
+        closes the door (vlaserve.drain): the instances answer new requests UNAVAILABLE, retryable, while
+        the requests already admitted finish. Once no instance runs a batch and no in-flight slot is taken,
+        it ends tritonserver's process group, and removes the shared-memory segments the stubs held.
+        tritonserver never gets SIGTERM: on it, it would unload the models as soon as it found nothing in
+        flight, answering NOT_FOUND (a permanent error) to every request meanwhile. Past ``timeout``
+        (default: the exit timeout and 10 s) without draining, the group is killed as well, and the exit
+        code says so. ``admitted=False`` waits only for the batches running: for a restart after an instance
+        died, whose admitted requests hold their slots until they expire.
         """
         timeout = self.exit_timeout + 10 if timeout is None else timeout
         if self.guard is not None:  # first: no new HTTP requests, and those in flight answered, while Triton runs
@@ -439,14 +425,8 @@ class TritonServer:
         if self.process is not None and not self.cleaned:
             segments = {*self.segments, *self._shm_segments()}
             if code is None:
-                log_at = self.options.log_file.stat().st_size if self.options.log_file.exists() else 0
-                if self.admission_active and self._idle():
-                    # Nothing in flight: SIGTERM would find none at its first check and unload at once,
-                    # answering NOT_FOUND meanwhile. A request arriving this instant is cut (retryable).
-                    drained = "nothing in flight"
-                else:
-                    self.process.send_signal(signal.SIGTERM)
-                    drained = self._wait_drained(log_at, timeout)
+                drain.close(self.status_dir)
+                drained = self._wait_drained(timeout, admitted)
                 code = self.process.poll()
                 self.stop_reason = drained or ("tritonserver exited" if code is not None else f"{timeout:g} s passed")
                 if code is None:
@@ -469,46 +449,24 @@ class TritonServer:
             self.sidecar = None
         return code
 
-    def _wait_drained(self, log_at: int, timeout: float) -> str:
-        """Wait for tritonserver to exit, or until no request is in flight; how that was seen, or "".
-
-        tritonserver checks its in-flight count once a second and starts unloading (answering NOT_FOUND)
-        as soon as it finds none, which it logs. Where the pipeline's in-flight limit is on, the launcher
-        sees the same moment sooner: no request queued at a model (Triton's pending gauges) and no
-        in-flight slot taken (vlaserve.admission). Seen twice 10 ms apart (an answer is on its way to its client
-        by then), it ends the process group before Triton's next check; the log line is the fallback.
-        """
-        deadline, idle_seen, polls = time.monotonic() + timeout, 0, 0
-        with contextlib.suppress(OSError), open(self.options.log_file, "rb") as log:
-            log.seek(log_at)
-            seen = b""
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    return ""
-                seen = (seen + log.read())[-4096:]
-                if DRAINED_MARK in seen:  # read every 2 ms: NOT_FOUND is answered from this line on
-                    return "drained (tritonserver's log)"
-                polls += 1
-                if self.admission_active and polls % 5 == 0:  # the gauges and slots every 10 ms
-                    idle_seen = idle_seen + 1 if self._idle() else 0
-                    if idle_seen >= 2:
-                        return "drained (no request queued or in flight)"
-                time.sleep(0.002)
+    def _wait_drained(self, timeout: float, admitted: bool = True) -> str:
+        """After closing the door: wait until no instance runs a batch and (``admitted``) no in-flight slot
+        is taken, for drain.QUIET_S on end (the last answers leave meanwhile); how that was seen, or ""
+        (tritonserver exited, or ``timeout`` passed)."""
+        deadline, quiet_since = time.monotonic() + timeout, None
+        slots = self.status_dir / admission.ADMISSION_FILE
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return ""
+            now = time.monotonic()
+            if drain.busy(self.status_dir) or (admitted and admission.taken(slots)):
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= drain.QUIET_S:
+                return "drained (no batch running" + (", no request admitted)" if admitted else ")")
+            time.sleep(0.005)
         return ""
-
-    def _idle(self) -> bool:
-        """No request queued at any model and no in-flight slot taken (only meaningful with admission on)."""
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=0.05) as resp:
-                text = resp.read().decode()
-        except (OSError, ValueError):
-            return False
-        pending = [line for line in text.splitlines() if line.startswith("nv_inference_pending_request_count{")]
-        return (
-            bool(pending)
-            and all(float(line.rsplit(" ", 1)[1]) == 0 for line in pending)
-            and not admission.taken(self.status_dir / admission.ADMISSION_FILE)
-        )
 
     def _shm_segments(self) -> list[Path]:
         """The /dev/shm files mapped by tritonserver's process group (the Python backend's regions)."""

@@ -112,7 +112,8 @@ class Supervisor:
         while True:
             self.write_health(problem, recovering=True)
             self.log(f"[serve] unhealthy: {problem}; restarting tritonserver (restart {self.restarts + 1})")
-            self.server.stop()
+            # Only the batches running: an instance that died keeps its requests' in-flight slots taken.
+            self.server.stop(admitted=False)
             try:
                 self.server.start()
             except Exception as exc:  # noqa: BLE001 - every failed start is logged, then retried after a pause

@@ -1,0 +1,102 @@
+"""Stopping without losing a request: the launcher closes the door, waits for the work admitted, then ends.
+
+tritonserver's own stop (SIGTERM) cannot be used under load. Its schedulers refuse every new request
+at once, the hand-off from encoder to decoder included, and it checks its in-flight count at SIGTERM and
+then once a second; when it finds none it unloads the models, and while it unloads it answers NOT_FOUND,
+a permanent error, to each request that arrives. A request arriving between that check and the moment the
+launcher notices is lost, and on a busy 2-core machine that window is long enough to be hit.
+
+So the launcher never sends SIGTERM to tritonserver. Instead:
+
+- it creates ``<status dir>/closing``. Every model instance looks for that file as a batch arrives;
+  once it exists, the instances that admit requests (the first step of the pipeline, or the policy run
+  as one model) answer new batches UNAVAILABLE ("the server is stopping; retry") without computing.
+  The decoder of an admission pipeline (``admission_role: release``) still finishes the requests the
+  encoder admitted: they hold in-flight slots (vlaserve.admission);
+- each instance marks, in ``<status dir>/<instance>.busy`` (two float64: 1 while in ``execute``, and its
+  pid), when it is running a batch. It sets the mark *before* it looks for the closing file, so a batch
+  that got past the door is visible to the launcher from then on;
+- the launcher ends tritonserver's process group once no instance is running a batch and no in-flight
+  slot is taken, continuously for ``QUIET_S`` (time for the last answers to leave), or after its timeout.
+
+Requests that arrive meanwhile are answered UNAVAILABLE, or find the connection refused or reset:
+clients retry both. The models' unloading is what is cut short; nothing is in flight by then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+CLOSING_FILE = "closing"
+BUSY_SUFFIX = ".busy"
+QUIET_S = 0.05  # idle this long, continuously, before the launcher ends the group
+STOPPING_MESSAGE = "the server is stopping; retry (another replica, or this one once restarted)"
+
+
+def close(status_dir: Path) -> None:
+    """Tell every instance of this start to refuse new work."""
+    status_dir = Path(status_dir)
+    status_dir.mkdir(parents=True, exist_ok=True)
+    (status_dir / CLOSING_FILE).touch()
+
+
+def busy(status_dir: Path) -> list[str]:
+    """The instances running a batch now (marks of processes that no longer exist are ignored)."""
+    found = []
+    for path in Path(status_dir).glob(f"*{BUSY_SUFFIX}"):
+        try:
+            flag, pid = np.fromfile(path, dtype=np.float64, count=2)
+        except (OSError, ValueError):
+            continue
+        if flag and _alive(int(pid)):
+            found.append(path.name[: -len(BUSY_SUFFIX)])
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (a killed stub whose parent has not reaped it) runs nothing.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+class Door:
+    """One instance's side: its busy mark, and whether the server is closing. Without a status dir
+    (tritonserver started without the launcher) it marks nothing and never closes."""
+
+    def __init__(self, status_dir: str | os.PathLike | None, instance: str):
+        self._mark: np.ndarray | None = None
+        self._closing: Path | None = None
+        if not status_dir:
+            return
+        status_dir = Path(status_dir)
+        status_dir.mkdir(parents=True, exist_ok=True)
+        path = status_dir / f"{instance}{BUSY_SUFFIX}"
+        partial = path.with_suffix(".tmp")
+        partial.write_bytes(np.array([0.0, os.getpid()], np.float64).tobytes())
+        partial.replace(path)
+        self._mark = np.memmap(path, dtype=np.float64, mode="r+", shape=(2,))
+        self._closing = status_dir / CLOSING_FILE
+
+    def enter(self) -> None:
+        """A batch arrived (call before ``closing``)."""
+        if self._mark is not None:
+            self._mark[0] = 1.0
+
+    def leave(self) -> None:
+        """The batch's responses are built."""
+        if self._mark is not None:
+            self._mark[0] = 0.0
+
+    def closing(self) -> bool:
+        return self._closing is not None and self._closing.exists()
