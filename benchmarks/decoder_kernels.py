@@ -8,13 +8,15 @@ with the default setting's (a setting that differs by more than rounding, or fai
 out). The matrix products are also timed through cuBLAS (``torch.mm`` on the same shapes) for reference,
 with ``--plain`` as bare Triton products too (no masks, no norm, no epilogue: the floor of a Triton product
 there), and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
-setting per kind against the defaults, each compared with eager PyTorch's actions.
+setting per kind against the defaults, each compared with eager PyTorch's actions, in each dependent-launch
+mode of ``--pdl`` (vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
 
 Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
 a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
 timing then runs in this process alone.
 
     source benchmarks/gpu_env.sh && python -m benchmarks.decoder_kernels --batch 1 --out $OUT/decoder-kernels.json
+    python -m benchmarks.decoder_kernels --batch 1 --kinds "" --pdl off,launch,prefetch --out $OUT/pdl.json
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import triton.language as tl
 from benchmarks.fused_decoder import eager_cases, fused_run
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
-from vlaserve.model.kernels import KINDS, FusedDecoder
+from vlaserve.model.kernels import KINDS, PDL_MODES, FusedDecoder
 from vlaserve.model.parity import compare
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
@@ -310,9 +312,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--kinds", default=",".join(KINDS), help="kinds to sweep (others keep their defaults)")
     parser.add_argument("--plain", action="store_true", help="also time bare Triton products at the same shapes")
+    parser.add_argument(
+        "--pdl",
+        default="off",
+        help=f"comma-separated dependent-launch modes to run the whole decoder in, of {PDL_MODES}",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
+    modes = [m for m in args.pdl.split(",") if m]
+    if not modes or set(modes) - set(PDL_MODES):
+        parser.error(f"--pdl: modes of {PDL_MODES}, got {args.pdl!r}")
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
     grids = settings(cfg)
@@ -372,8 +382,10 @@ def main() -> None:
     request, prefix_kv, mask, reference = eager_cases(policy, [args.batch])[args.batch]
     inputs = [prefix_kv, mask, request["state"], request["noise"]]
     result["decoder"] = {
-        name: fused_run(policy, tiles, args.batch, inputs, reference)
+        name + ("" if pdl == "off" else f", pdl {pdl}"): fused_run(policy, tiles, args.batch, inputs, reference, pdl)
         for name, tiles in (("defaults", {}), ("best", best_tiles))
+        if name == "defaults" or kinds
+        for pdl in modes
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nbatch {args.batch} ({bench.rows} rows), copy {result['copy_tb_s']} TB/s")

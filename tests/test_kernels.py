@@ -167,3 +167,98 @@ def test_norm_products_refuse_a_split_of_k():
             assert kind in str(exc) and "does not split K" in str(exc)
         else:
             raise AssertionError(f"{kind} with a fifth number must be refused")
+
+
+def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
+    """With pdl "prefetch", the five kernels as the fused decoder launches them for pi0's expert layer at
+    batch 1 compile for sm_90 (ahead of time, with the wheel's ptxas: no GPU needed): each waits for the
+    previous kernel and then lets the next start, and asks the L2 cache for its weights (the attention: its
+    prefix keys and values). With "launch" they wait without prefetching; with "off" they launch as before."""
+    import dataclasses
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vlaserve.model import kernels
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    pi0 = get_preset("pi0", 2)
+    one = {"depth": 1}
+    cfg = dataclasses.replace(  # pi0's widths, one layer of each stack, a small vocabulary: quick to build
+        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, **one),
+        prefix=dataclasses.replace(pi0.prefix, **one), expert=dataclasses.replace(pi0.expert, **one),
+    )  # fmt: skip
+    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16)
+    names = ("_norm_qkv_kernel", "_attention_kernel", "_out_proj_kernel", "_norm_geglu_kernel", "_down_proj_kernel")
+    e, p = cfg.expert, cfg.prefix_len
+
+    def launches(pdl: str) -> list:
+        calls = []
+
+        class Recorder:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
+
+        with monkeypatch.context() as m:
+            for name in names:
+                m.setattr(kernels, name, Recorder(getattr(kernels, name)))
+            fused = kernels.FusedDecoder(policy, pdl=pdl)
+            prefix_kv = torch.zeros((1, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
+            kv, cos, sin, mask, scratch, squares = fused.prepare(prefix_kv, torch.ones((1, p), dtype=torch.bool))
+            x = torch.zeros((1, 51, e.width), dtype=torch.bfloat16)
+            fused.layer(0, x, kv, cos, sin, mask, scratch, squares[0])
+        assert [fn.__name__ for fn, _, _ in calls] == list(names)
+        return calls
+
+    assert all("PDL" not in kw and "launch_pdl" not in kw for _, _, kw in launches("off"))
+    assert all(kw["PDL"] and kw["launch_pdl"] and "PREFETCH" not in kw for _, _, kw in launches("launch"))
+    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int8: "*i8"}
+    for fn, args, kw in launches("prefetch"):
+        signature, constants = {}, {}
+        for i, param in enumerate(fn.params):
+            if param.is_constexpr:
+                signature[param.name], constants[param.name] = "constexpr", kw.get(param.name, param.default)
+            else:
+                value = args[i]
+                signature[param.name] = (
+                    types[value.dtype]
+                    if isinstance(value, torch.Tensor)
+                    else "i32"
+                    if isinstance(value, int)
+                    else "fp32"
+                )
+        options = {k: kw[k] for k in ("num_warps", "num_stages", "launch_pdl")}
+        compiled = triton.compile(
+            ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options
+        )
+        ptx = compiled.asm["ptx"]
+        assert compiled.metadata.launch_pdl and compiled.asm["cubin"], fn.__name__
+        assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1, fn.__name__
+        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), fn.__name__
+        assert "prefetch.global.L2" in ptx and constants["PREFETCH"] >= 4, (fn.__name__, constants["PREFETCH"])
+
+
+def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    cfg = get_preset("tiny", 2)
+    cfg = dataclasses.replace(  # head_dim 32: the least the kernels take
+        cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=32), expert=dataclasses.replace(cfg.expert, head_dim=32)
+    )
+    policy = build_policy(cfg, seed=0)
+    with pytest.raises(ValueError, match="one of"):
+        FusedDecoder(policy, pdl="sometimes")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        FusedDecoder(policy, pdl="launch")

@@ -7,6 +7,7 @@ Runtime works on numpy arrays; TorchScript on torch tensors, on the CPU or a CUD
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -100,7 +101,10 @@ class TorchScriptRuntime:
         if self.fused_kernels and backend == "inductor":  # Triton kernels: a CUDA device
             from vlaserve.model.kernels import fused_forward
 
-            choices["fused"] = lambda: fused_forward(module)
+            # VLASERVE_FUSED_PDL=launch|prefetch: the fused kernels with programmatic dependent launch
+            # (vlaserve.model.kernels.FusedDecoder), only to measure them served; checked like any choice.
+            pdl = os.environ.get("VLASERVE_FUSED_PDL", "off")
+            choices["fused"] = lambda: fused_forward(module, pdl=pdl)
         return choices
 
     def _check_fused(self, context, module, inputs, ref, tolerance: float, rel: dict) -> str:

@@ -43,6 +43,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from vlaserve.interface import ACTION_HORIZON, NUM_FLOW_STEPS
 from vlaserve.model.policy import RMS_EPS, Policy, rope_tables, time_embedding
@@ -74,11 +75,37 @@ def _inv_rms(sq_ptr, rows, row_ok, eps, K: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptr, rows, rows_ok, row_len, start, stop, LINES: tl.constexpr):
+    """Ask the L2 cache for elements [start, stop) of each row ``ptr + row * row_len``, one request per
+    128-byte line (at most LINES per row): a kernel's weights, before it waits for the previous kernel
+    (programmatic dependent launch, :func:`_wait_for_previous`), so that they stream in meanwhile."""
+    per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    cols = start + tl.arange(0, LINES) * per_line
+    ok = rows_ok[:, None] & (cols < stop)[None, :]
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptr + rows[:, None] * row_len + cols[None, :], ok.to(tl.int32)], dtype=tl.int32, is_pure=False,
+        pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _wait_for_previous(PDL: tl.constexpr):
+    """With programmatic dependent launch, a kernel may start while the previous one still runs: it waits
+    here, before its first access to anything another kernel of the call writes or reads, for the previous
+    kernel to finish (and that one waited for its own previous one), and then lets the next start."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _norm_qkv_kernel(
     x_ptr, sq_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, M, T, eps,
     kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset,
     K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     """RMSNorm, the q/k/v projection, RoPE on q and k, and the write of k and v into the key/value buffer at
     the suffix's positions. Program (row block, head, column block): columns c.. of both halves of one q, k
@@ -88,6 +115,10 @@ def _norm_qkv_kernel(
     row_ok = rows < M
     half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns within the first half of the head
     first = head * D + half  # weight rows (output columns) of the first half; the second is + D/2
+    if PREFETCH and pid_m == 0:  # one row block asks for the weights all row blocks read
+        _prefetch_l2(w_ptr, first, half >= 0, K, 0, K, PREFETCH)
+        _prefetch_l2(w_ptr, first + D // 2, half >= 0, K, 0, K, PREFETCH)
+    _wait_for_previous(PDL)
     acc1, acc2 = _two_products(x_ptr, w_ptr, rows, row_ok, first, first + D // 2, K, BLOCK_M, BLOCK_N, BLOCK_K)
     rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
     dtype: tl.constexpr = w_ptr.dtype.element_ty
@@ -135,7 +166,8 @@ def _attention_kernel(
     T, S, P, scale, keys_per_split,
     kv_stride_b, kv_stride_kv, kv_stride_h,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    PREFETCH_KEYS: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
     query token r // G of query head h * G + r % G (G = H / HKV), as vlaserve.model.policy.attention
@@ -150,14 +182,20 @@ def _attention_kernel(
     t = r // G
     head = h * G + r % G
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
     k_base = kv_ptr + b * kv_stride_b + h * kv_stride_h
     v_base = k_base + kv_stride_kv
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, S)
+    if PREFETCH and pid_m == 0:  # this split's prefix keys and values (written before the call's first kernel)
+        keys = start + tl.arange(0, PREFETCH_KEYS)
+        keys_ok = keys < tl.minimum(stop, P)
+        _prefetch_l2(k_base, keys, keys_ok, D, 0, D, PREFETCH)
+        _prefetch_l2(v_base, keys, keys_ok, D, 0, D, PREFETCH)
+    _wait_for_previous(PDL)
+    q = tl.load(q_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    start = split * keys_per_split
-    stop = tl.minimum(start + keys_per_split, S)
     for j0 in range(start, stop, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < stop
@@ -215,7 +253,8 @@ def _merge_splits(part_ptr, dst, bh, r, r_ok, T, G: tl.constexpr, D: tl.constexp
 
 @triton.jit
 def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
-                     FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                     FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """x [M, N] += a [M, K] @ w [N, K]^T, in place, the product rounded to x's dtype before the sum (as
     the reference's ``x + linear(a)``). Program (row block x split of K, column block). Split over K (a
     skinny product has too few output tiles to keep the memory busy), each split adds its partial product
@@ -227,9 +266,13 @@ def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = split * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    if PREFETCH and pid_m == 0:
+        _prefetch_l2(w_ptr, cols, cols < N, K, k_start, k_stop, PREFETCH)
+    _wait_for_previous(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
@@ -266,25 +309,28 @@ def _residual_epilogue(acc, x_ptr, sq_ptr, rows, cols, row_ok, N):
 
 @triton.jit
 def _out_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
-                     FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                     FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):  # fmt: skip
     """The attention's output projection added to the residual stream (a kernel of its own name, so that a
     profile tells it from the down projection)."""
     _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
-                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH)  # fmt: skip
 
 
 @triton.jit
 def _down_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
-                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):  # fmt: skip
     """The MLP's down projection added to the residual stream."""
     _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
-                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH)  # fmt: skip
 
 
 @triton.jit
 def _norm_geglu_kernel(
     x_ptr, sq_ptr, w_ptr, out_ptr, M, F, eps,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
     second F rows of w [2F, K] (the reference's fused gate_up projection, chunked). Program (row block,
@@ -293,6 +339,10 @@ def _norm_geglu_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
+    if PREFETCH and pid_m == 0:
+        _prefetch_l2(w_ptr, cols, cols < F, K, 0, K, PREFETCH)
+        _prefetch_l2(w_ptr, cols + F, cols < F, K, 0, K, PREFETCH)
+    _wait_for_previous(PDL)
     gate, up = _two_products(x_ptr, w_ptr, rows, row_ok, cols, cols + F, K, BLOCK_M, BLOCK_N, BLOCK_K)
     rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
     dtype: tl.constexpr = w_ptr.dtype.element_ty
@@ -358,9 +408,13 @@ class FusedDecoder:
 
     The q/k/v and gate/up weights are kept a second time with their norm's scale (1 + weight) multiplied in,
     so that the residual stream goes straight into the products (for pi0 about 0.4 GB more GPU memory).
-    ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count."""
+    ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count. ``pdl`` (one of
+    :data:`PDL_MODES`) launches the kernels with programmatic dependent launch: "launch" lets each kernel
+    start while the previous one still runs and wait for it inside; "prefetch" also has it ask the L2 cache
+    for its weights before it waits. Not yet measured on a GPU, so off by default; it needs a GPU (the
+    interpreter has neither the launch nor the inline assembly)."""
 
-    def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132):
+    def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132, pdl: str = "off"):
         self.policy, self.cfg = policy, policy.cfg
         e = self.cfg.expert
         if e.head_dim & (e.head_dim - 1) or e.head_dim < 32 or e.num_heads % e.num_kv_heads:
@@ -374,6 +428,11 @@ class FusedDecoder:
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
         self.fence = _fence()
+        if pdl not in PDL_MODES:
+            raise ValueError(f"pdl {pdl!r}: one of {PDL_MODES}")
+        if pdl != "off" and not self.fence:
+            raise ValueError(f"pdl {pdl!r} needs a GPU: Triton's interpreter has no dependent launch")
+        self.pdl = pdl
 
     def tiles_for(self, rows: int) -> dict:
         tiles = next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
@@ -443,6 +502,14 @@ class FusedDecoder:
         return x_t
 
 
+PDL_MODES = ("off", "launch", "prefetch")
+
+
+def _lines(elements: int, dtype: torch.dtype) -> int:
+    """The 128-byte lines that ``elements`` of ``dtype`` span, up to a power of two (a ``tl.arange`` size)."""
+    return triton.next_power_of_2(max(1, -(-elements * dtype.itemsize // 128)))
+
+
 def _check_tiles(tiles: dict) -> dict:
     for kind, setting in tiles.items():
         if kind in ("qkv", "geglu") and len(setting) != 4:
@@ -478,6 +545,15 @@ class _LayerStep:
         self.keys = kv.shape[4]
         self.bm = _block_m(self.m)
 
+    def _pdl(self, row_elements: int, **extra) -> dict:
+        """The launch's dependent-launch arguments (:attr:`FusedDecoder.pdl`): none when off; with "prefetch"
+        the lines of each weight row (``row_elements`` long) the kernel asks the L2 cache for."""
+        if self.fused.pdl == "off":
+            return {}
+        if self.fused.pdl == "launch":
+            return {"PDL": True, "launch_pdl": True}
+        return {"PDL": True, "launch_pdl": True, "PREFETCH": _lines(row_elements, self.x.dtype), **extra}
+
     def _counts(self, key, tiles: int) -> torch.Tensor:
         """Arrival counts per tile (zeros; the last to arrive at a tile resets it), made once per call."""
         if (key, tiles) not in self.scratch:
@@ -493,6 +569,7 @@ class _LayerStep:
             self.x, self.squares_in, self.scaled["qkv_proj"], self.cos, self.sin, self.scratch["q"], kv_i, m, self.t, RMS_EPS,
             kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), self.fused.cfg.prefix_len,
             K=self.w, H=h, HKV=hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            **self._pdl(self.w),
         )  # fmt: skip
 
     def attention(self, tiles: dict) -> None:
@@ -516,7 +593,7 @@ class _LayerStep:
             scratch["q"], kv_i, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks), t, self.keys,
             self.fused.cfg.prefix_len, d**-0.5, per_split, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2),
             H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an, num_warps=warps,
-            num_stages=stages,
+            num_stages=stages, **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)),
         )  # fmt: skip
 
     def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
@@ -538,6 +615,7 @@ class _LayerStep:
         kernel[(triton.cdiv(m, bm) * splits, n // bn)](
             a, weight, self.x, squares, sums, counts, m, n, k, k_per_split,
             SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            **self._pdl(k_per_split),
         )  # fmt: skip
 
     def out(self, tiles: dict) -> None:
@@ -550,6 +628,7 @@ class _LayerStep:
         _norm_geglu_kernel[(triton.cdiv(m, bm), f // bn)](
             self.x, self.squares_mid, self.scaled["gate_up_proj"], self.scratch["hidden"], m, f, RMS_EPS,
             K=self.w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            **self._pdl(self.w),
         )  # fmt: skip
 
     def down(self, tiles: dict) -> None:
@@ -559,11 +638,11 @@ class _LayerStep:
 
 
 @contextlib.contextmanager
-def fused_forward(module, tiles: dict | None = None):
+def fused_forward(module, tiles: dict | None = None, pdl: str = "off"):
     """Within the block, ``module`` (a ``vlaserve.model.policy.Decoder``) computes through :class:`FusedDecoder`:
     a CUDA graph captured inside it keeps the fused kernels. The runtime offers this as one more graph choice
     (spec ``fused_kernels: true``), checked against the artifact and kept per bucket where it is fastest."""
-    fused = FusedDecoder(module.policy, tiles)
+    fused = FusedDecoder(module.policy, tiles, pdl=pdl)
     module.forward = fused.decode
     try:
         yield
