@@ -381,13 +381,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     request, prefix_kv, mask, reference = eager_cases(policy, [args.batch])[args.batch]
     inputs = [prefix_kv, mask, request["state"], request["noise"]]
-    result["decoder"] = {
-        name + ("" if pdl == "off" else f", pdl {pdl}"): fused_run(policy, tiles, args.batch, inputs, reference, pdl)
-        for name, tiles in (("defaults", {}), ("best", best_tiles))
-        if name == "defaults" or kinds
-        for pdl in modes
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result["decoder"] = {}
+    for name, tiles in (("defaults", {}), ("best", best_tiles)) if kinds else (("defaults", {}),):
+        for pdl in modes:
+            key = name + ("" if pdl == "off" else f", pdl {pdl}")
+            try:
+                result["decoder"][key] = fused_run(policy, tiles, args.batch, inputs, reference, pdl)
+            except Exception as exc:  # noqa: BLE001 - one mode failing (say, its capture) leaves the others
+                torch.cuda.synchronize()
+                result["decoder"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nbatch {args.batch} ({bench.rows} rows), copy {result['copy_tb_s']} TB/s")
     print(f"{'kind':10} {'default µs':>10} {'best µs':>8} {'cuBLAS µs':>9}  best setting")
     for kind in kinds:
@@ -399,6 +402,9 @@ def main() -> None:
     for kind, r in result.get("plain", {}).items():
         print(f"bare Triton product, {kind}: best {r['best_us']} µs with {r['best']} ({r['timed']} timed)")
     for name, row in result["decoder"].items():
+        if "error" in row:
+            print(f"decoder, {name}: failed: {row['error']}")
+            continue
         print(
             f"decoder, {name}: {row['graph_ms']} ms, rel {row['rel']} against eager{'' if row['right'] else '  WRONG (void)'}"
         )

@@ -6,6 +6,7 @@ import multiprocessing
 import time
 
 import numpy as np
+import pytest
 
 from vlaserve import admission
 
@@ -77,3 +78,54 @@ def test_the_door_marks_batches_running_and_closes(tmp_path):
     nowhere = drain.Door(None, "x")
     nowhere.enter()
     assert not nowhere.closing()
+
+
+def test_after_the_door_closes_the_models_clients_call_refuse_and_the_decoder_finishes(tmp_path, monkeypatch):
+    """A runner's execute() with the door closed: the encoder and the one-model policy answer every request
+    UNAVAILABLE without running the batch; the decoder runs it. While a batch runs its instance is marked
+    busy, and not once it has left (an exception too)."""
+    import types
+
+    from vlaserve import drain, runner
+
+    class Error:
+        UNAVAILABLE = "UNAVAILABLE"
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    class Response:
+        def __init__(self, output_tensors=None, error=None):
+            self.error = error
+
+    monkeypatch.setattr(runner, "pb_utils", types.SimpleNamespace(TritonError=Error, InferenceResponse=Response))
+    seen = []
+
+    def make(model: str) -> runner.TritonPythonModel:
+        model_runner = runner.TritonPythonModel()
+        model_runner.model_name, model_runner.admission = model, None
+        model_runner.door = drain.Door(tmp_path, f"{model}_0")
+        model_runner.refuses_on_close = drain.refuses_new_work(model)
+
+        def run(requests):
+            seen.append((model, drain.busy(tmp_path)))
+            if requests == ["boom"]:
+                raise RuntimeError("boom")
+            return ["answer" for _ in requests]
+
+        model_runner._execute = run
+        return model_runner
+
+    runners = {model: make(model) for model in ("encoder", "policy", "decoder")}
+    assert runners["encoder"].execute(["a"]) == ["answer"] and seen == [("encoder", ["encoder_0"])]
+    assert drain.busy(tmp_path) == []
+    drain.close(tmp_path)
+    for model in ("encoder", "policy"):
+        refused = runners[model].execute(["a", "b"])
+        assert [r.error.code for r in refused] == ["UNAVAILABLE"] * 2
+        assert drain.STOPPING_MESSAGE in refused[0].error.message
+    assert runners["decoder"].execute(["a"]) == ["answer"] and seen[-1] == ("decoder", ["decoder_0"])
+    assert len(seen) == 2 and drain.busy(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        runners["decoder"].execute(["boom"])
+    assert drain.busy(tmp_path) == []

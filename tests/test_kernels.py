@@ -170,11 +170,13 @@ def test_norm_products_refuse_a_split_of_k():
 
 
 def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
-    """With pdl "prefetch", the five kernels as the fused decoder launches them for pi0's expert layer at
-    batch 1 compile for sm_90 (ahead of time, with the wheel's ptxas: no GPU needed): each waits for the
-    previous kernel and then lets the next start, and asks the L2 cache for its weights (the attention: its
-    prefix keys and values). With "launch" they wait without prefetching; with "off" they launch as before."""
+    """With pdl "launch" and "prefetch", the five kernels as the fused decoder launches them for pi0's expert
+    layer at batch 1 compile for sm_90 (ahead of time, with the wheel's ptxas: no GPU needed): each waits for
+    the previous kernel before any load or store of global memory, then lets the next start; with "prefetch"
+    it first asks the L2 cache for its weights (the attention: its prefix keys and values). With "off" they
+    launch as before."""
     import dataclasses
+    import re
 
     import torch
     import triton
@@ -219,7 +221,8 @@ def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
     assert all("PDL" not in kw and "launch_pdl" not in kw for _, _, kw in launches("off"))
     assert all(kw["PDL"] and kw["launch_pdl"] and "PREFETCH" not in kw for _, _, kw in launches("launch"))
     types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int8: "*i8"}
-    for fn, args, kw in launches("prefetch"):
+    memory = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async)", re.M)
+    for mode, (fn, args, kw) in [(m, call) for m in ("launch", "prefetch") for call in launches(m)]:
         signature, constants = {}, {}
         for i, param in enumerate(fn.params):
             if param.is_constexpr:
@@ -240,8 +243,15 @@ def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
         ptx = compiled.asm["ptx"]
         assert compiled.metadata.launch_pdl and compiled.asm["cubin"], fn.__name__
         assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1, fn.__name__
-        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), fn.__name__
-        assert "prefetch.global.L2" in ptx and constants["PREFETCH"] >= 4, (fn.__name__, constants["PREFETCH"])
+        wait = ptx.index("griddepcontrol.wait")
+        assert wait < ptx.index("griddepcontrol.launch_dependents"), fn.__name__
+        # nothing another kernel writes is read or written before the wait: only prefetches come first
+        assert not memory.search(ptx[:wait]), (mode, fn.__name__, memory.search(ptx[:wait]).group(0))
+        assert memory.search(ptx[wait:]), fn.__name__  # (the pattern does find them after it)
+        if mode == "prefetch":
+            assert "prefetch.global.L2" in ptx[:wait] and constants["PREFETCH"] >= 4, fn.__name__
+        else:
+            assert "prefetch" not in ptx, fn.__name__
 
 
 def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):

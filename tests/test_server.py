@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -212,38 +213,46 @@ def test_a_full_pipeline_answers_retryable_before_the_encoder_computes(server, t
 
 def test_stop_refuses_new_requests_retryably_and_waits_for_those_admitted(tiny_repo, tiny_policy, tmp_path):
     """A stop closes the door: new requests are answered UNAVAILABLE with the launcher's message (never
-    NOT_FOUND, Triton's answer while it unloads), tritonserver keeps running while a request is admitted
-    (an in-flight slot held) or a batch runs (a live process's busy mark), and then it ends, drained."""
+    NOT_FOUND, Triton's answer while it unloads), and tritonserver keeps running while a batch runs (a
+    decoder instance's busy mark), however long. An in-flight slot still taken once nothing runs or waits
+    in the decoder's queue (its request cancelled between the models) holds it only drain.SLOTS_ALONE_S,
+    not until it expires; then it ends, drained."""
     from vlaserve import admission, drain
 
     srv = start_server(tiny_repo, tmp_path / "work")
     slots = np.memmap(srv.status_dir / admission.ADMISSION_FILE, dtype=np.float64, mode="r+")
-    mark = srv.status_dir / f"test{drain.BUSY_SUFFIX}"
+    mark = np.memmap(next(srv.status_dir.glob(f"decoder*{drain.BUSY_SUFFIX}")), dtype=np.float64, mode="r+")
     stopper = ThreadPoolExecutor(1)
     try:
         good = make_request(1, views=2, seed=5, with_noise=True)
         client = PolicyClient(srv.grpc_url)
         np.testing.assert_allclose(client.infer(good), reference_actions(tiny_policy, good), atol=1e-4)
-        slots[0] = time.time() + 120  # a request between encoder and decoder
+        # the decoder's pending gauge, which the stop also waits on, is where the launcher reads it
+        with urllib.request.urlopen(srv.metrics_url) as resp:
+            gauges = [line for line in resp.read().decode().splitlines() if "pending_request_count{" in line]
+        assert any(line.startswith('nv_inference_pending_request_count{model="decoder"') for line in gauges), gauges
+        assert srv._decoder_waiting() is False
+        mark[0] = 1.0  # the decoder running a batch
+        slots[0] = time.time() + 120  # and a request between encoder and decoder
         stopping = stopper.submit(srv.stop)
-        deadline = time.monotonic() + 30
-        while not (srv.status_dir / drain.CLOSING_FILE).exists() and time.monotonic() < deadline:
+        closed = time.monotonic()
+        while not (srv.status_dir / drain.CLOSING_FILE).exists() and time.monotonic() < closed + 30:
             time.sleep(0.01)
         for _ in range(3):
             with pytest.raises(InferenceServerException) as refused:
                 client.infer(good)
             assert "UNAVAILABLE" in str(refused.value.status()), refused.value
             assert drain.STOPPING_MESSAGE in str(refused.value), refused.value
-        mark.write_bytes(np.array([1.0, os.getpid()], np.float64).tobytes())  # a batch running
-        slots[0] = 0.0
-        slots.flush()
-        time.sleep(0.5)
-        assert not stopping.done() and srv.process.poll() is None
-        mark.write_bytes(np.array([0.0, os.getpid()], np.float64).tobytes())
-        assert stopping.result(30) == 0 and srv.stop_reason.startswith("drained"), srv.stop_reason
+        time.sleep(max(0.0, closed + drain.SLOTS_ALONE_S + 1.0 - time.monotonic()))
+        assert not stopping.done() and srv.process.poll() is None  # the batch holds it
+        mark[0] = 0.0  # the batch is answered; the slot stays taken with nothing behind it
+        done = time.monotonic()
+        assert stopping.result(30) == 0, srv.stop_reason
+        assert drain.SLOTS_ALONE_S <= time.monotonic() - done < 10, time.monotonic() - done
+        assert srv.stop_reason.startswith("drained") and "1 in-flight slots had no request" in srv.stop_reason
     finally:
         slots[:] = 0.0
-        mark.unlink(missing_ok=True)
+        mark[0] = 0.0
         stopper.shutdown(wait=True)
         srv.stop()
 

@@ -9,18 +9,26 @@ launcher notices is lost, and on a busy 2-core machine that window is long enoug
 So the launcher never sends SIGTERM to tritonserver. Instead:
 
 - it creates ``<status dir>/closing``. Every model instance looks for that file as a batch arrives;
-  once it exists, the instances that admit requests (the first step of the pipeline, or the policy run
-  as one model) answer new batches UNAVAILABLE ("the server is stopping; retry") without computing.
-  The decoder of an admission pipeline (``admission_role: release``) still finishes the requests the
-  encoder admitted: they hold in-flight slots (vlaserve.admission);
+  once it exists, the instances of the models clients call (the encoder, or the policy run as one
+  model) answer new batches UNAVAILABLE ("the server is stopping; retry") without computing. The
+  decoder still finishes what got past them;
 - each instance marks, in ``<status dir>/<instance>.busy`` (two float64: 1 while in ``execute``, and its
   pid), when it is running a batch. It sets the mark *before* it looks for the closing file, so a batch
   that got past the door is visible to the launcher from then on;
-- the launcher ends tritonserver's process group once no instance is running a batch and no in-flight
-  slot is taken, continuously for ``QUIET_S`` (time for the last answers to leave), or after its timeout.
+- the launcher ends tritonserver's process group once no instance of the group is running a batch, no
+  in-flight slot is taken (vlaserve.admission: a request between encoder and decoder) and no request waits
+  in the decoder's queue (Triton's pending gauge), continuously for ``QUIET_S``; or after its timeout.
 
 Requests that arrive meanwhile are answered UNAVAILABLE, or find the connection refused or reset:
 clients retry both. The models' unloading is what is cut short; nothing is in flight by then.
+
+What it does not do: readiness (``/v2/health/ready``) stays 200 while the door is closed, which lasts
+until the admitted requests are answered (well under a second on the benchmarks' machines) and at most
+the exit timeout and 10 s. A slot that is never given back (a request cancelled between the models) would
+hold the stop until it expires (the decoder's queue timeout and 10 s): slots still taken after
+``SLOTS_ALONE_S`` with no instance running a batch and nothing in the decoder's queue are taken to have no
+request behind them (where Triton's gauge cannot be read, the stop waits for them instead). A restart after
+an instance died waits only for the batches running: such an instance's slots are never given back.
 """
 
 from __future__ import annotations
@@ -31,10 +39,19 @@ from pathlib import Path
 
 import numpy as np
 
+from vlaserve.interface import DECODER
+
 CLOSING_FILE = "closing"
 BUSY_SUFFIX = ".busy"
-QUIET_S = 0.05  # idle this long, continuously, before the launcher ends the group
+QUIET_S = 0.2  # idle this long, continuously, before the launcher ends the group (answers leave meanwhile)
+SLOTS_ALONE_S = 1.0  # in-flight slots taken this long with nothing running or queued: no request behind them
 STOPPING_MESSAGE = "the server is stopping; retry (another replica, or this one once restarted)"
+
+
+def refuses_new_work(model: str) -> bool:
+    """Whether instances of ``model`` answer new batches UNAVAILABLE once the door is closed: the models
+    clients call do; the decoder finishes what got past them."""
+    return model != DECODER
 
 
 def close(status_dir: Path) -> None:
@@ -44,15 +61,16 @@ def close(status_dir: Path) -> None:
     (status_dir / CLOSING_FILE).touch()
 
 
-def busy(status_dir: Path) -> list[str]:
-    """The instances running a batch now (marks of processes that no longer exist are ignored)."""
+def busy(status_dir: Path, pids: set[int] | None = None) -> list[str]:
+    """The instances running a batch now: marks of processes that no longer run are ignored, and with
+    ``pids`` (tritonserver's process group) those of processes outside it."""
     found = []
     for path in Path(status_dir).glob(f"*{BUSY_SUFFIX}"):
         try:
             flag, pid = np.fromfile(path, dtype=np.float64, count=2)
         except (OSError, ValueError):
             continue
-        if flag and _alive(int(pid)):
+        if flag and (pids is None or int(pid) in pids) and _alive(int(pid)):
             found.append(path.name[: -len(BUSY_SUFFIX)])
     return sorted(found)
 
@@ -64,9 +82,9 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie (a killed stub whose parent has not reaped it) runs nothing.
+    # A zombie (a killed stub whose parent has not reaped it), or a process being torn down, runs nothing.
     with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     return True
 
 

@@ -337,8 +337,8 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
 
 
 def drain_seconds(repo: Path) -> int:
-    """How long a request admitted just before SIGTERM can still take: the queue timeouts it can wait
-    out (the encoder's, its wait for an in-flight slot, the decoder's), plus 10 s for the compute."""
+    """How long a request admitted just before a stop can still take: the queue timeouts it can wait out
+    (the encoder's, its wait for an in-flight slot, the decoder's), plus 10 s for the compute."""
     total = 10.0
     for config in runner_configs(repo).values():
         if config.HasField("dynamic_batching"):

@@ -211,9 +211,9 @@ class TritonPythonModel:
             )
             self.admission_wait_s = params.admission_wait_s if params.admission_wait_s is not None else 5.0
         # Stopping (vlaserve.drain): this instance's busy mark, and whether it refuses new work once the
-        # launcher closes the door. The decoder of an admission pipeline finishes what the encoder admitted.
+        # launcher closes the door: the models clients call do; the decoder finishes what got past them.
         self.door = drain.Door(status_dir, self.instance)
-        self.refuses_on_close = self.admission_role != "release"
+        self.refuses_on_close = drain.refuses_new_work(self.model_name)
         self.computed = None
         if pb_utils is not None:  # the family is kept: its metric dies with it
             self.computed_family = family = pb_utils.MetricFamily(
@@ -504,6 +504,19 @@ class TritonPythonModel:
             return responses
         if self.computed is not None:
             self.computed.increment(len(accepted))
+        try:
+            self._answer(responses, accepted, sizes, outputs)
+        except Exception as exc:  # noqa: BLE001 - the outputs could not be handed back: none reaches the decoder
+            if admitting:
+                self.admission.release(len(accepted))
+            for i in accepted:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.model_name}: handing the outputs back failed: {exc}")
+                )
+        return responses
+
+    def _answer(self, responses: list, accepted: list[int], sizes: list[int], outputs: list) -> None:
+        """The responses of the accepted requests, from the batch's outputs (on the host)."""
         if self.runtime.device.startswith("cuda"):
             # Outputs leave on the host. Handed over on the GPU (DLPack, then the Python backend's CUDA IPC),
             # answers came back wrong under concurrent load: on the H200 with pi0, 3,507 of 5,909 answers at
@@ -527,7 +540,6 @@ class TritonPythonModel:
             ]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             offset += size
-        return responses
 
     def _compute(self, inputs: dict) -> list:
         """Every step in order, each given its inputs from the request or an earlier step's outputs (kept

@@ -99,12 +99,16 @@ class TorchScriptRuntime:
         impl = _compiled_attention_math(self.torch, backend)
         choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
         if self.fused_kernels and backend == "inductor":  # Triton kernels: a CUDA device
-            from vlaserve.model.kernels import fused_forward
-
             # VLASERVE_FUSED_PDL=launch|prefetch: the fused kernels with programmatic dependent launch
             # (vlaserve.model.kernels.FusedDecoder), only to measure them served; checked like any choice.
             pdl = os.environ.get("VLASERVE_FUSED_PDL", "off")
-            choices["fused"] = lambda: fused_forward(module, pdl=pdl)
+
+            def fused():  # imported here: a failure drops this choice only (_check_fused), not the compiled model
+                from vlaserve.model.kernels import fused_forward
+
+                return fused_forward(module, pdl=pdl)
+
+            choices["fused"] = fused
         return choices
 
     def _check_fused(self, context, module, inputs, ref, tolerance: float, rel: dict) -> str:
@@ -129,10 +133,9 @@ class TorchScriptRuntime:
     def _release_fused(module) -> None:
         """No graph will replay the fused kernels: the copies of the weights they keep (about 0.4 GB for pi0)
         can go."""
-        if getattr(module, "policy", None) is not None:
-            from vlaserve.model.kernels import release_scaled_weights
-
-            release_scaled_weights(module.policy)
+        kernels = sys.modules.get("vlaserve.model.kernels")  # not imported (or failed to): nothing was made
+        if kernels is not None and getattr(module, "policy", None) is not None:
+            kernels.release_scaled_weights(module.policy)
 
     def compile(self, manifest: Manifest, batch: int = 1, backend: str = "inductor") -> str:
         """Run the Python model the artifact was traced from (``manifest``'s preset and views, the artifact's

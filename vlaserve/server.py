@@ -13,6 +13,7 @@ image's own server and backends instead. ``python -m vlaserve.server --help`` li
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import os
@@ -140,7 +141,8 @@ class ServerOptions:
     )
     exit_timeout: int | None = _option(
         None,
-        "seconds a stop waits for the requests admitted to be answered (default: the configs' queue timeouts and 10 s)",
+        "seconds a stop waits, beyond 10 s, for the requests admitted to be answered (default: the configs' queue "
+        "timeouts and 10 s); also tritonserver's own --exit-timeout-secs",
     )
     http_guard: bool = _option(
         True,
@@ -409,7 +411,8 @@ class TritonServer:
         flight, answering NOT_FOUND (a permanent error) to every request meanwhile. Past ``timeout``
         (default: the exit timeout and 10 s) without draining, the group is killed as well, and the exit
         code says so. ``admitted=False`` waits only for the batches running: for a restart after an instance
-        died, whose admitted requests hold their slots until they expire.
+        died, whose admitted requests hold their slots until they expire (0 then says only that the batches
+        running were answered).
         """
         timeout = self.exit_timeout + 10 if timeout is None else timeout
         if self.guard is not None:  # first: no new HTTP requests, and those in flight answered, while Triton runs
@@ -425,14 +428,19 @@ class TritonServer:
         if self.process is not None and not self.cleaned:
             segments = {*self.segments, *self._shm_segments()}
             if code is None:
-                drain.close(self.status_dir)
-                drained = self._wait_drained(timeout, admitted)
-                code = self.process.poll()
-                self.stop_reason = drained or ("tritonserver exited" if code is not None else f"{timeout:g} s passed")
-                if code is None:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-                    code = 0 if drained else -signal.SIGKILL
+                drained = ""
+                try:
+                    drain.close(self.status_dir)
+                    drained = self._wait_drained(timeout, admitted)
+                finally:  # also when interrupted: a tritonserver with its door closed would refuse everything
+                    code = self.process.poll()
+                    self.stop_reason = drained or (
+                        "tritonserver exited" if code is not None else f"{timeout:g} s passed"
+                    )
+                    if code is None:
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                        self.process.wait()
+                        code = 0 if drained else -signal.SIGKILL
             # Stubs left behind by a tritonserver that died (a crash, a kill) do not always notice: they
             # would keep their memory, and their shared-memory regions, which a full unload unlinks.
             deadline = time.monotonic() + 5
@@ -450,23 +458,53 @@ class TritonServer:
         return code
 
     def _wait_drained(self, timeout: float, admitted: bool = True) -> str:
-        """After closing the door: wait until no instance runs a batch and (``admitted``) no in-flight slot
-        is taken, for drain.QUIET_S on end (the last answers leave meanwhile); how that was seen, or ""
-        (tritonserver exited, or ``timeout`` passed)."""
-        deadline, quiet_since = time.monotonic() + timeout, None
+        """After closing the door: wait until no instance of tritonserver's group runs a batch and
+        (``admitted``) no in-flight slot is taken and no request waits in the decoder's queue, for
+        drain.QUIET_S on end (the last answers leave meanwhile); how that was seen, or "" (tritonserver
+        exited, or ``timeout`` passed)."""
+        started = time.monotonic()
+        deadline, quiet_since, slots_alone_since, lost = started + timeout, None, None, 0
+        waited = collections.Counter()
         slots = self.status_dir / admission.ADMISSION_FILE
+        members = set(group_members(self.process.pid))  # the instances' processes (read once: /proc is slow)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return ""
             now = time.monotonic()
-            if drain.busy(self.status_dir) or (admitted and admission.taken(slots)):
+            running = drain.busy(self.status_dir, members)
+            queued = admitted and not running and self._decoder_waiting()
+            taken = admission.taken(slots) if admitted and not running and not queued else 0
+            if taken and queued is False:
+                # Slots taken while nothing runs and the decoder's queue is empty: a request between the
+                # models, for milliseconds; or slots whose request went away (cancelled between the models),
+                # which come back only when they expire. After drain.SLOTS_ALONE_S they count as the latter.
+                slots_alone_since = slots_alone_since or now
+                if now - slots_alone_since >= drain.SLOTS_ALONE_S:
+                    lost, taken = taken, 0
+            else:
+                slots_alone_since = None
+            if running or queued or taken:
                 quiet_since = None
+                waited["a batch running" if running else "the decoder's queue" if queued else "in-flight slots"] += 1
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= drain.QUIET_S:
-                return "drained (no batch running" + (", no request admitted)" if admitted else ")")
+                took = now - started
+                why = f" after {took:.1f} s, mostly waiting for {waited.most_common(1)[0][0]}" if took > 2 else ""
+                gone = f"; {lost} in-flight slots had no request behind them" if lost else ""
+                return "drained (no batch running" + (", no request admitted" if admitted else "") + ")" + why + gone
             time.sleep(0.005)
         return ""
+
+    def _decoder_waiting(self) -> bool | None:
+        """Whether a request waits in the decoder's queue (Triton's pending gauge; None if unreadable)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=0.2) as resp:
+                text = resp.read().decode()
+        except (OSError, ValueError):
+            return None
+        prefix = f'nv_inference_pending_request_count{{model="{io.DECODER}"'
+        return any(float(line.rsplit(" ", 1)[1]) > 0 for line in text.splitlines() if line.startswith(prefix))
 
     def _shm_segments(self) -> list[Path]:
         """The /dev/shm files mapped by tritonserver's process group (the Python backend's regions)."""

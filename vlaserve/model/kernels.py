@@ -43,7 +43,22 @@ import weakref
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # programmatic dependent launch: Triton 3.4 and later (FusedDecoder refuses pdl without it)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():  # never called: only in branches of PDL=True, which FusedDecoder refuses here
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 from vlaserve.interface import ACTION_HORIZON, NUM_FLOW_STEPS
 from vlaserve.model.policy import RMS_EPS, Policy, rope_tables, time_embedding
@@ -432,6 +447,11 @@ class FusedDecoder:
             raise ValueError(f"pdl {pdl!r}: one of {PDL_MODES}")
         if pdl != "off" and not self.fence:
             raise ValueError(f"pdl {pdl!r} needs a GPU: Triton's interpreter has no dependent launch")
+        if pdl != "off" and not HAS_PDL:
+            raise ValueError(f"pdl {pdl!r} needs Triton 3.4 or later (this is {triton.__version__})")
+        device = policy.expert_layers[0].qkv_proj.weight.device
+        if pdl != "off" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+            raise ValueError(f"pdl {pdl!r} needs compute capability 9.0 or later (Hopper), not {device}'s")
         self.pdl = pdl
 
     def tiles_for(self, rows: int) -> dict:
