@@ -33,13 +33,13 @@ an instance died waits only for the batches running: such an instance's slots ar
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from vlaserve.interface import DECODER
+from vlaserve.supervisor import process_alive
 
 CLOSING_FILE = "closing"
 BUSY_SUFFIX = ".busy"
@@ -70,22 +70,9 @@ def busy(status_dir: Path, pids: set[int] | None = None) -> list[str]:
             flag, pid = np.fromfile(path, dtype=np.float64, count=2)
         except (OSError, ValueError):
             continue
-        if flag and (pids is None or int(pid) in pids) and _alive(int(pid)):
+        if flag and (pids is None or int(pid) in pids) and process_alive(int(pid)):
             found.append(path.name[: -len(BUSY_SUFFIX)])
     return sorted(found)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (a killed stub whose parent has not reaped it), or a process being torn down, runs nothing.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    return True
 
 
 class Door:
