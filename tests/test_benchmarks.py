@@ -153,9 +153,10 @@ def test_peers_benchmark_produces_table_and_results_on_cpu(tiny_repo, tmp_path, 
 
 
 @pytest.mark.parametrize("failure", ["wrong", "raises"])
-def test_a_failing_fused_choice_drops_only_itself(tiny_repo, monkeypatch, failure):
-    """The decoder's fused kernels are an optional graph choice: wrong answers or a compile error drop that
-    choice (named in fused_note), and the compiled decoder still serves."""
+@pytest.mark.parametrize("choice", ["fused", "triton_attention"])
+def test_a_failing_triton_choice_drops_only_itself(tiny_repo, monkeypatch, failure, choice):
+    """The decoder's Triton kernels are optional graph choices: wrong answers or a compile error drop that
+    choice alone (named in fused_note), the other stays offered, and the compiled decoder still serves."""
     import contextlib
 
     from vlaserve.model.kernels import _SCALED, _scaled_weights
@@ -163,10 +164,12 @@ def test_a_failing_fused_choice_drops_only_itself(tiny_repo, monkeypatch, failur
     manifest, runtime = _runtime(tiny_repo, "decoder")
     runtime.fused_kernels = True
     offered = runtime._compiled_choices
+    other = {"fused": "triton_attention", "triton_attention": "fused"}[choice]
 
     @contextlib.contextmanager
-    def broken_fused(module):
-        _scaled_weights(module.policy)  # as the real fused decoder: its weight copies made on entry
+    def broken(module):
+        if choice == "fused":
+            _scaled_weights(module.policy)  # as the real fused decoder: its weight copies made on entry
         if failure == "raises":
             raise RuntimeError("Triton: out of resource")  # as a compile error on another GPU would
         module.forward = lambda *inputs: torch.zeros(len(inputs[0]), 50, 32)
@@ -175,12 +178,20 @@ def test_a_failing_fused_choice_drops_only_itself(tiny_repo, monkeypatch, failur
         finally:
             del module.forward
 
-    monkeypatch.setattr(runtime, "_compiled_choices",
-                        lambda backend, module: {**offered(backend, module), "fused": lambda: broken_fused(module)})  # fmt: skip
+    def choices(backend, module):
+        # what an inductor runtime offers (this test compiles with "eager"), the one choice broken
+        return {**offered(backend, module), other: contextlib.nullcontext, choice: lambda: broken(module)}
+
+    monkeypatch.setattr(runtime, "_compiled_choices", choices)
     assert runtime.compile(manifest, batch=2, backend="eager") == ""
-    assert runtime.compiled is not None and not runtime.fused_kernels
-    assert runtime.fused_note.startswith("fused kernels dropped: " + ("RuntimeError" if failure == "raises" else "rel"))
-    assert runtime.compiled.policy.expert_layers not in _SCALED  # no graph will use the weight copies: gone
+    assert runtime.compiled is not None and runtime.dropped == {choice}
+    assert runtime.fused_note.startswith(f"{choice} dropped: " + ("RuntimeError" if failure == "raises" else "rel"))
+    assert {"default", "compiled_math", other} <= set(runtime.compiled_rel)  # (and the wrong one's error)
+    monkeypatch.setattr(runtime, "_compiled_choices", offered)
+    runtime.compile_backend = "inductor"  # as served: the Triton choices offered, less the dropped one
+    assert other in runtime.attention_choices() and choice not in runtime.attention_choices()
+    if choice == "fused":
+        assert runtime.compiled.policy.expert_layers not in _SCALED  # no graph will use the weight copies: gone
 
 
 def test_decoder_kernel_grids_cover_the_defaults_and_fit_the_gpu():

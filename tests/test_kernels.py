@@ -272,3 +272,52 @@ def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="needs a GPU"):
         FusedDecoder(policy, pdl="launch")
+
+
+TRITON_ATTENTION = """
+import json, torch
+from vlaserve.model.kernels import triton_attention
+from vlaserve.model.policy import attention_bias, attention_math
+from vlaserve.model.parity import compare
+
+torch.manual_seed(0)
+rows = []
+# 2 items, 5 query tokens, 4 heads over 2 kv heads (2 folded per kv head), head_dim 32, 200 keys: 2 key splits
+# by default, 1 when the GPU is said to hold a single program
+b, t, h, hkv, d, s = 2, 5, 4, 2, 32, 200
+q = torch.randn(b, t, h + 2 * hkv, d)[:, :, :h]  # a view, as the layers' q is: rows contiguous, not the whole
+kv = torch.randn(b, 3, 2, hkv, s, d)[:, 1]  # [B, 2, Hkv, S, D] of a wider buffer, as the decoder's
+k, v = kv[:, 0], kv[:, 1]
+mask = torch.rand(b, t, s) > 0.3
+mask[:, :, 0] = True  # no empty row
+shared = torch.rand(b, 1, s) > 0.5
+shared[:, :, 0] = True
+for name, m in (("per query", mask), ("shared", shared)):
+    bias = attention_bias(m, h // hkv, torch.float32, s)
+    ref = attention_math(q, k, v, bias)
+    for programs in (132, 1):
+        out = triton_attention(q, k, v, bias, target_programs=programs)
+        rows.append({"mask": name, "programs": programs, **compare(out, ref),
+                     "moved": compare(out, attention_math(q, k, v + 1, bias))["rel"]})
+try:
+    triton_attention(torch.randn(1, 2, 2, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24), torch.zeros(1, 1, 1, 8))
+except ValueError as exc:
+    rows.append({"refused": str(exc)})
+print(json.dumps(rows))
+"""
+
+
+def test_triton_attention_matches_the_reference_in_the_interpreter():
+    """The attention kernel with a bias tensor (the compiled decoder's choice "triton_attention") against
+    attention_math: per-query and shared masks, split over the keys and not; a head_dim it cannot take is
+    refused with a ValueError (the choice is then dropped, not served)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_ATTENTION], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 5 and "head_dim 24" in rows[-1]["refused"], rows
+    for row in rows[:4]:
+        assert row["rel"] < 1e-5, row
+        assert row["moved"] > 1e-2, row

@@ -44,6 +44,11 @@ class OnnxRuntime:
         return self.session.run(self.output_names, inputs)
 
 
+# Graph choices of the compiled decoder that may fail where others run (a Triton version or GPU that cannot
+# compile them): each is checked alone against the artifact, and only a failing one is dropped.
+OPTIONAL_CHOICES = ("fused", "triton_attention")
+
+
 class TorchScriptRuntime:
     """A TorchScript module run under ``torch.inference_mode``; on a GPU, optionally from CUDA graphs, and
     optionally as the Python model it was traced from with its layers compiled by Inductor (:meth:`compile`)."""
@@ -71,6 +76,7 @@ class TorchScriptRuntime:
         self.compile_backend = ""
         self.fused_kernels = False  # offer the decoder's fused Triton kernels as a choice (vlaserve.model.kernels)
         self.fused_note = ""  # why they were dropped, if they were
+        self.dropped: set[str] = set()  # optional choices (OPTIONAL_CHOICES) that failed their check
         self.precision: str | None = None  # "fp8": the module's fp8_targets in float8 (vlaserve.model.fp8)
         self.precision_note = ""  # why fp8 was not used, if it was asked for and not
 
@@ -93,7 +99,9 @@ class TorchScriptRuntime:
 
     def _compiled_choices(self, backend: str, module) -> dict:
         """SDPA as it comes, :func:`vlaserve.model.policy.attention_math` compiled, and with ``fused_kernels``
-        the decoder's fused Triton kernels: what :meth:`compile` checks."""
+        the decoder's Triton kernels (each of :data:`OPTIONAL_CHOICES`): the whole expert layer fused
+        ("fused"), and attention alone in Triton inside the compiled model ("triton_attention"). What
+        :meth:`compile` checks."""
         from vlaserve.model.policy import attention_override
 
         impl = _compiled_attention_math(self.torch, backend)
@@ -103,16 +111,22 @@ class TorchScriptRuntime:
             # (vlaserve.model.kernels.FusedDecoder), only to measure them served; checked like any choice.
             pdl = os.environ.get("VLASERVE_FUSED_PDL", "off")
 
-            def fused():  # imported here: a failure drops this choice only (_check_fused), not the compiled model
+            def fused():  # imported here: a failure drops this choice only (_check_optional), not the compiled model
                 from vlaserve.model.kernels import fused_forward
 
                 return fused_forward(module, pdl=pdl)
 
-            choices["fused"] = fused
-        return choices
+            def triton_attention():
+                from vlaserve.model.kernels import triton_attention
 
-    def _check_fused(self, context, module, inputs, ref, tolerance: float, rel: dict) -> str:
-        """Run the fused choice once against the artifact's answer; returns why it is dropped, or ""."""
+                return attention_override(triton_attention)
+
+            choices["fused"] = fused
+            choices["triton_attention"] = triton_attention
+        return {name: c for name, c in choices.items() if name not in self.dropped}
+
+    def _check_optional(self, name: str, context, module, inputs, ref, tolerance: float, rel: dict) -> str:
+        """Run an optional choice once against the artifact's answer; returns why it is dropped, or ""."""
         from vlaserve.model.parity import compare
 
         try:
@@ -121,13 +135,15 @@ class TorchScriptRuntime:
         except Exception as exc:  # noqa: BLE001 - e.g. a Triton compile error on another GPU or Triton version
             if self.device.startswith("cuda"):
                 self.torch.cuda.synchronize(self.device)
+            why = f"{name} dropped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        else:
+            rel[name] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]
+            if rel[name] <= tolerance:
+                return ""
+            why = f"{name} dropped: rel {rel[name]:.2g} against the artifact > {tolerance:g}"
+        if name == "fused":
             self._release_fused(module)
-            return f"fused kernels dropped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        rel["fused"] = compare((out[0] if isinstance(out, tuple) else out).float(), ref.float())["rel"]
-        if not rel["fused"] <= tolerance:
-            self._release_fused(module)
-            return f"fused kernels dropped: rel {rel['fused']:.2g} against the artifact > {tolerance:g}"
-        return ""
+        return why
 
     @staticmethod
     def _release_fused(module) -> None:
@@ -171,7 +187,7 @@ class TorchScriptRuntime:
                     ref = self.module(*inputs)
                 ref = ref[0] if isinstance(ref, tuple) else ref
                 choices = self._compiled_choices(backend, module)
-                fused = choices.pop("fused", None)
+                optional = {name: choices.pop(name) for name in OPTIONAL_CHOICES if name in choices}
                 for name, context in choices.items():
                     with context():
                         out = module(*inputs)
@@ -181,10 +197,14 @@ class TorchScriptRuntime:
                 torch.cuda.synchronize(self.device)
             return f"compiling failed, running the TorchScript module: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         tolerance = REL_TOLERANCE["fp8" if self.precision == "fp8" else manifest.dtype]
-        if fused is not None:  # the fused kernels are one optional choice: if they fail, only they are dropped
-            self.fused_note = self._check_fused(fused, module, inputs, ref, tolerance, rel)
-            self.fused_kernels = not self.fused_note
-        bad = {name: r for name, r in rel.items() if name != "fused" and not r <= tolerance}  # NaN is bad too
+        # the Triton kernels are optional choices: one that fails is dropped alone, and the status says why
+        notes = [
+            self._check_optional(name, context, module, inputs, ref, tolerance, rel)
+            for name, context in optional.items()
+        ]
+        self.fused_note = "; ".join(n for n in notes if n)
+        self.dropped = {name for name, note in zip(optional, notes) if note}
+        bad = {name: r for name, r in rel.items() if name not in OPTIONAL_CHOICES and not r <= tolerance}  # NaN too
         if bad:
             name, r = next(iter(bad.items()))
             return (

@@ -177,19 +177,26 @@ def _last_to_arrive(count_ptr, tile, SPLITS: tl.constexpr, FENCE: tl.constexpr):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, kv_ptr, pmask_ptr, o_ptr, part_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, pmask_ptr, o_ptr, part_ptr, count_ptr,
     T, S, P, scale, keys_per_split,
-    kv_stride_b, kv_stride_kv, kv_stride_h,
+    q_stride_b, q_stride_t, kv_stride_b, kv_stride_h, bias_stride_b, bias_stride_r,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-    PREFETCH_KEYS: tl.constexpr = 0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr = False, KV_FIRST: tl.constexpr = True,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PREFETCH_KEYS: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
     query token r // G of query head h * G + r % G (G = H / HKV), as vlaserve.model.policy.attention
-    folds them. Masking: prefix key j counts if the prefix token is valid; suffix key s = j - P is seen by
-    every action token, and by the state token (t = 0) only when s = 0. Split over the keys, each split
+    folds them. q [B, T, H, D] (strides given, head_dim contiguous), k and v [B, HKV, S, D] (the same
+    strides, rows of D contiguous), output [B, T, H * D] contiguous.
+
+    Masking, without BIAS (the fused decoder): prefix key j counts if the prefix token is valid; suffix key
+    s = j - P is seen by every action token, and by the state token (t = 0) only when s = 0. With BIAS: an
+    additive bias [B, 1, R, S] (0 or -inf; R = T * G, or 1 for one row shared by all), as
+    vlaserve.model.policy.attention_bias makes it. KV_FIRST loads each block's values with its keys, so
+    that both are in flight together. Scores are kept in base 2 (exp2). Split over the keys, each split
     stores its partial result and the last to arrive merges them (:func:`_merge_splits`)."""
     G: tl.constexpr = H // HKV
+    LOG2E: tl.constexpr = 1.4426950408889634
     bh, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // HKV, bh % HKV
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,8 +204,8 @@ def _attention_kernel(
     t = r // G
     head = h * G + r % G
     d = tl.arange(0, D)
-    k_base = kv_ptr + b * kv_stride_b + h * kv_stride_h
-    v_base = k_base + kv_stride_kv
+    k_base = k_ptr + b * kv_stride_b + h * kv_stride_h
+    v_base = v_ptr + b * kv_stride_b + h * kv_stride_h
     start = split * keys_per_split
     stop = tl.minimum(start + keys_per_split, S)
     if PREFETCH and pid_m == 0:  # this split's prefix keys and values (written before the call's first kernel)
@@ -207,7 +214,9 @@ def _attention_kernel(
         _prefetch_l2(k_base, keys, keys_ok, D, 0, D, PREFETCH)
         _prefetch_l2(v_base, keys, keys_ok, D, 0, D, PREFETCH)
     _wait_for_previous(PDL)
-    q = tl.load(q_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+    q_rows = q_ptr + b * q_stride_b + t * q_stride_t + head * D
+    q = tl.load(q_rows[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
+    qk_scale = scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -215,17 +224,26 @@ def _attention_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < stop
         k = tl.load(k_base + j[None, :] * D + d[:, None], mask=j_ok[None, :], other=0.0)  # [D, BLOCK_N]
-        s = tl.dot(q, k) * scale
-        prefix_ok = tl.load(pmask_ptr + b * P + j, mask=j_ok & (j < P), other=0) != 0
-        seen = (j[None, :] < P) & prefix_ok[None, :]
-        seen = seen | ((j[None, :] >= P) & ((t[:, None] > 0) | (j[None, :] == P)))
-        s = tl.where(seen & j_ok[None, :], s, float("-inf"))
+        if KV_FIRST:
+            v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        if BIAS:
+            bias = tl.load(bias_ptr + b * bias_stride_b + r[:, None] * bias_stride_r + j[None, :],
+                           mask=r_ok[:, None] & j_ok[None, :], other=float("-inf"))  # fmt: skip
+            s = tl.dot(q, k) * qk_scale + bias.to(tl.float32) * LOG2E
+            s = tl.where(j_ok[None, :], s, float("-inf"))
+        else:
+            s = tl.dot(q, k) * qk_scale
+            prefix_ok = tl.load(pmask_ptr + b * P + j, mask=j_ok & (j < P), other=0) != 0
+            seen = (j[None, :] < P) & prefix_ok[None, :]
+            seen = seen | ((j[None, :] >= P) & ((t[:, None] > 0) | (j[None, :] == P)))
+            s = tl.where(seen & j_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        if not KV_FIRST:
+            v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     dst = o_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :]
@@ -257,7 +275,7 @@ def _merge_splits(part_ptr, dst, bh, r, r_ok, T, G: tl.constexpr, D: tl.constexp
     for split in tl.static_range(SPLITS):
         row = (bh * SPLITS + split) * (T * G) + r
         m_s = tl.load(part_ptr + row * (D + 2) + D, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp(m_s - m_safe)
+        w = tl.exp2(m_s - m_safe)  # the maxima are in base 2 (:func:`_attention_kernel`)
         total += w * tl.load(part_ptr + row * (D + 2) + D + 1, mask=r_ok, other=0.0, cache_modifier=".cg")
         part = tl.load(
             part_ptr + row[:, None] * (D + 2) + d[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg"
@@ -381,14 +399,79 @@ KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kerne
 # num_stages) for the attention, whose "splits" of the keys are 0 for enough to keep about
 # `target_programs` programs busy. Per row count (batch x 51 tokens). Up to 64 rows (batch 1): from
 # benchmarks/decoder_kernels.py's sweep for pi0 on the H200, the fastest for q/k/v and gate/up and within
-# 5 % of it for the others (docs/BENCHMARKS.md). Above: settings from an earlier sweep at batch 4, not yet
-# swept again with these kernels.
+# 5 % of it for the others (docs/BENCHMARKS.md). Above: the products' settings from an earlier sweep at
+# batch 4, not yet swept again with these kernels; the attention's the fastest at batches 8 and 16 of
+# benchmarks/attention_bench.py's sweep (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0}),
-    (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 3), "out": (32, 128, 4, 4, 1),
+    (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 2), "out": (32, 128, 4, 4, 1),
             "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0}),
 )  # fmt: skip
+
+
+def attention_launch(batch: int, kv_heads: int, rows: int, keys: int, tiles: dict, target_programs: int) -> tuple:
+    """The attention's launch for ``rows`` folded query rows per kv head over ``keys`` keys: (BLOCK_M, BLOCK_N,
+    warps, stages, row blocks, splits of the keys, keys per split). ``tiles["splits"]`` 0 splits the keys
+    enough to keep about ``target_programs`` programs busy (at least 64 keys per split)."""
+    am, an, warps, stages = tiles["attention"]
+    am = 16 if rows <= 16 else am
+    row_blocks = triton.cdiv(rows, am)
+    splits = tiles["splits"]
+    if not splits:
+        splits = max(1, min(keys // 64, -(-target_programs // (batch * kv_heads * row_blocks))))
+    per_split = triton.cdiv(triton.cdiv(keys, splits), an) * an
+    return am, an, warps, stages, row_blocks, triton.cdiv(keys, per_split), per_split
+
+
+def tiles_for(rows: int) -> dict:
+    """The launch settings of :data:`TILES_BY_ROWS` for ``rows`` (batch x 51 tokens)."""
+    return next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     target_programs: int = 132, tiles: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """What ``vlaserve.model.policy.attention`` computes (q [B, T, H, D]; k, v [B, Hkv, S, D]; the additive
+    bias [B, 1, T * H / Hkv or 1, S] of ``attention_bias``), as :func:`_attention_kernel` with the bias: the
+    query heads folded, the keys split so that a small batch still fills the GPU. For the compiled decoder
+    (``vlaserve.model.policy.attention_override``): PyTorch's memory-efficient kernel keeps its output in
+    global memory for head_dim 256 and took 53 us per call there at batch 16 (docs/BENCHMARKS.md).
+    Raises ValueError for shapes or layouts it does not take (head_dim not a power of two >= 16,
+    non-contiguous rows). ``tiles`` overrides the "attention" and "splits" entries of :data:`TILES_BY_ROWS`."""
+    b, t, h, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv if hkv else 0
+    if d & (d - 1) or d < 16 or not g or h % hkv:
+        raise ValueError(f"triton_attention: head_dim {d} must be a power of two >= 16, heads a multiple of kv heads")
+    if q.stride(3) != 1 or q.stride(2) != d or k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != d:
+        raise ValueError(
+            f"triton_attention: rows of q, k, v must be contiguous (strides {q.stride()}, {k.stride()}, {v.stride()})"
+        )
+    if (
+        bias.dim() != 4
+        or bias.shape[1] != 1
+        or bias.shape[2] not in (1, t * g)
+        or bias.shape[3] != s
+        or bias.stride(3) != 1
+    ):
+        raise ValueError(
+            f"triton_attention: bias {tuple(bias.shape)} is not [B, 1, {t * g} or 1, {s}] with contiguous rows"
+        )
+    am, an, warps, stages, row_blocks, splits, per_split = attention_launch(
+        b, hkv, t * g, s, {**tiles_for(b * t), **(tiles or {})}, target_programs
+    )
+    out = torch.empty((b, t, h * d), dtype=q.dtype, device=q.device)
+    part = (
+        torch.empty((b * hkv * splits * t * g * (d + 2),), dtype=torch.float32, device=q.device) if splits > 1 else out
+    )
+    counts = torch.zeros((b * hkv * row_blocks,), dtype=torch.int32, device=q.device)
+    _attention_kernel[(b * hkv, row_blocks, splits)](
+        q, k, v, bias, bias, out, part, counts, t, s, 0, d**-0.5, per_split,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if bias.shape[2] > 1 else 0,
+        H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, BIAS=True,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
 
 
 _SCALED = weakref.WeakKeyDictionary()  # expert layers -> their weights with the norm scales in
@@ -455,14 +538,7 @@ class FusedDecoder:
         self.pdl = pdl
 
     def tiles_for(self, rows: int) -> dict:
-        tiles = next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
-        return {**tiles, **self.overrides}
-
-    def _splits(self, tiles: dict, batch: int, row_blocks: int, keys: int) -> int:
-        if tiles["splits"]:
-            return tiles["splits"]
-        programs = batch * self.cfg.expert.num_kv_heads * row_blocks
-        return max(1, min(keys // 64, -(-self.target_programs // programs)))
+        return {**tiles_for(rows), **self.overrides}
 
     def layer(self, i: int, x: torch.Tensor, kv: torch.Tensor, cos, sin, prefix_mask, scratch: dict, squares,
               kinds: tuple[str, ...] = KINDS, tiles: dict | None = None) -> None:  # fmt: skip
@@ -595,25 +671,23 @@ class _LayerStep:
     def attention(self, tiles: dict) -> None:
         e, b, t, kv_i, scratch = self.e, self.b, self.t, self.kv_i, self.scratch
         h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
-        g = h // hkv
-        am, an, warps, stages = tiles["attention"]
-        am = 16 if t * g <= 16 else am
-        row_blocks = triton.cdiv(t * g, am)
-        splits = self.fused._splits(tiles, b, row_blocks, self.keys)
-        per_split = triton.cdiv(triton.cdiv(self.keys, splits), an) * an
-        splits = triton.cdiv(self.keys, per_split)
+        am, an, warps, stages, row_blocks, splits, per_split = attention_launch(
+            b, hkv, t * (h // hkv), self.keys, tiles, self.fused.target_programs
+        )
         attn = scratch["attn"]
         part = attn  # unused with one split
         if splits > 1:
             if ("part", splits) not in scratch:
-                size = b * hkv * splits * t * g * (d + 2)
+                size = b * hkv * splits * t * (h // hkv) * (d + 2)
                 scratch[("part", splits)] = torch.empty((size,), dtype=torch.float32, device=self.x.device)
             part = scratch[("part", splits)]
+        k, v = kv_i[:, 0], kv_i[:, 1]
         _attention_kernel[(b * hkv, row_blocks, splits)](
-            scratch["q"], kv_i, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks), t, self.keys,
-            self.fused.cfg.prefix_len, d**-0.5, per_split, kv_i.stride(0), kv_i.stride(1), kv_i.stride(2),
-            H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an, num_warps=warps,
-            num_stages=stages, **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)),
+            scratch["q"], k, v, self.mask, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks),
+            t, self.keys, self.fused.cfg.prefix_len, d**-0.5, per_split, t * h * d, h * d, k.stride(0), k.stride(1), 0, 0,
+            H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an,
+            KV_FIRST=tiles.get("kv_first", True), num_warps=warps, num_stages=stages,
+            **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)),
         )  # fmt: skip
 
     def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
