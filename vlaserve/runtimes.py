@@ -7,7 +7,6 @@ Runtime works on numpy arrays; TorchScript on torch tensors, on the CPU or a CUD
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -107,14 +106,11 @@ class TorchScriptRuntime:
         impl = _compiled_attention_math(self.torch, backend)
         choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
         if self.fused_kernels and backend == "inductor":  # Triton kernels: a CUDA device
-            # VLASERVE_FUSED_PDL=launch|prefetch: the fused kernels with programmatic dependent launch
-            # (vlaserve.model.kernels.FusedDecoder), only to measure them served; checked like any choice.
-            pdl = os.environ.get("VLASERVE_FUSED_PDL", "off")
 
             def fused():  # imported here: a failure drops this choice only (_check_optional), not the compiled model
                 from vlaserve.model.kernels import fused_forward
 
-                return fused_forward(module, pdl=pdl)
+                return fused_forward(module)
 
             def triton_attention():
                 from vlaserve.model.kernels import triton_attention

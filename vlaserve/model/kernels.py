@@ -10,7 +10,9 @@ expert layer is five kernels:
    the decoder's key/value buffer.
 2. :func:`_attention_kernel`: attention of the folded query heads over the prefix and suffix keys, the
    mask made from the prefix validity and the suffix's fixed structure (no bias tensor), split over the
-   keys so that a batch of 1 still fills the GPU; the last split to finish merges them.
+   keys so that a batch of 1 still fills the GPU; the last split to finish merges them. With an additive
+   bias instead, the same kernel is :func:`triton_attention`, which the compiled decoder may use in place
+   of SDPA (a graph choice of its own, kept per bucket where it is fastest).
 3. :func:`_out_proj_kernel`: the output projection added to the residual stream, in place.
 4. :func:`_norm_geglu_kernel`: RMSNorm, the gate and up projections and GeGLU (tanh GELU) in one pass.
 5. :func:`_down_proj_kernel`: the down projection added to the residual stream, in place.
@@ -509,8 +511,9 @@ class FusedDecoder:
     ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count. ``pdl`` (one of
     :data:`PDL_MODES`) launches the kernels with programmatic dependent launch: "launch" lets each kernel
     start while the previous one still runs and wait for it inside; "prefetch" also has it ask the L2 cache
-    for its weights before it waits. Not yet measured on a GPU, so off by default; it needs a GPU (the
-    interpreter has neither the launch nor the inline assembly)."""
+    for its weights before it waits. On the H200 both were slower than "off" (8.9 and 8.7 against 7.96 ms
+    per decoder call at batch 1; docs/BENCHMARKS.md), so nothing serves them: kept to measure again when
+    the kernels change. It needs a GPU (the interpreter has neither the launch nor the inline assembly)."""
 
     def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132, pdl: str = "off"):
         self.policy, self.cfg = policy, policy.cfg
