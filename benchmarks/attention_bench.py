@@ -47,11 +47,25 @@ def implementations() -> dict:
     }
 
 
-def sweep() -> dict:
-    """triton_attention over a grid of launch settings: {name: context manager factory}."""
-    grid = itertools.product(((16, 32), (16, 64), (32, 32), (32, 64)), (4, 8), (2, 3), (0, 2))
+SWEEP = tuple(itertools.product(((16, 32), (16, 64), (32, 32), (32, 64)), (4, 8), (2, 3)))
+
+
+def parse_settings(text: str) -> tuple:
+    """ "64x32w8s2,32x64w4s2" -> ((64, 32), 8, 2), ((32, 64), 4, 2): rows x keys per block, warps, stages."""
+    out = []
+    for item in text.split(","):
+        rows_keys, rest = item.split("w")
+        warps, stages = rest.split("s")
+        am, an = rows_keys.split("x")
+        out.append(((int(am), int(an)), int(warps), int(stages)))
+    return tuple(out)
+
+
+def sweep(settings=SWEEP) -> dict:
+    """triton_attention over launch settings ((rows, keys), warps, stages), each with the key splits its rule
+    picks and with 2: {name: context manager factory}."""
     out = {}
-    for (am, an), warps, stages, splits in grid:
+    for ((am, an), warps, stages), splits in itertools.product(settings, (0, 2)):
         tiles = {"attention": (am, an, warps, stages), "splits": splits}
         out[f"{am}x{an} w{warps} s{stages} k{splits or 'auto'}"] = lambda tiles=tiles: attention_override(
             functools.partial(triton_attention, tiles=tiles)
@@ -103,12 +117,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--sweep", action="store_true", help="triton_attention's launch settings instead")
+    parser.add_argument("--settings", default="", help='with --sweep, these instead of the grid: "64x32w8s2,..."')
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = "cuda:0"
     cfg = get_preset("pi0", args.views)
     policy = build_policy(get_preset("tiny", args.views))  # only its suffix_mask (no weights of pi0 needed)
-    impls = sweep() if args.sweep else implementations()
+    impls = (sweep(parse_settings(args.settings)) if args.settings else sweep()) if args.sweep else implementations()
     rows = [bench(int(b), cfg, policy, impls, device) for b in args.batches.split(",")]
     Path(args.out).write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
