@@ -118,12 +118,18 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--sweep", action="store_true", help="triton_attention's launch settings instead")
     parser.add_argument("--settings", default="", help='with --sweep, these instead of the grid: "64x32w8s2,..."')
+    parser.add_argument("--impls", default="", help="only these implementations (comma-separated names)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = "cuda:0"
     cfg = get_preset("pi0", args.views)
     policy = build_policy(get_preset("tiny", args.views))  # only its suffix_mask (no weights of pi0 needed)
     impls = (sweep(parse_settings(args.settings)) if args.settings else sweep()) if args.sweep else implementations()
+    if args.impls:
+        unknown = set(args.impls.split(",")) - set(impls)
+        if unknown:
+            parser.error(f"--impls: no implementation {sorted(unknown)}; there are {sorted(impls)}")
+        impls = {name: impls[name] for name in args.impls.split(",")}
     rows = [bench(int(b), cfg, policy, impls, device) for b in args.batches.split(",")]
     Path(args.out).write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
