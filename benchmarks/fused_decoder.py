@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.profile_runtime import kernel_times, replay_ms
-from vlaserve.model.kernels import FusedDecoder
+from vlaserve.model.kernels import FusedDecoder, triton_attention
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
 from vlaserve.model.policy import Decoder, attention_override, build_policy
 from vlaserve.model.presets import get_preset
@@ -134,7 +134,11 @@ def main() -> None:
     served = Decoder(policy).eval()
     compile_layers(torch, served)
     math_impl = _compiled_attention_math(torch)
-    served_choices = {**sdpa_choices(torch), "compiled_math": lambda: attention_override(math_impl)}  # as the runtime
+    served_choices = {  # as the runtime offers them (the fused decoder aside)
+        **sdpa_choices(torch),
+        "compiled_math": lambda: attention_override(math_impl),
+        "triton_attention": lambda: attention_override(triton_attention),
+    }
     rows = []
     result = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

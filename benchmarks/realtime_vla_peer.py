@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.fused_decoder import graphed
 from benchmarks.profile_runtime import replay_ms
-from vlaserve.model.kernels import FusedDecoder
+from vlaserve.model.kernels import FusedDecoder, triton_attention
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
 from vlaserve.model.policy import STAGES, attention_override, build_policy
 from vlaserve.model.presets import get_preset
@@ -71,6 +71,8 @@ def vlaserve(views: int, repeats: int) -> dict:
     policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
     math_impl = _compiled_attention_math(torch)
     choices = {**sdpa_choices(torch), "compiled_math": lambda: attention_override(math_impl)}  # as the runtime
+    # the decoder's as the runtime offers them with fused_kernels (the fused decoder is timed on its own below)
+    decoder_choices = {**choices, "triton_attention": lambda: attention_override(triton_attention)}
     request = {k: v.to(DEVICE) for k, v in random_request(1, views, cfg.vocab_size, seed=1).items()}
     enc_inputs = [request["images"], request["tokens"]]
     with torch.inference_mode():  # eager references first: compiling patches the layers the policy shares
@@ -82,7 +84,7 @@ def vlaserve(views: int, repeats: int) -> dict:
     enc_graphs = graphed(lambda *i: list(encoder(*i)), enc_inputs, choices)
     decoder = STAGES["decoder"](policy).eval()
     compile_layers(torch, decoder)
-    compiled_graphs = graphed(lambda *i: [decoder(*i)], dec_inputs, choices)
+    compiled_graphs = graphed(lambda *i: [decoder(*i)], dec_inputs, decoder_choices)
     fused = FusedDecoder(policy)
     fused_graphs = graphed(lambda *i: [fused.decode(*i)], dec_inputs, {"fused": contextlib.nullcontext})
     with torch.inference_mode():  # each graph's answer against eager PyTorch on the same inputs

@@ -282,42 +282,51 @@ from vlaserve.model.parity import compare
 
 torch.manual_seed(0)
 rows = []
-# 2 items, 5 query tokens, 4 heads over 2 kv heads (2 folded per kv head), head_dim 32, 200 keys: 2 key splits
-# by default, 1 when the GPU is said to hold a single program
-b, t, h, hkv, d, s = 2, 5, 4, 2, 32, 200
-q = torch.randn(b, t, h + 2 * hkv, d)[:, :, :h]  # a view, as the layers' q is: rows contiguous, not the whole
-kv = torch.randn(b, 3, 2, hkv, s, d)[:, 1]  # [B, 2, Hkv, S, D] of a wider buffer, as the decoder's
-k, v = kv[:, 0], kv[:, 1]
-mask = torch.rand(b, t, s) > 0.3
-mask[:, :, 0] = True  # no empty row
-shared = torch.rand(b, 1, s) > 0.5
-shared[:, :, 0] = True
-for name, m in (("per query", mask), ("shared", shared)):
-    bias = attention_bias(m, h // hkv, torch.float32, s)
-    ref = attention_math(q, k, v, bias)
-    for programs in (132, 1):
-        out = triton_attention(q, k, v, bias, target_programs=programs)
-        rows.append({"mask": name, "programs": programs, **compare(out, ref),
-                     "moved": compare(out, attention_math(q, k, v + 1, bias))["rel"]})
-try:
-    triton_attention(torch.randn(1, 2, 2, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24), torch.zeros(1, 1, 1, 8))
-except ValueError as exc:
-    rows.append({"refused": str(exc)})
-print(json.dumps(rows))
+# 2 items, 4 heads over 2 kv heads (2 folded per kv head), head_dim 32, 200 keys; 5 query tokens (one block of
+# 16 folded rows, the launch setting up to 64 tokens) and 40 (80 tokens: three blocks of 32, the setting above);
+# 2 key splits by default, 1 when the GPU is said to hold a single program
+b, h, hkv, d, s = 2, 4, 2, 32, 200
+for t in (5, 40):
+    q = torch.randn(b, t, h + 2 * hkv, d)[:, :, :h]  # a view, as the layers' q is: rows contiguous, not the whole
+    kv = torch.randn(b, 3, 2, hkv, s, d)[:, 1]  # [B, 2, Hkv, S, D] of a wider buffer, as the decoder's
+    k, v = kv[:, 0], kv[:, 1]
+    mask = torch.rand(b, t, s) > 0.3
+    mask[:, :, 0] = True  # no empty row
+    shared = torch.rand(b, 1, s) > 0.5
+    shared[:, :, 0] = True
+    for name, m in (("per query", mask), ("shared", shared)):
+        bias = attention_bias(m, h // hkv, torch.float32, s)
+        ref = attention_math(q, k, v, bias)
+        for programs in (132, 1):
+            out = triton_attention(q, k, v, bias, target_programs=programs)
+            rows.append({"tokens": t, "mask": name, "programs": programs, **compare(out, ref),
+                         "moved": compare(out, attention_math(q, k, v + 1, bias))["rel"]})
+refused = []
+for args in (
+    (torch.randn(1, 2, 2, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24), torch.zeros(1, 1, 1, 8)),
+    (torch.randn(2, 2, 2, 32), torch.randn(2, 1, 8, 32), torch.randn(2, 1, 8, 32), torch.zeros(1, 1, 1, 8)),
+):
+    try:
+        triton_attention(*args)
+    except ValueError as exc:
+        refused.append(str(exc))
+print(json.dumps({"rows": rows, "refused": refused}))
 """
 
 
 def test_triton_attention_matches_the_reference_in_the_interpreter():
     """The attention kernel with a bias tensor (the compiled decoder's choice "triton_attention") against
-    attention_math: per-query and shared masks, split over the keys and not; a head_dim it cannot take is
-    refused with a ValueError (the choice is then dropped, not served)."""
+    attention_math: both launch settings (up to and above 64 tokens), several row blocks, per-query and shared
+    masks, split over the keys and not. A head_dim it cannot take, or a bias of another batch, is refused
+    with a ValueError (the choice is then dropped at start, not served)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", TRITON_ATTENTION], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 5 and "head_dim 24" in rows[-1]["refused"], rows
-    for row in rows[:4]:
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["rows"]) == 8, result
+    for row in result["rows"]:
         assert row["rel"] < 1e-5, row
         assert row["moved"] > 1e-2, row
+    assert "head_dim 24" in result["refused"][0] and "bias (1, 1, 1, 8)" in result["refused"][1], result["refused"]

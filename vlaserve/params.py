@@ -40,7 +40,7 @@ class RunnerParams:
     batch_buckets: tuple[int, ...] = ()  # batches are padded up to the next of these
     compile: bool = False
     cuda_graphs: bool = False
-    fused_kernels: bool = False  # the decoder's fused Triton kernels as a CUDA-graph choice (vlaserve.model.kernels)
+    fused_kernels: bool = False  # the decoder's Triton kernels as CUDA-graph choices: fused, triton_attention
     precision: str | None = None  # fp8: the compiled model's chosen products in float8 (vlaserve.model.fp8)
     admission_role: str | None = None  # the pipeline's in-flight limit (vlaserve.admission)
     admission_limit: int | None = None

@@ -73,8 +73,9 @@ class TorchScriptRuntime:
         self.compiled = None  # the Python module with compiled layers, once compile() succeeded
         self.compiled_rel: dict[str, float] = {}  # attention choice -> rel error against the TorchScript module
         self.compile_backend = ""
-        self.fused_kernels = False  # offer the decoder's fused Triton kernels as a choice (vlaserve.model.kernels)
-        self.fused_note = ""  # why they were dropped, if they were
+        # offer the decoder's Triton kernels as graph choices (OPTIONAL_CHOICES; vlaserve.model.kernels)
+        self.fused_kernels = False
+        self.fused_note = ""  # why any of them was dropped
         self.dropped: set[str] = set()  # optional choices (OPTIONAL_CHOICES) that failed their check
         self.precision: str | None = None  # "fp8": the module's fp8_targets in float8 (vlaserve.model.fp8)
         self.precision_note = ""  # why fp8 was not used, if it was asked for and not
@@ -160,6 +161,7 @@ class TorchScriptRuntime:
         warm-up does it for every bucket). Inductor is for CUDA here; ``backend="eager"`` (any device)
         traces with TorchDynamo but compiles nothing, for tests."""
         torch = self.torch
+        self.dropped, self.fused_note = set(), ""  # each compile checks every optional choice afresh
         if backend == "inductor" and not self.device.startswith("cuda"):
             return f"no CUDA device here ({self.device} instance): running the TorchScript module uncompiled"
         from vlaserve.model.parity import REL_TOLERANCE, compare

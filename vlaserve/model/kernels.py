@@ -183,7 +183,7 @@ def _attention_kernel(
     T, S, P, scale, keys_per_split,
     q_stride_b, q_stride_t, kv_stride_b, kv_stride_h, bias_stride_b, bias_stride_r,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr = False, KV_FIRST: tl.constexpr = True,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PREFETCH_KEYS: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
@@ -194,8 +194,8 @@ def _attention_kernel(
     Masking, without BIAS (the fused decoder): prefix key j counts if the prefix token is valid; suffix key
     s = j - P is seen by every action token, and by the state token (t = 0) only when s = 0. With BIAS: an
     additive bias [B, 1, R, S] (0 or -inf; R = T * G, or 1 for one row shared by all), as
-    vlaserve.model.policy.attention_bias makes it. KV_FIRST loads each block's values with its keys, so
-    that both are in flight together. Scores are kept in base 2 (exp2). Split over the keys, each split
+    vlaserve.model.policy.attention_bias makes it. Each block's values are loaded with its keys, so that
+    both are in flight together. Scores are kept in base 2 (exp2). Split over the keys, each split
     stores its partial result and the last to arrive merges them (:func:`_merge_splits`)."""
     G: tl.constexpr = H // HKV
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -226,8 +226,7 @@ def _attention_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < stop
         k = tl.load(k_base + j[None, :] * D + d[:, None], mask=j_ok[None, :], other=0.0)  # [D, BLOCK_N]
-        if KV_FIRST:
-            v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
         if BIAS:
             bias = tl.load(bias_ptr + b * bias_stride_b + r[:, None] * bias_stride_r + j[None, :],
                            mask=r_ok[:, None] & j_ok[None, :], other=float("-inf"))  # fmt: skip
@@ -244,8 +243,6 @@ def _attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not KV_FIRST:
-            v = tl.load(v_base + j[:, None] * D + d[None, :], mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     dst = o_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :]
@@ -449,15 +446,12 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         raise ValueError(
             f"triton_attention: rows of q, k, v must be contiguous (strides {q.stride()}, {k.stride()}, {v.stride()})"
         )
-    if (
-        bias.dim() != 4
-        or bias.shape[1] != 1
-        or bias.shape[2] not in (1, t * g)
-        or bias.shape[3] != s
-        or bias.stride(3) != 1
-    ):
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"triton_attention: k {tuple(k.shape)}, v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    rows = bias.shape[2] if bias.dim() == 4 else 0
+    if bias.shape != (b, 1, rows, s) or rows not in (1, t * g) or bias.stride(3) != 1:
         raise ValueError(
-            f"triton_attention: bias {tuple(bias.shape)} is not [B, 1, {t * g} or 1, {s}] with contiguous rows"
+            f"triton_attention: bias {tuple(bias.shape)} is not [{b}, 1, {t * g} or 1, {s}] with contiguous rows"
         )
     am, an, warps, stages, row_blocks, splits, per_split = attention_launch(
         b, hkv, t * g, s, {**tiles_for(b * t), **(tiles or {})}, target_programs
@@ -466,7 +460,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     part = (
         torch.empty((b * hkv * splits * t * g * (d + 2),), dtype=torch.float32, device=q.device) if splits > 1 else out
     )
-    counts = torch.zeros((b * hkv * row_blocks,), dtype=torch.int32, device=q.device)
+    # arrival counts (the last split resets them); made per call, they are one memset in a captured graph
+    counts = torch.zeros((b * hkv * row_blocks,), dtype=torch.int32, device=q.device) if splits > 1 else out
     _attention_kernel[(b * hkv, row_blocks, splits)](
         q, k, v, bias, bias, out, part, counts, t, s, 0, d**-0.5, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if bias.shape[2] > 1 else 0,
@@ -689,7 +684,7 @@ class _LayerStep:
             scratch["q"], k, v, self.mask, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks),
             t, self.keys, self.fused.cfg.prefix_len, d**-0.5, per_split, t * h * d, h * d, k.stride(0), k.stride(1), 0, 0,
             H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an,
-            KV_FIRST=tiles.get("kv_first", True), num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages,
             **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)),
         )  # fmt: skip
 
