@@ -16,7 +16,7 @@ ARGS ?=
 COMPOSE_REPO ?= $(CURDIR)/.vlaserve/compose-repository
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lerobot-venv test-lerobot aloha-sim export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry mps-status mps-check clean
+.PHONY: help venv lerobot-venv test-lerobot aloha-sim export configs serve gateway health infer loadtest compare demo test reliability lint up down compose-test carry carry-lerobot mps-status mps-check clean
 
 help: ## this map of the project
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -138,6 +138,9 @@ compose-test: $(STAMP) ## the compose stack really run here, CPU form: installs 
 
 carry: $(STAMP) ## build .carry/ for a GPU host without network (packages + trimmed tritonserver the benchmarks/gpu_*.sh runs unpack)
 	bash benchmarks/build_carry.sh
+
+carry-lerobot: $(LEROBOT_STAMP) ## build .carry-lerobot/: LeRobot's pi0 for benchmarks/gpu_lerobot_peer.sh on a GPU host without network
+	bash benchmarks/build_lerobot_carry.sh
 
 clean: ## remove exported artifacts, logs and reports (keeps the virtualenv)
 	rm -rf .vlaserve reports $(REPO)/.staging-*

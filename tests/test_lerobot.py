@@ -259,3 +259,20 @@ def test_the_config_beside_a_weights_file_given_directly_is_read(lerobot_runs, t
     (folder / "config.json").write_text(json.dumps({**config, "chunk_size": "50"}))  # a string, not the number
     with pytest.raises(VlaserveError, match="chunk_size is '50'"):
         load_checkpoint(build_policy(lerobot_runs["tiny"].cfg), folder / "model.safetensors")
+
+
+def test_the_lerobot_peer_benchmark_times_lerobot_and_checks_its_actions(tmp_path):
+    """benchmarks/lerobot_peer.py (the GPU peer run, here at the tiny sizes on the CPU): it times LeRobot's
+    PI0Policy in bf16 and compares its actions with the same weights in float32; the comparison is real
+    (bf16 differs from float32, within the bf16 tolerance)."""
+    out = tmp_path / "lerobot.json"
+    argv = [lerobot_python(), str(ROOT / "benchmarks" / "lerobot_peer.py"), "--preset", "tiny", "--device", "cpu",
+            "--dtype", "bfloat16", "--repeats", "2", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["transformers"] == "4.53.2" and result["parameters"] > 1e6
+    assert row["p50_ms"] > 0 and row["finite"] and not row["void"]
+    assert 1e-4 < row["rel_to_float32"] < REL_TOLERANCE["bf16"], row
+    assert "[lerobot] PI0Policy bfloat16" in done.stdout
