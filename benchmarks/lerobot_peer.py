@@ -58,23 +58,6 @@ def build(configuration, modeling, cfg, views: int, device: str, dtype: str, see
     return policy.to(device).eval(), cameras
 
 
-def observation(request: dict, cameras: list[str], side: int):
-    """LeRobot's observation of vlaserve's request, on the host (as reference.py makes it)."""
-    import torch
-    import torch.nn.functional as F
-
-    frames = torch.from_numpy(request["images"]).float().div(255.0).flatten(0, 1).permute(0, 3, 1, 2)
-    if frames.shape[-1] != side:
-        frames = F.avg_pool2d(frames, frames.shape[-1] // side)
-    frames = frames.unflatten(0, request["images"].shape[:2])
-    tokens = torch.from_numpy(request["tokens"]).long()
-    obs = {key: frames[:, i] for i, key in enumerate(cameras)}
-    obs["observation.state"] = torch.from_numpy(request["state"])
-    obs["observation.language.tokens"] = tokens
-    obs["observation.language.attention_mask"] = tokens != 0
-    return obs, torch.from_numpy(request["noise"])
-
-
 def run(policy, obs: dict, noise, device: str):
     """One request: inputs to the device, the action chunk back to the host."""
     import torch
@@ -111,7 +94,7 @@ def main(argv=None) -> int:
 
     # the reference: the same weights in float32, one call
     policy, cameras = build(configuration, modeling, cfg, args.views, args.device, "float32", args.seed, False)
-    obs, noise = observation(request, cameras, cfg.vision.image_size)
+    obs, noise = reference.observation(request, cameras, cfg.vision.image_size), torch.from_numpy(request["noise"])
     expected = run(policy, obs, noise, args.device)
     params = sum(p.numel() for p in policy.parameters())
     del policy

@@ -146,6 +146,27 @@ def randomize(model, seed: int) -> None:
                 module.weight.copy_(normal(module.weight.shape, 0.1))
 
 
+def observation(request: dict, cameras: list[str], side: int) -> dict:
+    """LeRobot's observation of vlaserve's request tensors (numpy: uint8 NHWC frames [B, V, H, W, C], prompt
+    token ids with 0 as padding, state), on the host: float frames in [0, 1], channels first. vlaserve's
+    frames are 224 x 224 and a preset with a smaller internal size averages pixel blocks down to it; LeRobot
+    would resize with bilinear filtering instead, so the blocks are averaged here, before LeRobot sees them."""
+    import torch
+    import torch.nn.functional as F
+
+    frames = torch.from_numpy(request["images"]).float().div(255.0)
+    frames = frames.flatten(0, 1).permute(0, 3, 1, 2)
+    if frames.shape[-1] != side:
+        frames = F.avg_pool2d(frames, frames.shape[-1] // side)
+    frames = frames.unflatten(0, request["images"].shape[:2])
+    tokens = torch.from_numpy(request["tokens"]).long()
+    out = {key: frames[:, i] for i, key in enumerate(cameras)}
+    out["observation.state"] = torch.from_numpy(request["state"])
+    out["observation.language.tokens"] = tokens
+    out["observation.language.attention_mask"] = tokens != 0
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", required=True, help="a vlaserve PolicyConfig as JSON (dataclasses.asdict)")
@@ -157,7 +178,6 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     sizes = json.loads(args.sizes)
     configuration, modeling = import_lerobot_pi0()
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
 
     resize_lerobot(modeling, sizes)
     request = dict(np.load(args.request))
-    batch, views = request["images"].shape[:2]
+    views = request["images"].shape[1]
     side = sizes["vision"]["image_size"]
     cameras = [f"observation.images.camera{i}" for i in range(views)]
     config = configuration.PI0Config(
@@ -183,21 +203,10 @@ def main(argv=None) -> int:
     policy.eval()
     policy.save_pretrained(args.checkpoint)
 
-    # LeRobot's observation: float frames in [0, 1], channels first. vlaserve's frames are 224 x 224 and a
-    # preset with a smaller internal size averages pixel blocks down to it; LeRobot would resize with
-    # bilinear filtering instead, so the blocks are averaged here, before LeRobot sees the frames.
-    frames = torch.from_numpy(request["images"]).float().div(255.0)  # [B, V, H, W, C]
-    frames = frames.flatten(0, 1).permute(0, 3, 1, 2)
-    if frames.shape[-1] != side:
-        frames = F.avg_pool2d(frames, frames.shape[-1] // side)
-    frames = frames.unflatten(0, (batch, views))
-    tokens = torch.from_numpy(request["tokens"]).long()
-    observation = {key: frames[:, i] for i, key in enumerate(cameras)}
-    observation["observation.state"] = torch.from_numpy(request["state"])
-    observation["observation.language.tokens"] = tokens
-    observation["observation.language.attention_mask"] = tokens != 0
     with torch.no_grad():
-        actions = policy.predict_action_chunk(observation, noise=torch.from_numpy(request["noise"]))
+        actions = policy.predict_action_chunk(
+            observation(request, cameras, side), noise=torch.from_numpy(request["noise"])
+        )
     np.save(args.actions, actions.numpy())
     params = sum(p.numel() for p in policy.parameters())
     print(f"LeRobot PI0Policy: {params:,} parameters, actions {tuple(actions.shape)} -> {args.actions}")
