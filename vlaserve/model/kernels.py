@@ -230,8 +230,7 @@ def _attention_kernel(
         if BIAS:
             bias = tl.load(bias_ptr + b * bias_stride_b + r[:, None] * bias_stride_r + j[None, :],
                            mask=r_ok[:, None] & j_ok[None, :], other=float("-inf"))  # fmt: skip
-            s = tl.dot(q, k) * qk_scale + bias.to(tl.float32) * LOG2E
-            s = tl.where(j_ok[None, :], s, float("-inf"))
+            s = tl.dot(q, k) * qk_scale + bias.to(tl.float32) * LOG2E  # -inf past the split (the load's other)
         else:
             s = tl.dot(q, k) * qk_scale
             prefix_ok = tl.load(pmask_ptr + b * P + j, mask=j_ok & (j < P), other=0) != 0
@@ -464,7 +463,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     counts = torch.zeros((b * hkv * row_blocks,), dtype=torch.int32, device=q.device) if splits > 1 else out
     _attention_kernel[(b * hkv, row_blocks, splits)](
         q, k, v, bias, bias, out, part, counts, t, s, 0, d**-0.5, per_split,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if bias.shape[2] > 1 else 0,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if rows > 1 else 0,
         H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, BIAS=True,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -730,11 +729,11 @@ class _LayerStep:
 
 
 @contextlib.contextmanager
-def fused_forward(module, tiles: dict | None = None, pdl: str = "off"):
+def fused_forward(module, tiles: dict | None = None):
     """Within the block, ``module`` (a ``vlaserve.model.policy.Decoder``) computes through :class:`FusedDecoder`:
     a CUDA graph captured inside it keeps the fused kernels. The runtime offers this as one more graph choice
     (spec ``fused_kernels: true``), checked against the artifact and kept per bucket where it is fastest."""
-    fused = FusedDecoder(module.policy, tiles, pdl=pdl)
+    fused = FusedDecoder(module.policy, tiles)
     module.forward = fused.decode
     try:
         yield
