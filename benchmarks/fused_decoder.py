@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.profile_runtime import kernel_times, replay_ms
-from vlaserve.model.kernels import FusedDecoder, triton_attention
+from vlaserve.model.kernels import FusedDecoder
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
-from vlaserve.model.policy import Decoder, attention_override, build_policy
+from vlaserve.model.policy import Decoder, build_policy
 from vlaserve.model.presets import get_preset
-from vlaserve.runtimes import CudaGraphs, _compiled_attention_math, compile_layers, sdpa_choices
+from vlaserve.runtimes import CudaGraphs, compile_layers, compiled_attention_choices, sdpa_choices
 
 DEVICE = "cuda:0"
 # Launch options per kernel kind (vlaserve.model.kernels.TILES_BY_ROWS says what each number is; a fifth
@@ -133,12 +133,8 @@ def main() -> None:
     }
     served = Decoder(policy).eval()
     compile_layers(torch, served)
-    math_impl = _compiled_attention_math(torch)
-    served_choices = {  # as the runtime offers them (the fused decoder aside)
-        **sdpa_choices(torch),
-        "compiled_math": lambda: attention_override(math_impl),
-        "triton_attention": lambda: attention_override(triton_attention),
-    }
+    # as the runtime offers them (the fused decoder aside)
+    served_choices = {**sdpa_choices(torch), **compiled_attention_choices(torch, triton_attention=True)}
     rows = []
     result = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

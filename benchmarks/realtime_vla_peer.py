@@ -28,11 +28,11 @@ import torch
 
 from benchmarks.fused_decoder import graphed
 from benchmarks.profile_runtime import replay_ms
-from vlaserve.model.kernels import FusedDecoder, triton_attention
+from vlaserve.model.kernels import FusedDecoder
 from vlaserve.model.parity import REL_TOLERANCE, compare, random_request
-from vlaserve.model.policy import STAGES, attention_override, build_policy
+from vlaserve.model.policy import STAGES, build_policy
 from vlaserve.model.presets import get_preset
-from vlaserve.runtimes import _compiled_attention_math, compile_layers, sdpa_choices
+from vlaserve.runtimes import compile_layers, compiled_attention_choices, sdpa_choices
 
 DEVICE = "cuda:0"
 PEERS = Path(__file__).resolve().parents[1] / ".peers" / "realtime-vla"
@@ -69,10 +69,9 @@ def realtime_vla(views: int, prompt: int, repeats: int) -> dict:
 def vlaserve(views: int, repeats: int) -> dict:
     cfg = get_preset("pi0", views)
     policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
-    math_impl = _compiled_attention_math(torch)
-    choices = {**sdpa_choices(torch), "compiled_math": lambda: attention_override(math_impl)}  # as the runtime
-    # the decoder's as the runtime offers them with fused_kernels (the fused decoder is timed on its own below)
-    decoder_choices = {**choices, "triton_attention": lambda: attention_override(triton_attention)}
+    choices = {**sdpa_choices(torch), **compiled_attention_choices(torch)}  # as the runtime offers them
+    # the decoder's with fused_kernels (the fused decoder is timed on its own below)
+    decoder_choices = {**sdpa_choices(torch), **compiled_attention_choices(torch, triton_attention=True)}
     request = {k: v.to(DEVICE) for k, v in random_request(1, views, cfg.vocab_size, seed=1).items()}
     enc_inputs = [request["images"], request["tokens"]]
     with torch.inference_mode():  # eager references first: compiling patches the layers the policy shares

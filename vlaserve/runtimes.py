@@ -102,24 +102,17 @@ class TorchScriptRuntime:
         the decoder's Triton kernels (each of :data:`OPTIONAL_CHOICES`): the whole expert layer fused
         ("fused"), and attention alone in Triton inside the compiled model ("triton_attention"). What
         :meth:`compile` checks."""
-        from vlaserve.model.policy import attention_override
-
-        impl = _compiled_attention_math(self.torch, backend)
-        choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
-        if self.fused_kernels and backend == "inductor":  # Triton kernels: a CUDA device
+        triton_kernels = self.fused_kernels and backend == "inductor"  # Triton kernels: a CUDA device
+        choices = compiled_attention_choices(self.torch, backend, triton_attention=triton_kernels)
+        if triton_kernels:
 
             def fused():  # imported here: a failure drops this choice only (_check_optional), not the compiled model
                 from vlaserve.model.kernels import fused_forward
 
                 return fused_forward(module)
 
-            def triton_attention():
-                from vlaserve.model.kernels import triton_attention
-
-                return attention_override(triton_attention)
-
-            choices["fused"] = fused
-            choices["triton_attention"] = triton_attention
+            triton = choices.pop("triton_attention")
+            choices.update(fused=fused, triton_attention=triton)  # the order the graphs try them in, as before
         return {name: c for name, c in choices.items() if name not in self.dropped}
 
     def _check_optional(self, name: str, context, module, inputs, ref, tolerance: float, rel: dict) -> str:
@@ -329,6 +322,26 @@ def _compiled_attention_math(torch, backend: str = "inductor"):
 
         _COMPILED_ATTENTION[backend] = torch.compile(attention_math, dynamic=False, backend=backend)
     return _COMPILED_ATTENTION[backend]
+
+
+def compiled_attention_choices(torch, backend: str = "inductor", triton_attention: bool = False) -> dict:
+    """The attention choices a compiled model's graphs may also be captured with: {name: context manager
+    factory}: its own SDPA ("default"), the written-out attention compiled ("compiled_math") and, for the
+    decoder with ``fused_kernels``, the attention kernel of vlaserve.model.kernels ("triton_attention";
+    imported when used, so that a failure drops that choice only)."""
+    from vlaserve.model.policy import attention_override
+
+    impl = _compiled_attention_math(torch, backend)
+    choices = {"default": contextlib.nullcontext, "compiled_math": lambda: attention_override(impl)}
+    if triton_attention:
+
+        def triton():
+            from vlaserve.model.kernels import triton_attention as kernel
+
+            return attention_override(kernel)
+
+        choices["triton_attention"] = triton
+    return choices
 
 
 def sdpa_choices(torch) -> dict:
