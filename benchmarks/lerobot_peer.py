@@ -37,27 +37,6 @@ from vlaserve.model.parity import REL_TOLERANCE  # noqa: E402
 from vlaserve.model.presets import get_preset  # noqa: E402
 
 
-def build(configuration, modeling, cfg, views: int, device: str, dtype: str, seed: int, compile_model: bool):
-    from lerobot.configs.types import FeatureType, PolicyFeature
-
-    side = cfg.vision.image_size
-    cameras = [f"observation.images.camera{i}" for i in range(views)]
-    config = configuration.PI0Config(
-        device=device,
-        dtype=dtype,
-        image_resolution=(side, side),
-        compile_model=compile_model,
-        input_features={
-            **{key: PolicyFeature(type=FeatureType.VISUAL, shape=(3, side, side)) for key in cameras},
-            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(32,)),
-        },
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(32,))},
-    )
-    policy = modeling.PI0Policy(config)
-    reference.randomize(policy, seed)
-    return policy.to(device).eval(), cameras
-
-
 def run(policy, obs: dict, noise, device: str):
     """One request: inputs to the device, the action chunk back to the host."""
     import torch
@@ -93,8 +72,10 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     # the reference: the same weights in float32, one call
-    policy, cameras = build(configuration, modeling, cfg, args.views, args.device, "float32", args.seed, False)
-    obs, noise = reference.observation(request, cameras, cfg.vision.image_size), torch.from_numpy(request["noise"])
+    side = cfg.vision.image_size
+    policy, cameras = reference.make_policy(configuration, modeling, request, side, args.seed, device=args.device,
+                                            dtype="float32")  # fmt: skip
+    obs, noise = reference.observation(request, cameras, side), torch.from_numpy(request["noise"])
     expected = run(policy, obs, noise, args.device)
     params = sum(p.numel() for p in policy.parameters())
     del policy
@@ -103,7 +84,8 @@ def main(argv=None) -> int:
 
     rows = []
     for compiled in (False, True) if args.compile else (False,):
-        policy, _ = build(configuration, modeling, cfg, args.views, args.device, args.dtype, args.seed, compiled)
+        policy, _ = reference.make_policy(configuration, modeling, request, side, args.seed, device=args.device,
+                                          dtype=args.dtype, compile_model=compiled)  # fmt: skip
         for _ in range(3):  # warm-up (and compilation)
             actions = run(policy, obs, noise, args.device)
         sync()

@@ -146,6 +146,27 @@ def randomize(model, seed: int) -> None:
                 module.weight.copy_(normal(module.weight.shape, 0.1))
 
 
+def make_policy(configuration, modeling, request: dict, side: int, seed: int, **config):
+    """LeRobot's PI0Policy for vlaserve's ``request`` (its views, state and action sizes) at frames of ``side``,
+    with :func:`randomize`'s weights, on ``config["device"]`` and in eval mode; ``config``: more PI0Config
+    fields (device, dtype, compile_model). Returns it and its camera keys."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    cameras = [f"observation.images.camera{i}" for i in range(request["images"].shape[1])]
+    pi0_config = configuration.PI0Config(
+        image_resolution=(side, side),
+        input_features={
+            **{key: PolicyFeature(type=FeatureType.VISUAL, shape=(3, side, side)) for key in cameras},
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(request["state"].shape[1],)),
+        },
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(request["noise"].shape[2],))},
+        **config,
+    )
+    policy = modeling.PI0Policy(pi0_config)
+    randomize(policy, seed)
+    return policy.to(config.get("device", "cpu")).eval(), cameras
+
+
 def observation(request: dict, cameras: list[str], side: int) -> dict:
     """LeRobot's observation of vlaserve's request tensors (numpy: uint8 NHWC frames [B, V, H, W, C], prompt
     token ids with 0 as padding, state), on the host: float frames in [0, 1], channels first. vlaserve's
@@ -181,26 +202,10 @@ def main(argv=None) -> int:
 
     sizes = json.loads(args.sizes)
     configuration, modeling = import_lerobot_pi0()
-    from lerobot.configs.types import FeatureType, PolicyFeature
-
     resize_lerobot(modeling, sizes)
     request = dict(np.load(args.request))
-    views = request["images"].shape[1]
     side = sizes["vision"]["image_size"]
-    cameras = [f"observation.images.camera{i}" for i in range(views)]
-    config = configuration.PI0Config(
-        device="cpu",
-        dtype="float32",
-        image_resolution=(side, side),
-        input_features={
-            **{key: PolicyFeature(type=FeatureType.VISUAL, shape=(3, side, side)) for key in cameras},
-            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(request["state"].shape[1],)),
-        },
-        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(request["noise"].shape[2],))},
-    )
-    policy = modeling.PI0Policy(config)
-    randomize(policy, args.seed)
-    policy.eval()
+    policy, cameras = make_policy(configuration, modeling, request, side, args.seed, device="cpu", dtype="float32")
     policy.save_pretrained(args.checkpoint)
 
     with torch.no_grad():
