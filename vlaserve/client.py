@@ -15,7 +15,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from tritonclient.utils import np_to_triton_dtype
 
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
@@ -73,6 +72,8 @@ def make_request(
 def infer_inputs(tc, tensors: dict[str, np.ndarray]) -> list:
     """tritonclient InferInputs of ``tensors`` for the client module ``tc`` (tritonclient.grpc, its aio, or
     tritonclient.http)."""
+    from tritonclient.utils import np_to_triton_dtype  # here, so that building a request needs numpy alone
+
     out = []
     for name, array in tensors.items():
         tensor = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
