@@ -12,7 +12,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   tar -C "$SITE" --strip-components=1 -xJf .carry/site-packages.tar.xz
-  tar -C "$SITE" --strip-components=1 -xJf .carry/tritonserver-trim.tar.xz
+  # the server is left out of a call that serves nothing (carry .carry/site-packages.tar.xz alone)
+  [ ! -f .carry/tritonserver-trim.tar.xz ] || tar -C "$SITE" --strip-components=1 -xJf .carry/tritonserver-trim.tar.xz
   printf '#!/bin/sh\nexec "%s" -m locust "$@"\n' "$VENV/bin/python" > "$VENV/bin/locust" && chmod +x "$VENV/bin/locust"
   echo "$IMAGE_SITE" > "$SITE/zz_image_site.pth"   # after the venv's own numpy 1.26
   echo "$PWD" > "$SITE/vlaserve.pth"

@@ -5,6 +5,7 @@
 # what its loads and products need (docs/BENCHMARKS.md). The clocks are left alone (--clock-control none).
 # Nsight Compute read the counters on the Firecracker machines of this GPU kind, not on the gVisor ones: a
 # run there says "LibraryNotLoaded" and ends.
+# It serves nothing: carry .carry/site-packages.tar.xz alone (room for .carry-lerobot in the same call).
 #   bash benchmarks/gpu_ncu_attention.sh
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
