@@ -1,0 +1,211 @@
+"""The floor of one request through Triton: what a batch-1 request costs when the model does no work.
+
+A Python-backend model named and shaped as the policy (vlaserve.interface: the request's inputs and the
+actions output, dynamic batching up to 16) is served by the same tritonserver as vlaserve; it answers
+zeros. Each mode sends ``--requests`` batch-1 requests one after another (after 20 to warm up) and
+reports the client's p50 / p99 and Triton's own per-request figures (queue, input, infer, output):
+
+- ``grpc`` and ``http`` (Triton's own HTTP, not through vlaserve's guard): the request's tensors in the
+  message, as ``vlaserve.client`` sends them;
+- ``grpc_shm``: the inputs in a system shared-memory region registered once, the message carrying only
+  their place (the client and the server on one host);
+- with ``--read``, the model also reads every input as the runner does (``as_numpy``), else it reads none.
+
+Whatever the real model adds over this floor is its own instance's work and its compute. No GPU is used.
+
+    python -m benchmarks.triton_floor --views 2 --requests 500 --out reports/triton-floor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlaserve import interface as io
+from vlaserve.client import PolicyClient, make_request
+from vlaserve.server import ADMIN_HEADER, ServerOptions, TritonServer
+
+MODEL = io.POLICY  # in the place of the policy, as the server expects it
+MODES = ("grpc", "http", "grpc_shm")
+
+MODEL_PY = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+READ = {read}
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            batch = 1
+            if READ:
+                arrays = [t.as_numpy() for t in request.inputs()]
+                batch = len(arrays[0])
+            actions = np.zeros((batch, {horizon}, {dim}), dtype=np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("{actions}", actions)]))
+        return responses
+"""
+
+
+def triton_type(array: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(array.dtype)
+
+
+def write_repository(root: Path, views: int, read: bool) -> Path:
+    """A repository of one model, ``floor``, with the policy's request inputs and its actions output."""
+    request = make_request(views=views, with_noise=True)
+    lines = [f'name: "{MODEL}"', 'backend: "python"', "max_batch_size: 16", "dynamic_batching { }"]
+    for name, array in request.items():
+        optional = " optional: true" if name == io.NOISE else ""
+        dims = ", ".join(str(d) for d in array.shape[1:])
+        lines.append(f'input {{ name: "{name}" data_type: TYPE_{triton_type(array)} dims: [ {dims} ]{optional} }}')
+    lines.append(
+        f'output {{ name: "{io.ACTIONS}" data_type: TYPE_FP32 dims: [ {io.ACTION_HORIZON}, {io.ACTION_DIM} ] }}'
+    )
+    lines.append("instance_group { kind: KIND_CPU count: 1 }")
+    model = root / MODEL
+    (model / "1").mkdir(parents=True, exist_ok=True)
+    (model / "config.pbtxt").write_text("\n".join(lines) + "\n")
+    (model / "1" / "model.py").write_text(
+        MODEL_PY.format(read=read, horizon=io.ACTION_HORIZON, dim=io.ACTION_DIM, actions=io.ACTIONS)
+    )
+    return root
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+
+def triton_figures(client, before: dict | None = None) -> dict:
+    """Triton's cumulative per-model durations (ns) and request count, or per request (ms) since ``before``."""
+    stats = (
+        client.client.get_inference_statistics(MODEL, as_json=True)
+        if client.protocol == "grpc"
+        else (client.client.get_inference_statistics(MODEL))
+    )
+    entry = stats["model_stats"][0]["inference_stats"]
+    now = {k: int(entry.get(k, {}).get("ns", 0)) for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    now["count"] = int(entry.get("success", {}).get("count", 0))
+    if before is None:
+        return now
+    count = max(1, now["count"] - before["count"])
+    names = {"queue": "queue", "compute_input": "input", "compute_infer": "infer", "compute_output": "output"}
+    return {names[k]: round((now[k] - before[k]) / count / 1e6, 3) for k in names}
+
+
+def shm_inputs(client, request: dict[str, np.ndarray], admin_key: str):
+    """The request's inputs placed in one registered system shared-memory region (gRPC; registering is
+    restricted to the admin key, vlaserve.server); its cleanup."""
+    import tritonclient.utils.shared_memory as shm
+
+    size = sum(a.nbytes for a in request.values())
+    key = f"/vlaserve-floor-{os.getpid()}"
+    headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key}
+    handle = shm.create_shared_memory_region("vlaserve_floor", key, size)
+    try:
+        client.client.register_system_shared_memory("vlaserve_floor", key, size, headers=headers)
+    except Exception:
+        shm.destroy_shared_memory_region(handle)
+        raise
+    inputs, offset = [], 0
+    for name, array in request.items():
+        shm.set_shared_memory_region(handle, [array], offset=offset)
+        tensor = client.tc.InferInput(name, list(array.shape), triton_type(array))
+        tensor.set_shared_memory("vlaserve_floor", array.nbytes, offset=offset)
+        inputs.append(tensor)
+        offset += array.nbytes
+
+    def cleanup():
+        client.client.unregister_system_shared_memory("vlaserve_floor", headers=headers)
+        shm.destroy_shared_memory_region(handle)
+
+    return inputs, cleanup
+
+
+def measure(server: TritonServer, mode: str, request: dict, requests: int) -> dict:
+    protocol = "http" if mode == "http" else "grpc"
+    client = PolicyClient(server.grpc_url if protocol == "grpc" else server.triton_http, protocol, model=MODEL)
+    cleanup = None
+    if mode == "grpc_shm":
+        inputs, cleanup = shm_inputs(client, request, server.options.admin_key)
+    outputs = [client.tc.InferRequestedOutput(io.ACTIONS)]
+    try:
+        times = []
+        before = None
+        for i in range(20 + requests):
+            if i == 20:
+                before = triton_figures(client)
+            start = time.perf_counter()
+            result = client.client.infer(MODEL, inputs if cleanup else client.inputs(request), outputs=outputs)
+            actions = result.as_numpy(io.ACTIONS)
+            if i >= 20:
+                times.append((time.perf_counter() - start) * 1e3)
+            if actions.shape != (1, io.ACTION_HORIZON, io.ACTION_DIM):
+                raise SystemExit(f"triton_floor: {mode}: actions of shape {actions.shape}")
+        row = {"mode": mode, "p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99),
+               "mean_ms": round(statistics.fmean(times), 3), **triton_figures(client, before)}  # fmt: skip
+    finally:
+        if cleanup:
+            cleanup()
+    return row
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--views", type=int, default=2, help="camera views per request (default 2)")
+    parser.add_argument("--requests", type=int, default=500, help="timed requests per mode (default 500)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
+    parser.add_argument("--read", action="store_true", help="the model reads every input (as_numpy)")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    args = parser.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {','.join(MODES)}")
+    if not 1 <= args.views <= io.MAX_VIEWS:
+        parser.error(f"--views: {args.views}; 1 to {io.MAX_VIEWS}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    request = make_request(views=args.views)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vlaserve-floor-") as tmp:
+        repo = write_repository(Path(tmp) / "repo", args.views, args.read)
+        options = ServerOptions(model_repository=repo, http_port=0, grpc_port=0, metrics_port=0,
+                                workdir=Path(tmp) / "work", http_guard=False)  # fmt: skip
+        print(f"[floor] serving a model that does no work ({'reads its inputs' if args.read else 'reads nothing'})")
+        with TritonServer(options) as server:
+            for mode in args.modes:
+                rows.append(measure(server, mode, request, args.requests))
+                print(f"[floor] {mode}: p50 {rows[-1]['p50_ms']} ms, p99 {rows[-1]['p99_ms']} ms", flush=True)
+    result = {"date": datetime.date.today().isoformat(), "host": platform.node(), "views": args.views,
+              "read": args.read, "requests": args.requests, "rows": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("| mode | client p50 / p99 ms | Triton queue / input / infer / output ms |")
+    print("|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['mode']} | {r['p50_ms']} / {r['p99_ms']} | {r['queue']} / {r['input']} / {r['infer']} / {r['output']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
