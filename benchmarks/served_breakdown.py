@@ -2,8 +2,9 @@
 
 For each spec variant (and each ``--env`` setting, one server start each), served through
 ``vlaserve.server.variant_server`` over the artifacts exported in ``--repository``:
-- ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up): client p50 / p99, and
-  Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request);
+- ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up): client p50 / p99,
+  Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request), and
+  the instances' own per execute (vlaserve.runner.PHASES: read, launch, wait, answer);
 - then, for each count in ``--clients``, that many closed-loop gRPC clients for ``--seconds``: right answers
   per second, their p50 / p99, wrong answers and errors, and the batch each model formed on average.
 The request is the export's golden sample (item 0); every answer is compared with the actions the export
@@ -64,6 +65,22 @@ def per_model(before: dict, after: dict) -> dict:
     }
 
 
+def execute_sums(server) -> collections.Counter:
+    """The instances' executes and their phases' ms (vlaserve.runner.PHASES), summed over the instances, as
+    their status files last saved them (a count and its sums always together)."""
+    total = collections.Counter()
+    for path in server.status_dir.glob("*.json"):
+        total.update(json.loads(path.read_text()).get("executes", {}))
+    return total
+
+
+def execute_phases(before: collections.Counter, after: collections.Counter) -> dict:
+    """Per execute, ms of each phase between two :func:`execute_sums`."""
+    count = after["count"] - before["count"]
+    return {"executes": count, **{k: round((after[k] - before[k]) / count, 3) if count else None
+                                  for k in after if k.endswith("_ms")}}  # fmt: skip
+
+
 def shown(figures: dict) -> list[str]:
     """The models a row's table shows: the steps, or the policy run as one model."""
     return [m for m in MODELS if m in figures] or [io.POLICY]
@@ -89,7 +106,7 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
             tolerance = REL_TOLERANCE[read_manifest(repo, io.ENCODER).dtype]
             for _ in range(5):
                 client.infer(request)
-            before = metrics.scrape(server.metrics_url)
+            before, sums = metrics.scrape(server.metrics_url), execute_sums(server)
             latencies, errors = [], []
             for _ in range(args.requests):
                 t0 = time.perf_counter()
@@ -99,7 +116,8 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
             wrong = sum(not e <= tolerance for e in errors)
             row["sequential"] = {"requests": args.requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
                                  "rel_median": float(f"{statistics.median(errors):.3g}"), "rel_max": float(f"{max(errors):.3g}"),
-                                 "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url))}  # fmt: skip
+                                 "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url)),
+                                 "instance_phases": execute_phases(sums, execute_sums(server))}  # fmt: skip
             for clients in [int(c) for c in args.clients.split(",") if c]:
                 before = metrics.scrape(server.metrics_url)
                 with Load([("grpc", server.grpc_url)] * clients, Reference(request, reference, tolerance)) as load:
@@ -144,8 +162,10 @@ def main() -> None:
     for r in rows:
         s = r["sequential"]
         parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in shown(s))
+        phases = "/".join(str(v) for k, v in s["instance_phases"].items() if k.endswith("_ms"))
         print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts} | "
-              f"rel to in-process {s['rel_median']:.2g} (max {s['rel_max']:.2g})")  # fmt: skip
+              f"rel to in-process {s['rel_median']:.2g} (max {s['rel_max']:.2g}) | "
+              f"instance read/launch/wait/answer ms {phases}")  # fmt: skip
     print(
         f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  avg batch"
     )

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,12 @@ STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.
 # A counter on Triton's /metrics page: requests this model ran its artifact on. Triton's own success
 # count is no measure of compute here: the Python backend counts an error answer as a success.
 COMPUTED_METRIC = "vlaserve_computed_requests"
+# Where an instance's execute spends its time, summed over its executes (ms) in its status (``executes``):
+# reading and checking the requests' inputs; batching, padding and queuing every step's work (on a CPU
+# instance: computing it); copying the outputs to the host (on a GPU: waiting for its work); building the
+# responses. Written at most every STATUS_PERIOD_S, so the sums and the count always go together.
+PHASES = ("read", "launch", "wait", "answer")
+STATUS_PERIOD_S = 0.5
 
 
 def instance_group_of(instance_name: str, group_names) -> str | None:
@@ -222,6 +229,8 @@ class TritonPythonModel:
                 kind=pb_utils.MetricFamily.COUNTER,
             )
             self.computed = family.Metric(labels={"model": self.model_name, "instance": self.instance})
+        self.status["executes"] = {"count": 0, **{f"{phase}_ms": 0.0 for phase in PHASES}}
+        self._saved_at = 0.0
         self._write_status()
 
     def _stages(self, version_dir: Path, params: RunnerParams) -> list[Stage]:
@@ -354,13 +363,27 @@ class TritonPythonModel:
         }
 
     def _write_status(self) -> None:
-        message = ", ".join(f"{k}={v}" for k, v in self.status.items())
+        message = ", ".join(f"{k}={v}" for k, v in self.status.items() if k != "executes")
         if pb_utils is not None:
             pb_utils.Logger.log_info(f"vlaserve instance ready: {message}")
+        self._save_status()
+
+    def _save_status(self) -> None:
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if status_dir:
             Path(status_dir).mkdir(parents=True, exist_ok=True)
             (Path(status_dir) / f"{self.instance}.json").write_text(json.dumps(self.status) + "\n")
+
+    def _account(self, marks: list[float]) -> None:
+        """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to the status,
+        saved when STATUS_PERIOD_S has passed since the last save."""
+        executes = self.status["executes"]
+        executes["count"] += 1
+        for phase, start, end in zip(PHASES, marks, marks[1:]):
+            executes[f"{phase}_ms"] = round(executes[f"{phase}_ms"] + (end - start) * 1e3, 3)
+        if marks[-1] - self._saved_at >= STATUS_PERIOD_S:
+            self._saved_at = marks[-1]
+            self._save_status()
 
     @staticmethod
     def _log_warn(message: str) -> None:
@@ -468,6 +491,7 @@ class TritonPythonModel:
         ]
 
     def _execute(self, requests):
+        marks = [time.perf_counter()]
         responses = [None] * len(requests)
         accepted, parts = [], []
         for i, request in enumerate(requests):
@@ -492,8 +516,10 @@ class TritonPythonModel:
                 responses[i] = response
             return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
+        marks.append(time.perf_counter())
         try:
             outputs = self._compute(self._pad(self._concat(parts), sum(sizes)))
+            marks.append(time.perf_counter())
         except Exception as exc:  # noqa: BLE001 - the runtime's failure goes back to each request it concerned
             if admitting:  # these requests never reach the decoder
                 self.admission.release(len(accepted))
@@ -505,7 +531,7 @@ class TritonPythonModel:
         if self.computed is not None:
             self.computed.increment(len(accepted))
         try:
-            self._answer(responses, accepted, sizes, outputs)
+            self._answer(responses, accepted, sizes, outputs, marks)
         except Exception as exc:  # noqa: BLE001 - the outputs could not be handed back: none reaches the decoder
             if admitting:
                 self.admission.release(len(accepted))
@@ -513,10 +539,14 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"{self.model_name}: handing the outputs back failed: {exc}")
                 )
+            return responses
+        marks.append(time.perf_counter())
+        self._account(marks)
         return responses
 
-    def _answer(self, responses: list, accepted: list[int], sizes: list[int], outputs: list) -> None:
-        """The responses of the accepted requests, from the batch's outputs (on the host)."""
+    def _answer(self, responses: list, accepted: list[int], sizes: list[int], outputs: list, marks: list) -> None:
+        """The responses of the accepted requests, from the batch's outputs (on the host); the time the outputs
+        reached the host appended to ``marks``."""
         if self.runtime.device.startswith("cuda"):
             # Outputs leave on the host. Handed over on the GPU (DLPack, then the Python backend's CUDA IPC),
             # answers came back wrong under concurrent load: on the H200 with pi0, 3,507 of 5,909 answers at
@@ -533,6 +563,7 @@ class TritonPythonModel:
                 outputs = [o.cpu() for o in outputs]
             else:
                 outputs = self._to_host(outputs)
+        marks.append(time.perf_counter())
         offset = 0
         for i, size in zip(accepted, sizes):
             tensors = [
