@@ -32,7 +32,7 @@ import numpy as np
 
 from vlaserve import interface as io
 from vlaserve.client import PolicyClient, make_request
-from vlaserve.server import ADMIN_HEADER, ServerOptions, TritonServer
+from vlaserve.server import ServerOptions, TritonServer
 
 MODEL = io.POLICY  # in the place of the policy, as the server expects it
 MODES = ("grpc", "http", "grpc_shm")
@@ -114,7 +114,7 @@ def shm_inputs(client, request: dict[str, np.ndarray], admin_key: str):
 
     size = sum(a.nbytes for a in request.values())
     key = f"/vlaserve-floor-{os.getpid()}"
-    headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key}
+    headers = {io.GRPC_ADMIN_HEADER: admin_key}
     handle = shm.create_shared_memory_region("vlaserve_floor", key, size)
     try:
         client.client.register_system_shared_memory("vlaserve_floor", key, size, headers=headers)

@@ -45,6 +45,7 @@ import numpy as np
 
 from loadtest import hostile, sweep
 from vlaserve import health
+from vlaserve import interface as io
 from vlaserve.client import PolicyClient, error_line, make_request
 from vlaserve.manifest import manifest_path, read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
@@ -290,8 +291,8 @@ def keys(launcher: Launcher, ref: Reference) -> dict:
     key, mode = key_file.read_text().strip(), key_file.stat().st_mode & 0o777
     index = f"http://{launcher.http}/v2/repository/index"
     http = {name: http_status(index, b"{}", headers) for name, headers in
-            (("none", {}), ("wrong", {"vlaserve-admin-key": "wrong"}), ("right", {"vlaserve-admin-key": key}))}  # fmt: skip
-    client, header = grpcclient.InferenceServerClient(launcher.grpc), "triton-grpc-protocol-vlaserve-admin-key"
+            (("none", {}), ("wrong", {io.ADMIN_HEADER: "wrong"}), ("right", {io.ADMIN_HEADER: key}))}  # fmt: skip
+    client, header = grpcclient.InferenceServerClient(launcher.grpc), io.GRPC_ADMIN_HEADER
     grpc_codes = {}
     for name, headers in (("none", None), ("wrong", {header: "wrong"}), ("right", {header: key})):
         try:

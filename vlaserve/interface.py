@@ -76,6 +76,10 @@ GRPC_PORT = 8001
 METRICS_PORT = 8002
 GATEWAY_PORT = 8003  # the openpi-compatible WebSocket gateway (vlaserve.gateway)
 DEFAULT_HOST = "127.0.0.1"
+# The header that carries the admin key to Triton's restricted endpoints (model repository, shared memory,
+# logging, trace); over gRPC it is metadata, under the key GRPC_ADMIN_HEADER.
+ADMIN_HEADER = "vlaserve-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 
 
 def request_shapes(views: int) -> dict[str, tuple[int, ...]]:

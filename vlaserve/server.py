@@ -47,7 +47,7 @@ PYTHON_SHM_BYTES = 128 * 2**20
 PYTHON_SHM_GROWTH_BYTES = 64 * 2**20
 # Endpoints that can change or read the server's state; they need the admin key header.
 RESTRICTED = "model-repository,shared-memory,logging,trace"
-ADMIN_HEADER = "vlaserve-admin-key"  # over gRPC the metadata key is triton-grpc-protocol-vlaserve-admin-key
+ADMIN_HEADER = io.ADMIN_HEADER  # over gRPC the metadata key is io.GRPC_ADMIN_HEADER
 ADMIN_KEY_FILE = "admin-key"  # <workdir>/admin-key, mode 0600, when the key was generated
 
 
