@@ -280,6 +280,48 @@ def test_generated_admin_key_is_for_its_owner_and_opens_the_restricted_endpoints
     assert {m.name for m in models} == {"encoder", "decoder", "policy"}
 
 
+def registered_regions(url: str, key: str) -> set[str]:
+    """The names of the system shared-memory regions registered with the server at ``url``."""
+    status = PolicyClient(url).client.get_system_shared_memory_status(
+        headers={"triton-grpc-protocol-vlaserve-admin-key": key}, as_json=True
+    )
+    return {r["name"] for r in status.get("regions", {}).values()}
+
+
+def test_inputs_through_shared_memory_give_the_same_actions(server):
+    """A client on the server's host sends its inputs through a registered system shared-memory region:
+    the same actions, a region grown for a larger request, and nothing left registered or in /dev/shm after
+    close(); without the admin key, or over HTTP, a clear error."""
+    from pathlib import Path
+
+    from vlaserve.errors import VlaserveError
+
+    key = server.options.admin_key
+    small, large = (make_request(b, views=2, seed=21, with_noise=True) for b in (1, 3))
+    with PolicyClient(server.grpc_url, shared_memory=True, admin_key=key) as client:
+        first = client.infer(small)
+        size = client.region[2]
+        grown = client.infer(large)
+        assert client.region[2] == 3 * size  # a larger request got a larger region
+        again = client.infer(small)  # the larger region holds the smaller request too
+        name = client.region[0]
+        assert name in registered_regions(server.grpc_url, key)
+    plain = PolicyClient(server.grpc_url)
+    np.testing.assert_allclose(first, plain.infer(small), atol=1e-5)
+    np.testing.assert_allclose(grown, plain.infer(large), atol=1e-5)
+    np.testing.assert_allclose(again, first, atol=1e-5)
+    assert name not in registered_regions(server.grpc_url, key)
+    assert not Path("/dev/shm", name).exists()
+    wrong = PolicyClient(server.grpc_url, shared_memory=True, admin_key="wrong")
+    with pytest.raises(InferenceServerException, match="restricted"):
+        wrong.infer(small)
+    assert wrong.region is None and not list(Path("/dev/shm").glob(f"vlaserve_client_{os.getpid()}_*"))
+    with pytest.raises(VlaserveError, match="grpc"):
+        PolicyClient(server.http_url, "http", shared_memory=True, admin_key=key)
+    with pytest.raises(VlaserveError, match="admin key"):
+        PolicyClient(server.grpc_url, shared_memory=True)
+
+
 def test_lying_shapes_and_internal_models_cannot_take_the_server_down(server, tiny_policy):
     """The 128-byte request that made tritonserver 2.51 abort, its family, and bodies that lie about their
     binary data, over HTTP (through the guard) and gRPC; then the same server process answers right."""

@@ -7,12 +7,14 @@ camera-like frames, a state and a prompt. Errors from the server reach the CLI u
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -83,11 +85,33 @@ def infer_inputs(tc, tensors: dict[str, np.ndarray]) -> list:
 
 
 class PolicyClient:
-    """Requests to the policy ensemble (or any model of the repository) over gRPC or HTTP."""
+    """Requests to the policy ensemble (or any model of the repository) over gRPC or HTTP.
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = io.POLICY, timeout_s: float = 60.0):
+    ``shared_memory=True`` (gRPC, a client on the server's host): the inputs travel in a system shared-memory
+    region that the client registers once with Triton, and the message carries only where they are (Triton's
+    shared-memory extension). Registering is restricted to the server's admin key (vlaserve.server), which
+    ``admin_key`` gives. One region per client: use a client from one thread at a time, and ``close()`` it
+    (or use it as a context manager) to unregister and remove the region."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model: str = io.POLICY,
+        timeout_s: float = 60.0,
+        shared_memory: bool = False,
+        admin_key: str | None = None,
+    ):
         if protocol not in PROTOCOLS:
             raise VlaserveError("protocol", protocol, f"one of {PROTOCOLS}")
+        if shared_memory and protocol != "grpc":
+            raise VlaserveError("shared memory", f"over {protocol}", "grpc (inputs in system shared memory)")
+        if shared_memory and not admin_key:
+            raise VlaserveError(
+                "shared memory", "no admin key", "the server's admin key (registering shared memory needs it)"
+            )
+        self.shared_memory, self.admin_key = shared_memory, admin_key
+        self.region: tuple[str, object, int] | None = None  # name, handle, bytes of the registered region
         if protocol == "grpc":
             import tritonclient.grpc as tc
         else:
@@ -101,7 +125,56 @@ class PolicyClient:
         )
 
     def inputs(self, tensors: dict[str, np.ndarray]) -> list:
-        return infer_inputs(self.tc, tensors)
+        return self._shared_inputs(tensors) if self.shared_memory else infer_inputs(self.tc, tensors)
+
+    def _shared_inputs(self, tensors: dict[str, np.ndarray]) -> list:
+        """InferInputs of ``tensors`` written into this client's region (registered, or grown, first)."""
+        import tritonclient.utils.shared_memory as shm
+        from tritonclient.utils import np_to_triton_dtype
+
+        arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+        size = sum(a.nbytes for a in arrays.values())
+        if self.region is None or self.region[2] < size:
+            self.close()
+            name = f"vlaserve_client_{os.getpid()}_{id(self):x}"
+            handle = shm.create_shared_memory_region(name, f"/{name}", size)
+            try:
+                self.client.register_system_shared_memory(name, f"/{name}", size, headers=self._admin_headers())
+            except Exception:
+                shm.destroy_shared_memory_region(handle)
+                raise
+            self.region = (name, handle, size)
+        name, handle, _ = self.region
+        out, offset = [], 0
+        for key, array in arrays.items():
+            shm.set_shared_memory_region(handle, [array], offset=offset)
+            tensor = self.tc.InferInput(key, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_shared_memory(name, array.nbytes, offset=offset)
+            out.append(tensor)
+            offset += array.nbytes
+        return out
+
+    def _admin_headers(self) -> dict[str, str]:
+        return {io.GRPC_ADMIN_HEADER: self.admin_key}
+
+    def close(self) -> None:
+        """Unregister and remove the shared-memory region, if any (the client itself stays usable)."""
+        if self.region is None:
+            return
+        import tritonclient.utils.shared_memory as shm
+
+        name, handle, _ = self.region
+        self.region = None
+        try:
+            self.client.unregister_system_shared_memory(name, headers=self._admin_headers())
+        finally:
+            shm.destroy_shared_memory_region(handle)
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def infer(self, tensors: dict[str, np.ndarray], priority: int = 0, output: str = io.ACTIONS) -> np.ndarray:
         """Send one request; returns the named output. Raises tritonclient's InferenceServerException."""
@@ -178,7 +251,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--priority", type=int, default=0, help="request priority: 1 = control, 2 = background (default: model's)"
     )
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="gRPC, on the server's host: send the inputs through system shared memory (needs the admin key)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=Path(".vlaserve") / "admin-key",
+        help="for --shared-memory when $VLASERVE_ADMIN_KEY is unset: the key the server generated "
+        "(default: .vlaserve/admin-key)",
+    )
     return parser.parse_args(argv)
+
+
+def admin_key(args: argparse.Namespace) -> str | None:
+    """The admin key for --shared-memory: $VLASERVE_ADMIN_KEY, else the key file's, else None."""
+    key = os.environ.get("VLASERVE_ADMIN_KEY")
+    if key or not args.admin_key_file.is_file():
+        return key
+    return args.admin_key_file.read_text().strip()
 
 
 def main(argv=None) -> int:
@@ -188,21 +281,29 @@ def main(argv=None) -> int:
             raise VlaserveError(
                 "--batch/--requests/--concurrency", (args.batch, args.requests, args.concurrency), "positive integers"
             )
-        client = PolicyClient(args.url, args.protocol, args.model)
+        key = admin_key(args) if args.shared_memory else None
+        client = PolicyClient(args.url, args.protocol, args.model, shared_memory=args.shared_memory, admin_key=key)
         request = make_request(args.batch, client.views(), args.seed, args.prompt, with_noise=args.noise)
 
-        local = threading.local()  # one connection per worker thread
+        local = threading.local()  # one connection (and shared-memory region) per worker thread
+        clients = []
 
         def one(_):
             if not hasattr(local, "client"):
-                local.client = PolicyClient(client.url, args.protocol, args.model)
+                local.client = PolicyClient(client.url, args.protocol, args.model, shared_memory=args.shared_memory,
+                                            admin_key=key)  # fmt: skip
+                clients.append(local.client)
             start = time.perf_counter()
             actions = local.client.infer(request, args.priority)
             return actions, (time.perf_counter() - start) * 1e3
 
         started = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(one, range(args.requests)))
+        try:
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                results = list(pool.map(one, range(args.requests)))
+        finally:
+            for c in clients:
+                c.close()
         wall = time.perf_counter() - started
     except VlaserveError as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
@@ -216,7 +317,8 @@ def main(argv=None) -> int:
         f"actions: shape {list(actions.shape)} dtype {actions.dtype}, first values {[round(float(x), 4) for x in actions[0, 0, :4]]}"
     )
     print(
-        f"{len(results)} request(s) of batch {args.batch} over {args.protocol} to {client.url}: "
+        f"{len(results)} request(s) of batch {args.batch} over {args.protocol}"
+        f"{' (inputs in shared memory)' if args.shared_memory else ''} to {client.url}: "
         f"p50 {statistics.median(latencies):.1f} ms, max {latencies[-1]:.1f} ms, "
         f"{len(results) * args.batch / wall:.1f} inferences/s"
     )
