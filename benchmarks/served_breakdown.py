@@ -2,7 +2,8 @@
 
 For each spec variant (and each ``--env`` setting, one server start each), served through
 ``vlaserve.server.variant_server`` over the artifacts exported in ``--repository``:
-- ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up): client p50 / p99,
+- ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up; with ``--shm`` again with
+  the inputs in system shared memory, vlaserve.client.PolicyClient): client p50 / p99,
   Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request), and
   the instances' own per execute (vlaserve.runner.PHASES: read, launch, wait, answer);
 - then, for each count in ``--clients``, that many closed-loop gRPC clients for ``--seconds``: right answers
@@ -86,6 +87,24 @@ def shown(figures: dict) -> list[str]:
     return [m for m in MODELS if m in figures] or [io.POLICY]
 
 
+def sequential(server, client: PolicyClient, request: dict, reference, tolerance: float, requests: int) -> dict:
+    """``requests`` batch-1 requests one after another (after 5 to warm up), every answer checked."""
+    for _ in range(5):
+        client.infer(request)
+    before, sums = metrics.scrape(server.metrics_url), execute_sums(server)
+    latencies, errors = [], []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        actions = client.infer(request)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        errors.append(rel_error(actions, reference))
+    wrong = sum(not e <= tolerance for e in errors)
+    return {"requests": requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
+            "rel_median": float(f"{statistics.median(errors):.3g}"), "rel_max": float(f"{max(errors):.3g}"),
+            "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url)),
+            "instance_phases": execute_phases(sums, execute_sums(server))}  # fmt: skip
+
+
 def run_config(args, variant: str, env: str, workdir: Path) -> dict:
     settings = dict(kv.split("=", 1) for kv in env.split(",") if kv)
     saved = {k: os.environ.get(k) for k in settings}
@@ -101,23 +120,13 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
             row["ready_s"] = round(time.perf_counter() - started, 1)
             # what each instance did at start: compile check, the graph choice per bucket, replay times
             row["instances"] = [json.loads(p.read_text()) for p in sorted(server.status_dir.glob("*.json"))]
-            client = PolicyClient(server.grpc_url)
             request, reference = golden_reference(repo)
             tolerance = REL_TOLERANCE[read_manifest(repo, io.ENCODER).dtype]
-            for _ in range(5):
-                client.infer(request)
-            before, sums = metrics.scrape(server.metrics_url), execute_sums(server)
-            latencies, errors = [], []
-            for _ in range(args.requests):
-                t0 = time.perf_counter()
-                actions = client.infer(request)
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                errors.append(rel_error(actions, reference))
-            wrong = sum(not e <= tolerance for e in errors)
-            row["sequential"] = {"requests": args.requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
-                                 "rel_median": float(f"{statistics.median(errors):.3g}"), "rel_max": float(f"{max(errors):.3g}"),
-                                 "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url)),
-                                 "instance_phases": execute_phases(sums, execute_sums(server))}  # fmt: skip
+            row["sequential"] = sequential(server, PolicyClient(server.grpc_url), request, reference, tolerance,
+                                           args.requests)  # fmt: skip
+            if args.shm:
+                with PolicyClient(server.grpc_url, shared_memory=True, admin_key=server.options.admin_key) as client:
+                    row["sequential_shm"] = sequential(server, client, request, reference, tolerance, args.requests)
             for clients in [int(c) for c in args.clients.split(",") if c]:
                 before = metrics.scrape(server.metrics_url)
                 with Load([("grpc", server.grpc_url)] * clients, Reference(request, reference, tolerance)) as load:
@@ -146,6 +155,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=None,
                         help='KEY=VALUE[,KEY=VALUE] for one server start per variant; repeat for more ("" = as it is)')  # fmt: skip
     parser.add_argument("--requests", type=int, default=200, help="batch-1 requests one after another")
+    parser.add_argument("--shm", action="store_true",
+                        help="the batch-1 requests again with their inputs in system shared memory (gRPC)")  # fmt: skip
     parser.add_argument("--clients", default="", help="closed-loop client counts for the load phases, e.g. 16,64")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
     parser.add_argument("--out", required=True)
@@ -159,8 +170,9 @@ def main() -> None:
     print(
         f"\n{'variant, env':36} {'batch-1 p50/p99 ms':>18} {'wrong':>5} | per request ms: model queue/input/infer/output"
     )
-    for r in rows:
-        s = r["sequential"]
+    for r, key in [(r, k) for r in rows for k in ("sequential", "sequential_shm") if k in r]:
+        s = r[key]
+        r = {**r, "env": r["env"] + (", inputs in shared memory" if key == "sequential_shm" else "")}
         parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in shown(s))
         phases = "/".join(str(v) for k, v in s["instance_phases"].items() if k.endswith("_ms"))
         print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts} | "
