@@ -322,6 +322,21 @@ def test_inputs_through_shared_memory_give_the_same_actions(server):
         PolicyClient(server.grpc_url, shared_memory=True)
 
 
+def test_the_client_command_sends_through_shared_memory_with_the_key_file(server, tmp_path, monkeypatch, capsys):
+    """``python -m vlaserve.client --shared-memory``: the key from --admin-key-file when $VLASERVE_ADMIN_KEY is
+    unset; without any key, a one-line error and exit status 2."""
+    from vlaserve.client import main
+
+    monkeypatch.delenv("VLASERVE_ADMIN_KEY", raising=False)
+    key_file = tmp_path / "admin-key"
+    key_file.write_text(server.options.admin_key + "\n")
+    args = ["--url", server.grpc_url, "--shared-memory", "--requests", "3", "--concurrency", "2", "--noise"]
+    assert main([*args, "--admin-key-file", str(key_file)]) == 0
+    assert "3 request(s) of batch 1 over grpc (inputs in shared memory)" in capsys.readouterr().out
+    assert main([*args, "--admin-key-file", str(tmp_path / "none")]) == 2
+    assert "shared memory: got 'no admin key'" in capsys.readouterr().err
+
+
 def test_lying_shapes_and_internal_models_cannot_take_the_server_down(server, tiny_policy):
     """The 128-byte request that made tritonserver 2.51 abort, its family, and bodies that lie about their
     binary data, over HTTP (through the guard) and gRPC; then the same server process answers right."""
