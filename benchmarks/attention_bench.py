@@ -44,6 +44,9 @@ def implementations() -> dict:
         # the same with the keys split four times as much (about 4 x 132 programs): where it gains, the
         # default's split rule is the thing to change
         "triton_x4": lambda: attention_override(functools.partial(triton_attention, target_programs=528)),
+        # stages left out, to place the time inside the kernel (their outputs are void: not the attention)
+        "triton_no_merge": lambda: attention_override(functools.partial(triton_attention, merge=False)),
+        "triton_one_split": lambda: attention_override(functools.partial(triton_attention, tiles={"splits": 1})),
     }
 
 

@@ -185,6 +185,7 @@ def _attention_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PREFETCH_KEYS: tl.constexpr = 0,
+    MERGE: tl.constexpr = True,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
     query token r // G of query head h * G + r % G (G = H / HKV), as vlaserve.model.policy.attention
@@ -252,8 +253,9 @@ def _attention_kernel(
         tl.store(part_ptr + row[:, None] * (D + 2) + d[None, :], acc, mask=r_ok[:, None])
         tl.store(part_ptr + row * (D + 2) + D, m_i, mask=r_ok)
         tl.store(part_ptr + row * (D + 2) + D + 1, l_i, mask=r_ok)
-        if _last_to_arrive(count_ptr, bh * tl.num_programs(1) + pid_m, SPLITS, FENCE):
-            _merge_splits(part_ptr, dst, bh, r, r_ok, T, G, D, SPLITS, BLOCK_M)
+        if MERGE:  # False only to time the kernel without its merge (benchmarks/attention_bench.py)
+            if _last_to_arrive(count_ptr, bh * tl.num_programs(1) + pid_m, SPLITS, FENCE):
+                _merge_splits(part_ptr, dst, bh, r, r_ok, T, G, D, SPLITS, BLOCK_M)
 
 
 @triton.jit
@@ -428,14 +430,16 @@ def tiles_for(rows: int) -> dict:
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     target_programs: int = 132, tiles: dict | None = None) -> torch.Tensor:  # fmt: skip
+                     target_programs: int = 132, tiles: dict | None = None, merge: bool = True) -> torch.Tensor:  # fmt: skip
     """What ``vlaserve.model.policy.attention`` computes (q [B, T, H, D]; k, v [B, Hkv, S, D]; the additive
     bias [B, 1, T * H / Hkv or 1, S] of ``attention_bias``), as :func:`_attention_kernel` with the bias: the
     query heads folded, the keys split so that a small batch still fills the GPU. For the compiled decoder
     (``vlaserve.model.policy.attention_override``): PyTorch's memory-efficient kernel keeps its output in
     global memory for head_dim 256 and took 53 us per call there at batch 16 (docs/BENCHMARKS.md).
     Raises ValueError for shapes or layouts it does not take (head_dim not a power of two >= 16,
-    non-contiguous rows). ``tiles`` overrides the "attention" and "splits" entries of :data:`TILES_BY_ROWS`."""
+    non-contiguous rows). ``tiles`` overrides the "attention" and "splits" entries of :data:`TILES_BY_ROWS`.
+    ``merge=False`` leaves the key splits unmerged, so that a benchmark can time the kernel without its merge:
+    the output is then not the attention."""
     b, t, h, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = h // hkv if hkv else 0
@@ -464,7 +468,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     _attention_kernel[(b * hkv, row_blocks, splits)](
         q, k, v, bias, bias, out, part, counts, t, s, 0, d**-0.5, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if rows > 1 else 0,
-        H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, BIAS=True,
+        H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, BIAS=True, MERGE=merge,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
