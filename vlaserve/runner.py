@@ -37,9 +37,10 @@ STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.
 # count is no measure of compute here: the Python backend counts an error answer as a success.
 COMPUTED_METRIC = "vlaserve_computed_requests"
 # Where an instance's execute spends its time, summed over its executes (ms) in its status (``executes``):
-# reading and checking the requests' inputs; batching, padding and queuing every step's work (on a CPU
-# instance: computing it); copying the outputs to the host (on a GPU: waiting for its work); building the
-# responses. Written at most every STATUS_PERIOD_S, so the sums and the count always go together.
+# reading and checking the requests' inputs; waiting for admission (a pipeline's first model), then batching,
+# padding and queuing every step's work (on a CPU instance: computing it); copying the outputs to the host (on
+# a GPU: waiting for its work); building the responses. Saved at most every STATUS_PERIOD_S, with the count,
+# so that a reader always sees sums and count of the same executes.
 PHASES = ("read", "launch", "wait", "answer")
 STATUS_PERIOD_S = 0.5
 
@@ -369,10 +370,14 @@ class TritonPythonModel:
         self._save_status()
 
     def _save_status(self) -> None:
+        """The status file, replaced whole (readers glob ``*.json`` while the instance serves)."""
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if status_dir:
             Path(status_dir).mkdir(parents=True, exist_ok=True)
-            (Path(status_dir) / f"{self.instance}.json").write_text(json.dumps(self.status) + "\n")
+            path = Path(status_dir) / f"{self.instance}.json"
+            partial = path.with_suffix(".json.tmp")
+            partial.write_text(json.dumps(self.status) + "\n")
+            partial.replace(path)
 
     def _account(self, marks: list[float]) -> None:
         """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to the status,
@@ -383,7 +388,10 @@ class TritonPythonModel:
             executes[f"{phase}_ms"] = round(executes[f"{phase}_ms"] + (end - start) * 1e3, 3)
         if marks[-1] - self._saved_at >= STATUS_PERIOD_S:
             self._saved_at = marks[-1]
-            self._save_status()
+            try:
+                self._save_status()
+            except OSError as exc:  # the answers are built: a status file must not cost them
+                self._log_warn(f"{self.model_name}: the instance status could not be saved: {exc}")
 
     @staticmethod
     def _log_warn(message: str) -> None:
@@ -504,6 +512,7 @@ class TritonPythonModel:
                 )
         if not parts:
             return responses
+        marks.append(time.perf_counter())
         admitting = self.admission is not None and self.admission_role == "acquire"
         if admitting and not self.admission.acquire(len(accepted), self.admission_wait_s, give_up=self.door.closing):
             message = (
@@ -516,7 +525,6 @@ class TritonPythonModel:
                 responses[i] = response
             return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
-        marks.append(time.perf_counter())
         try:
             outputs = self._compute(self._pad(self._concat(parts), sum(sizes)))
             marks.append(time.perf_counter())
