@@ -5,7 +5,8 @@ For each spec variant (and each ``--env`` setting, one server start each), serve
 - ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up; with ``--shm`` again with
   the inputs in system shared memory, vlaserve.client.PolicyClient): client p50 / p99,
   Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request), and
-  the instances' own per execute (vlaserve.runner.PHASES: read, launch, wait, answer);
+  the instances' own per execute and model (vlaserve.runner.PHASES: read, launch, wait, answer; over the
+  same requests and one more, sent after the status period to make the instances save their figures);
 - then, for each count in ``--clients``, that many closed-loop gRPC clients for ``--seconds``: right answers
   per second, their p50 / p99, wrong answers and errors, and the batch each model formed on average.
 The request is the export's golden sample (item 0); every answer is compared with the actions the export
@@ -32,6 +33,7 @@ from vlaserve import interface as io
 from vlaserve.client import PolicyClient
 from vlaserve.manifest import read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
+from vlaserve.runner import STATUS_PERIOD_S
 from vlaserve.server import variant_server
 from vlaserve.spec import load_spec
 from vlaserve.value_check import golden_reference
@@ -66,20 +68,33 @@ def per_model(before: dict, after: dict) -> dict:
     }
 
 
-def execute_sums(server) -> collections.Counter:
-    """The instances' executes and their phases' ms (vlaserve.runner.PHASES), summed over the instances, as
-    their status files last saved them (a count and its sums always together)."""
-    total = collections.Counter()
+def execute_sums(server) -> dict[str, collections.Counter]:
+    """Per model, its instances' executes and their phases' ms (vlaserve.runner.PHASES), summed over the
+    instances, as their status files last saved them (a count and its sums always together)."""
+    per_model: dict[str, collections.Counter] = {}
     for path in server.status_dir.glob("*.json"):
-        total.update(json.loads(path.read_text()).get("executes", {}))
-    return total
+        row = json.loads(path.read_text())
+        per_model.setdefault(row.get("model", path.stem), collections.Counter()).update(row.get("executes", {}))
+    return per_model
 
 
-def execute_phases(before: collections.Counter, after: collections.Counter) -> dict:
-    """Per execute, ms of each phase between two :func:`execute_sums`."""
-    count = after["count"] - before["count"]
-    return {"executes": count, **{k: round((after[k] - before[k]) / count, 3) if count else None
-                                  for k in after if k.endswith("_ms")}}  # fmt: skip
+def execute_phases(before: dict, after: dict) -> dict:
+    """Per model and execute, ms of each phase between two :func:`execute_sums`."""
+    out = {}
+    for model, end in after.items():
+        start = before.get(model, collections.Counter())
+        count = end["count"] - start["count"]
+        out[model] = {"executes": count, **{k: round((end[k] - start[k]) / count, 3) if count else None
+                                            for k in end if k.endswith("_ms")}}  # fmt: skip
+    return out
+
+
+def settled_sums(server, client: PolicyClient, request: dict) -> dict:
+    """:func:`execute_sums` after one more request sent once the instances' status period has passed: that
+    request's execute saves each status, so the sums hold every execute so far, itself included."""
+    time.sleep(STATUS_PERIOD_S + 0.1)
+    client.infer(request)
+    return execute_sums(server)
 
 
 def shown(figures: dict) -> list[str]:
@@ -91,18 +106,21 @@ def sequential(server, client: PolicyClient, request: dict, reference, tolerance
     """``requests`` batch-1 requests one after another (after 5 to warm up), every answer checked."""
     for _ in range(5):
         client.infer(request)
-    before, sums = metrics.scrape(server.metrics_url), execute_sums(server)
+    sums = settled_sums(server, client, request)
+    before = metrics.scrape(server.metrics_url)
     latencies, errors = [], []
     for _ in range(requests):
         t0 = time.perf_counter()
         actions = client.infer(request)
         latencies.append((time.perf_counter() - t0) * 1e3)
         errors.append(rel_error(actions, reference))
+    after = metrics.scrape(server.metrics_url)
     wrong = sum(not e <= tolerance for e in errors)
     return {"requests": requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
             "rel_median": float(f"{statistics.median(errors):.3g}"), "rel_max": float(f"{max(errors):.3g}"),
-            "p99_ms": percentile(latencies, 0.99), **per_model(before, metrics.scrape(server.metrics_url)),
-            "instance_phases": execute_phases(sums, execute_sums(server))}  # fmt: skip
+            "p99_ms": percentile(latencies, 0.99), **per_model(before, after),
+            # the same requests and the one that settles the status files
+            "instance_phases": execute_phases(sums, settled_sums(server, client, request))}  # fmt: skip
 
 
 def run_config(args, variant: str, env: str, workdir: Path) -> dict:
@@ -174,7 +192,10 @@ def main() -> None:
         s = r[key]
         r = {**r, "env": r["env"] + (", inputs in shared memory" if key == "sequential_shm" else "")}
         parts = " | ".join(f"{m} {s[m]['queue']}/{s[m]['input']}/{s[m]['infer']}/{s[m]['output']}" for m in shown(s))
-        phases = "/".join(str(v) for k, v in s["instance_phases"].items() if k.endswith("_ms"))
+        phases = " | ".join(
+            f"{m} " + "/".join(str(v) for k, v in p.items() if k.endswith("_ms"))
+            for m, p in s["instance_phases"].items()
+        )
         print(f"{r['variant'] + ', ' + r['env']:36} {s['p50_ms']:8.2f} / {s['p99_ms']:7.2f} {s['wrong']:5d} | {parts} | "
               f"rel to in-process {s['rel_median']:.2g} (max {s['rel_max']:.2g}) | "
               f"instance read/launch/wait/answer ms {phases}")  # fmt: skip
