@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import sys
 import threading
@@ -136,8 +137,8 @@ class PolicyClient:
         size = sum(a.nbytes for a in arrays.values())
         if self.region is None or self.region[2] < size:
             self.close()
-            name = f"vlaserve_client_{os.getpid()}_{id(self):x}"
-            handle = shm.create_shared_memory_region(name, f"/{name}", size)
+            name = f"vlaserve_client_{os.getpid()}_{secrets.token_hex(4)}"
+            handle = shm.create_shared_memory_region(name, f"/{name}", size, create_only=True)
             try:
                 self.client.register_system_shared_memory(name, f"/{name}", size, headers=self._admin_headers())
             except Exception:
@@ -170,6 +171,14 @@ class PolicyClient:
         finally:
             shm.destroy_shared_memory_region(handle)
 
+    def _forget_region(self) -> None:
+        """Remove the region here without asking the server, which no longer knows it."""
+        import tritonclient.utils.shared_memory as shm
+
+        _, handle, _ = self.region
+        self.region = None
+        shm.destroy_shared_memory_region(handle)
+
     def __enter__(self) -> PolicyClient:
         return self
 
@@ -177,13 +186,20 @@ class PolicyClient:
         self.close()
 
     def infer(self, tensors: dict[str, np.ndarray], priority: int = 0, output: str = io.ACTIONS) -> np.ndarray:
-        """Send one request; returns the named output. Raises tritonclient's InferenceServerException."""
+        """Send one request; returns the named output. Raises tritonclient's InferenceServerException. With
+        shared memory, a server that no longer knows the region (restarted since) gets it registered again,
+        once."""
         kwargs = {"priority": priority} if priority else {}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
-        result = self.client.infer(
-            self.model, self.inputs(tensors), outputs=[self.tc.InferRequestedOutput(output)], **kwargs
-        )
+        outputs = [self.tc.InferRequestedOutput(output)]
+        try:
+            result = self.client.infer(self.model, self.inputs(tensors), outputs=outputs, **kwargs)
+        except Exception as exc:
+            if self.region is None or "shared memory region" not in str(exc):
+                raise
+            self._forget_region()
+            result = self.client.infer(self.model, self.inputs(tensors), outputs=outputs, **kwargs)
         return result.as_numpy(output)
 
     def views(self) -> int:
@@ -266,11 +282,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def admin_key(args: argparse.Namespace) -> str | None:
-    """The admin key for --shared-memory: $VLASERVE_ADMIN_KEY, else the key file's, else None."""
+def admin_key(args: argparse.Namespace) -> str:
+    """The admin key for --shared-memory: $VLASERVE_ADMIN_KEY, else the key file's."""
     key = os.environ.get("VLASERVE_ADMIN_KEY")
-    if key or not args.admin_key_file.is_file():
+    if key:
         return key
+    if not args.admin_key_file.is_file():
+        raise VlaserveError(
+            "--shared-memory",
+            "no admin key",
+            f"$VLASERVE_ADMIN_KEY, or the key file the server generated ({args.admin_key_file} does not exist)",
+        )
     return args.admin_key_file.read_text().strip()
 
 
@@ -301,10 +323,13 @@ def main(argv=None) -> int:
         try:
             with ThreadPoolExecutor(args.concurrency) as pool:
                 results = list(pool.map(one, range(args.requests)))
+            wall = time.perf_counter() - started
         finally:
-            for c in clients:
-                c.close()
-        wall = time.perf_counter() - started
+            for c in clients:  # each on its own: one failing leaves the others' regions to close
+                try:
+                    c.close()
+                except Exception as exc:  # noqa: BLE001 - said, and the others still closed
+                    print(f"infer: warning: a shared-memory region was not removed: {error_line(exc)}", file=sys.stderr)
     except VlaserveError as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 2
