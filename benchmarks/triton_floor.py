@@ -7,8 +7,8 @@ reports the client's p50 / p99 and Triton's own per-request figures (queue, inpu
 
 - ``grpc`` and ``http`` (Triton's own HTTP, not through vlaserve's guard): the request's tensors in the
   message, as ``vlaserve.client`` sends them;
-- ``grpc_shm``: the inputs in a system shared-memory region registered once, the message carrying only
-  their place (the client and the server on one host);
+- ``grpc_shm``: the inputs in a system shared-memory region, as ``PolicyClient(shared_memory=True)`` sends
+  them (registered once, written per request; the message carries only their place; one host);
 - with ``--read``, the model also reads every input as the runner does (``as_numpy``), else it reads none.
 
 Whatever the real model adds over this floor is its own instance's work and its compute. No GPU is used.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -65,7 +64,7 @@ def triton_type(array: np.ndarray) -> str:
 
 
 def write_repository(root: Path, views: int, read: bool) -> Path:
-    """A repository of one model, ``floor``, with the policy's request inputs and its actions output."""
+    """A repository of one model, named as the policy, with its request inputs and its actions output."""
     request = make_request(views=views, with_noise=True)
     lines = [f'name: "{MODEL}"', 'backend: "python"', "max_batch_size: 16", "dynamic_batching { }"]
     for name, array in request.items():
@@ -107,61 +106,24 @@ def triton_figures(client, before: dict | None = None) -> dict:
     return {names[k]: round((now[k] - before[k]) / count / 1e6, 3) for k in names}
 
 
-def shm_inputs(client, request: dict[str, np.ndarray], admin_key: str):
-    """The request's inputs placed in one registered system shared-memory region (gRPC; registering is
-    restricted to the admin key, vlaserve.server); its cleanup."""
-    import tritonclient.utils.shared_memory as shm
-
-    size = sum(a.nbytes for a in request.values())
-    key = f"/vlaserve-floor-{os.getpid()}"
-    headers = {io.GRPC_ADMIN_HEADER: admin_key}
-    handle = shm.create_shared_memory_region("vlaserve_floor", key, size)
-    try:
-        client.client.register_system_shared_memory("vlaserve_floor", key, size, headers=headers)
-    except Exception:
-        shm.destroy_shared_memory_region(handle)
-        raise
-    inputs, offset = [], 0
-    for name, array in request.items():
-        shm.set_shared_memory_region(handle, [array], offset=offset)
-        tensor = client.tc.InferInput(name, list(array.shape), triton_type(array))
-        tensor.set_shared_memory("vlaserve_floor", array.nbytes, offset=offset)
-        inputs.append(tensor)
-        offset += array.nbytes
-
-    def cleanup():
-        client.client.unregister_system_shared_memory("vlaserve_floor", headers=headers)
-        shm.destroy_shared_memory_region(handle)
-
-    return inputs, cleanup
-
-
 def measure(server: TritonServer, mode: str, request: dict, requests: int) -> dict:
+    """``requests`` batch-1 requests one after another over ``mode``, after 20 to warm up."""
     protocol = "http" if mode == "http" else "grpc"
-    client = PolicyClient(server.grpc_url if protocol == "grpc" else server.triton_http, protocol, model=MODEL)
-    cleanup = None
-    if mode == "grpc_shm":
-        inputs, cleanup = shm_inputs(client, request, server.options.admin_key)
-    outputs = [client.tc.InferRequestedOutput(io.ACTIONS)]
-    try:
-        times = []
-        before = None
+    url = server.grpc_url if protocol == "grpc" else server.triton_http
+    shared = mode == "grpc_shm"
+    with PolicyClient(url, protocol, model=MODEL, shared_memory=shared, admin_key=server.options.admin_key) as client:
+        times, before = [], None
         for i in range(20 + requests):
             if i == 20:
                 before = triton_figures(client)
             start = time.perf_counter()
-            result = client.client.infer(MODEL, inputs if cleanup else client.inputs(request), outputs=outputs)
-            actions = result.as_numpy(io.ACTIONS)
+            actions = client.infer(request)
             if i >= 20:
                 times.append((time.perf_counter() - start) * 1e3)
             if actions.shape != (1, io.ACTION_HORIZON, io.ACTION_DIM):
                 raise SystemExit(f"triton_floor: {mode}: actions of shape {actions.shape}")
-        row = {"mode": mode, "p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99),
-               "mean_ms": round(statistics.fmean(times), 3), **triton_figures(client, before)}  # fmt: skip
-    finally:
-        if cleanup:
-            cleanup()
-    return row
+        return {"mode": mode, "p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99),
+                "mean_ms": round(statistics.fmean(times), 3), **triton_figures(client, before)}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
