@@ -247,3 +247,41 @@ def test_decoder_kernels_bench_runs_settings_one_after_another_in_the_interprete
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(r < 1e-5 for r in result["rel"].values()), result
     assert all(result["shapes"].values()), result
+
+
+def test_triton_floor_serves_a_model_that_does_no_work_over_each_mode(tmp_path, capsys):
+    """benchmarks/triton_floor.py: the real tritonserver, a Python-backend model of the policy's interface
+    that answers zeros, a few requests per mode; each mode's row has the client's and Triton's figures, and
+    the shared-memory mode leaves no region behind."""
+    import json
+    import os
+    from pathlib import Path
+
+    from benchmarks.triton_floor import MODES, main
+
+    out = tmp_path / "floor.json"
+    assert main(["--requests", "5", "--read", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == list(MODES)
+    for row in rows:
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["infer"] > 0
+    assert not list(Path("/dev/shm").glob(f"vlaserve_client_{os.getpid()}_*"))
+    assert "| grpc_shm |" in capsys.readouterr().out
+
+
+def test_served_breakdown_takes_the_instances_phases_per_model_and_execute():
+    from collections import Counter
+
+    from benchmarks.served_breakdown import execute_phases
+
+    before = {"encoder": Counter(count=2, read_ms=1.0, launch_ms=4.0)}
+    after = {
+        "encoder": Counter(count=6, read_ms=3.0, launch_ms=12.0),
+        "decoder": Counter(count=4, read_ms=2.0, launch_ms=8.0),  # none before: counted from zero
+        "policy": Counter(count=0, read_ms=0.0, launch_ms=0.0),
+    }
+    assert execute_phases(before, after) == {
+        "encoder": {"executes": 4, "read_ms": 0.5, "launch_ms": 2.0},
+        "decoder": {"executes": 4, "read_ms": 0.5, "launch_ms": 2.0},
+        "policy": {"executes": 0, "read_ms": None, "launch_ms": None},
+    }

@@ -280,6 +280,24 @@ def test_generated_admin_key_is_for_its_owner_and_opens_the_restricted_endpoints
     assert {m.name for m in models} == {"encoder", "decoder", "policy"}
 
 
+def test_instances_sum_the_phases_of_their_executes(server):
+    """Each instance's status holds its executes' count and each phase's summed ms (vlaserve.runner.PHASES),
+    saved whole while it serves: after requests, every model of the pipeline has counted some, with time in
+    its compute."""
+    from vlaserve.runner import PHASES
+
+    client = PolicyClient(server.grpc_url)
+    for seed in range(3):
+        client.infer(make_request(1, views=2, seed=seed, with_noise=True))
+    rows = [json.loads(p.read_text()) for p in server.status_dir.glob("*.json")]
+    assert not list(server.status_dir.glob("*.tmp"))
+    counted = {r["model"]: r["executes"] for r in rows if r["executes"]["count"]}
+    assert {"encoder", "decoder"} <= set(counted)
+    for executes in counted.values():
+        assert set(executes) == {"count", *(f"{phase}_ms" for phase in PHASES)}
+        assert all(v >= 0 for v in executes.values()) and executes["launch_ms"] > 0
+
+
 def registered_regions(url: str, key: str) -> set[str]:
     """The names of the system shared-memory regions registered with the server at ``url``."""
     status = PolicyClient(url).client.get_system_shared_memory_status(
@@ -306,6 +324,13 @@ def test_inputs_through_shared_memory_give_the_same_actions(server):
         again = client.infer(small)  # the larger region holds the smaller request too
         name = client.region[0]
         assert name in registered_regions(server.grpc_url, key)
+        # a server that forgot the region (as after a restart): registered again, once, and answered
+        PolicyClient(server.grpc_url).client.unregister_system_shared_memory(
+            name, headers={"triton-grpc-protocol-vlaserve-admin-key": key}
+        )
+        np.testing.assert_allclose(client.infer(small), first, atol=1e-5)
+        assert client.region[0] != name and not Path("/dev/shm", name).exists()
+        name = client.region[0]
     plain = PolicyClient(server.grpc_url)
     np.testing.assert_allclose(first, plain.infer(small), atol=1e-5)
     np.testing.assert_allclose(grown, plain.infer(large), atol=1e-5)
@@ -334,7 +359,7 @@ def test_the_client_command_sends_through_shared_memory_with_the_key_file(server
     assert main([*args, "--admin-key-file", str(key_file)]) == 0
     assert "3 request(s) of batch 1 over grpc (inputs in shared memory)" in capsys.readouterr().out
     assert main([*args, "--admin-key-file", str(tmp_path / "none")]) == 2
-    assert "shared memory: got 'no admin key'" in capsys.readouterr().err
+    assert "--shared-memory: got 'no admin key'" in capsys.readouterr().err
 
 
 def test_lying_shapes_and_internal_models_cannot_take_the_server_down(server, tiny_policy):
