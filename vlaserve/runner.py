@@ -385,7 +385,7 @@ class TritonPythonModel:
         executes = self.status["executes"]
         executes["count"] += 1
         for phase, start, end in zip(PHASES, marks, marks[1:]):
-            executes[f"{phase}_ms"] = round(executes[f"{phase}_ms"] + (end - start) * 1e3, 3)
+            executes[f"{phase}_ms"] += (end - start) * 1e3
         if marks[-1] - self._saved_at >= STATUS_PERIOD_S:
             self._saved_at = marks[-1]
             try:
