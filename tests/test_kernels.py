@@ -330,3 +330,36 @@ def test_triton_attention_matches_the_reference_in_the_interpreter():
         assert row["rel"] < 1e-5, row
         assert row["moved"] > 1e-2, row
     assert "head_dim 24" in result["refused"][0] and "bias (1, 1, 1, 8)" in result["refused"][1], result["refused"]
+
+
+GEGLU_CHECK = """
+import json, torch
+from benchmarks.geglu_gemm import geglu_matmul, reference, rel
+torch.manual_seed(0)
+rows = []
+# an uneven row count (masked rows) and several column blocks; then K in several steps of 16
+for m, k, f, setting in ((37, 64, 48, (16, 16, 32, 4, 1)), (16, 32, 64, (16, 32, 16, 4, 1))):
+    a = torch.randn(m, k)
+    gate_up = torch.randn(2 * f, k) / k**0.5
+    out = geglu_matmul(a, gate_up, setting, group_m=2)
+    rows.append({"rel": rel(out, reference(a, gate_up)), "swapped": rel(out, reference(a, gate_up.flip(0)))})
+try:
+    geglu_matmul(torch.randn(4, 64), torch.randn(2 * 40, 64), (16, 16, 32, 4, 1))
+    rows.append({"misfit": "accepted"})
+except ValueError as exc:
+    rows.append({"misfit": str(exc)})
+print(json.dumps(rows))
+"""
+
+
+def test_the_gate_up_product_with_geglu_in_its_epilogue_matches_the_reference_in_the_interpreter():
+    """benchmarks/geglu_gemm.py's kernel (one program computes the same columns of gate and up, then GeGLU)
+    against the product followed by GeGLU, in float32; a weight with gate and up swapped is far off, and
+    40 columns in blocks of 16 are refused."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", GEGLU_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *products, misfit = json.loads(done.stdout.strip().splitlines()[-1])
+    for row in products:
+        assert row["rel"] < 1e-5 and row["swapped"] > 0.5, row
+    assert "do not fit blocks" in misfit["misfit"], misfit
