@@ -48,6 +48,15 @@ SLOTS_ALONE_S = 1.0  # in-flight slots taken this long with nothing running or q
 STOPPING_MESSAGE = "the server is stopping; retry (another replica, or this one once restarted)"
 
 
+def mapped_array(path: Path, values) -> np.memmap:
+    """``values`` written to ``path`` whole (a reader never sees a part), then mapped for updates in place
+    (float64): the busy mark here, an instance's execute phases (vlaserve.runner)."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_bytes(np.asarray(values, np.float64).tobytes())
+    partial.replace(path)
+    return np.memmap(path, dtype=np.float64, mode="r+", shape=(len(values),))
+
+
 def refuses_new_work(model: str) -> bool:
     """Whether instances of ``model`` answer new batches UNAVAILABLE once the door is closed: the models
     clients call do; the decoder finishes what got past them."""
@@ -86,11 +95,7 @@ class Door:
             return
         status_dir = Path(status_dir)
         status_dir.mkdir(parents=True, exist_ok=True)
-        path = status_dir / f"{instance}{BUSY_SUFFIX}"
-        partial = path.with_suffix(".tmp")
-        partial.write_bytes(np.array([0.0, os.getpid()], np.float64).tobytes())
-        partial.replace(path)
-        self._mark = np.memmap(path, dtype=np.float64, mode="r+", shape=(2,))
+        self._mark = mapped_array(status_dir / f"{instance}{BUSY_SUFFIX}", [0.0, os.getpid()])
         self._closing = status_dir / CLOSING_FILE
 
     def enter(self) -> None:

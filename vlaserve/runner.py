@@ -36,13 +36,19 @@ STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.
 # A counter on Triton's /metrics page: requests this model ran its artifact on. Triton's own success
 # count is no measure of compute here: the Python backend counts an error answer as a success.
 COMPUTED_METRIC = "vlaserve_computed_requests"
-# Where an instance's execute spends its time, summed over its executes (ms) in its status (``executes``):
-# reading and checking the requests' inputs; waiting for admission (a pipeline's first model), then batching,
-# padding and queuing every step's work (on a CPU instance: computing it); copying the outputs to the host (on
-# a GPU: waiting for its work); building the responses. Saved at most every STATUS_PERIOD_S, with the count,
-# so that a reader always sees sums and count of the same executes.
+# Where an instance's execute spends its time, summed over its executes (ms): reading and checking the
+# requests' inputs; waiting for admission (a pipeline's first model), then batching, padding and queuing every
+# step's work (on a CPU instance: computing it); copying the outputs to the host (on a GPU: waiting for its
+# work); building the responses. Kept in <status dir>/<instance>.executes, float64 [executes, ms of each
+# phase], updated in place after each execute (memory writes to a mapped file); read by read_executes.
 PHASES = ("read", "launch", "wait", "answer")
-STATUS_PERIOD_S = 0.5
+EXECUTES_SUFFIX = ".executes"
+
+
+def read_executes(path: Path) -> dict:
+    """An instance's executes file: {"count": executes, "<phase>_ms": summed ms of each of PHASES}."""
+    values = np.fromfile(path, dtype=np.float64, count=1 + len(PHASES))
+    return {"count": int(values[0]), **{f"{phase}_ms": float(v) for phase, v in zip(PHASES, values[1:])}}
 
 
 def instance_group_of(instance_name: str, group_names) -> str | None:
@@ -230,8 +236,11 @@ class TritonPythonModel:
                 kind=pb_utils.MetricFamily.COUNTER,
             )
             self.computed = family.Metric(labels={"model": self.model_name, "instance": self.instance})
-        self.status["executes"] = {"count": 0, **{f"{phase}_ms": 0.0 for phase in PHASES}}
-        self._saved_at = 0.0
+        self.executes = (
+            drain.mapped_array(Path(status_dir) / f"{self.instance}{EXECUTES_SUFFIX}", [0.0] * (1 + len(PHASES)))
+            if status_dir
+            else None
+        )
         self._write_status()
 
     def _stages(self, version_dir: Path, params: RunnerParams) -> list[Stage]:
@@ -364,34 +373,19 @@ class TritonPythonModel:
         }
 
     def _write_status(self) -> None:
-        message = ", ".join(f"{k}={v}" for k, v in self.status.items() if k != "executes")
+        message = ", ".join(f"{k}={v}" for k, v in self.status.items())
         if pb_utils is not None:
             pb_utils.Logger.log_info(f"vlaserve instance ready: {message}")
-        self._save_status()
-
-    def _save_status(self) -> None:
-        """The status file, replaced whole (readers glob ``*.json`` while the instance serves)."""
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if status_dir:
             Path(status_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(status_dir) / f"{self.instance}.json"
-            partial = path.with_suffix(".json.tmp")
-            partial.write_text(json.dumps(self.status) + "\n")
-            partial.replace(path)
+            (Path(status_dir) / f"{self.instance}.json").write_text(json.dumps(self.status) + "\n")
 
     def _account(self, marks: list[float]) -> None:
-        """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to the status,
-        saved when STATUS_PERIOD_S has passed since the last save."""
-        executes = self.status["executes"]
-        executes["count"] += 1
-        for phase, start, end in zip(PHASES, marks, marks[1:]):
-            executes[f"{phase}_ms"] += (end - start) * 1e3
-        if marks[-1] - self._saved_at >= STATUS_PERIOD_S:
-            self._saved_at = marks[-1]
-            try:
-                self._save_status()
-            except OSError as exc:  # the answers are built: a status file must not cost them
-                self._log_warn(f"{self.model_name}: the instance status could not be saved: {exc}")
+        """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to its file."""
+        if self.executes is not None:
+            self.executes[0] += 1
+            self.executes[1:] += np.diff(marks) * 1e3
 
     @staticmethod
     def _log_warn(message: str) -> None:

@@ -4,8 +4,8 @@ Each runner instance writes ``<workdir>/instances/<instance>.json`` when it is r
 to load (see :mod:`vlaserve.runner`): its PID, device, runtime, MPS thread percentage, the SM count its
 CUDA context actually got, the count that percentage should give, and its value checks (``pass``, or
 which check failed; the worst error of the product screen and of the golden samples, with the tolerance).
-While it serves it replaces the file whole at most every half second, with its executes' count and
-phases (``executes``; not shown in the table).
+While it serves, ``<instance>.executes`` beside it sums its executes' phases (vlaserve.runner.PHASES; not
+shown in the table).
 An instance of the policy run as one model shows a row per step (``policy/encoder``, ``policy/decoder``).
 On a GPU host a second table sums up each GPU: its instances (alive of all), their models, and the MPS
 thread percentages they hold together.
