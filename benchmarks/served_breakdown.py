@@ -5,8 +5,7 @@ For each spec variant (and each ``--env`` setting, one server start each), serve
 - ``--requests`` batch-1 requests one after another over gRPC (after 5 to warm up; with ``--shm`` again with
   the inputs in system shared memory, vlaserve.client.PolicyClient): client p50 / p99,
   Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request), and
-  the instances' own per execute and model (vlaserve.runner.PHASES: read, launch, wait, answer; over the
-  same requests and one more, sent after the status period to make the instances save their figures);
+  the instances' own per execute and model (vlaserve.runner.PHASES: read, launch, wait, answer);
 - then, for each count in ``--clients``, that many closed-loop gRPC clients for ``--seconds``: right answers
   per second, their p50 / p99, wrong answers and errors, and the batch each model formed on average.
 The request is the export's golden sample (item 0); every answer is compared with the actions the export
@@ -33,7 +32,7 @@ from vlaserve import interface as io
 from vlaserve.client import PolicyClient
 from vlaserve.manifest import read_manifest
 from vlaserve.model.parity import REL_TOLERANCE
-from vlaserve.runner import STATUS_PERIOD_S
+from vlaserve.runner import EXECUTES_SUFFIX, read_executes
 from vlaserve.server import variant_server
 from vlaserve.spec import load_spec
 from vlaserve.value_check import golden_reference
@@ -69,12 +68,13 @@ def per_model(before: dict, after: dict) -> dict:
 
 
 def execute_sums(server) -> dict[str, collections.Counter]:
-    """Per model, its instances' executes and their phases' ms (vlaserve.runner.PHASES), summed over the
-    instances, as their status files last saved them (a count and its sums always together)."""
+    """Per model, its instances' executes and their phases' summed ms (vlaserve.runner.PHASES), from each
+    instance's executes file (its model named in its status file)."""
     per_model: dict[str, collections.Counter] = {}
-    for path in server.status_dir.glob("*.json"):
-        row = json.loads(path.read_text())
-        per_model.setdefault(row.get("model", path.stem), collections.Counter()).update(row.get("executes", {}))
+    for path in server.status_dir.glob(f"*{EXECUTES_SUFFIX}"):
+        status = path.with_name(path.name[: -len(EXECUTES_SUFFIX)] + ".json")
+        model = json.loads(status.read_text()).get("model", path.stem) if status.is_file() else path.stem
+        per_model.setdefault(model, collections.Counter()).update(read_executes(path))
     return per_model
 
 
@@ -89,14 +89,6 @@ def execute_phases(before: dict, after: dict) -> dict:
     return out
 
 
-def settled_sums(server, client: PolicyClient, request: dict) -> dict:
-    """:func:`execute_sums` after one more request sent once the instances' status period has passed: that
-    request's execute saves each status, so the sums hold every execute so far, itself included."""
-    time.sleep(STATUS_PERIOD_S + 0.1)
-    client.infer(request)
-    return execute_sums(server)
-
-
 def shown(figures: dict) -> list[str]:
     """The models a row's table shows: the steps, or the policy run as one model."""
     return [m for m in MODELS if m in figures] or [io.POLICY]
@@ -106,21 +98,19 @@ def sequential(server, client: PolicyClient, request: dict, reference, tolerance
     """``requests`` batch-1 requests one after another (after 5 to warm up), every answer checked."""
     for _ in range(5):
         client.infer(request)
-    sums = settled_sums(server, client, request)
-    before = metrics.scrape(server.metrics_url)
+    before, sums = metrics.scrape(server.metrics_url), execute_sums(server)
     latencies, errors = [], []
     for _ in range(requests):
         t0 = time.perf_counter()
         actions = client.infer(request)
         latencies.append((time.perf_counter() - t0) * 1e3)
         errors.append(rel_error(actions, reference))
-    after = metrics.scrape(server.metrics_url)
+    after, sums_after = metrics.scrape(server.metrics_url), execute_sums(server)
     wrong = sum(not e <= tolerance for e in errors)
     return {"requests": requests, "wrong": wrong, "p50_ms": percentile(latencies, 0.5),
             "rel_median": float(f"{statistics.median(errors):.3g}"), "rel_max": float(f"{max(errors):.3g}"),
             "p99_ms": percentile(latencies, 0.99), **per_model(before, after),
-            # the same requests and the one that settles the status files
-            "instance_phases": execute_phases(sums, settled_sums(server, client, request))}  # fmt: skip
+            "instance_phases": execute_phases(sums, sums_after)}  # fmt: skip
 
 
 def run_config(args, variant: str, env: str, workdir: Path) -> dict:

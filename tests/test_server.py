@@ -281,21 +281,33 @@ def test_generated_admin_key_is_for_its_owner_and_opens_the_restricted_endpoints
 
 
 def test_instances_sum_the_phases_of_their_executes(server):
-    """Each instance's status holds its executes' count and each phase's summed ms (vlaserve.runner.PHASES),
-    saved whole while it serves: after requests, every model of the pipeline has counted some, with time in
-    its compute."""
-    from vlaserve.runner import PHASES
+    """Each instance sums its executes and each phase's ms (vlaserve.runner.PHASES) in its executes file,
+    updated after every execute: three requests more are three executes more for each model of the
+    pipeline, with time in each one's compute."""
+    from vlaserve.runner import EXECUTES_SUFFIX, PHASES, read_executes
+
+    def sums() -> dict:  # per model, over its instances
+        from collections import Counter
+
+        models = {json.loads(p.read_text())["instance"]: json.loads(p.read_text())["model"]
+                  for p in server.status_dir.glob("*.json")}  # fmt: skip
+        out = {}
+        for path in server.status_dir.glob(f"*{EXECUTES_SUFFIX}"):
+            out.setdefault(models[path.name[: -len(EXECUTES_SUFFIX)]], Counter()).update(read_executes(path))
+        return out
 
     client = PolicyClient(server.grpc_url)
+    before = sums()
     for seed in range(3):
         client.infer(make_request(1, views=2, seed=seed, with_noise=True))
-    rows = [json.loads(p.read_text()) for p in server.status_dir.glob("*.json")]
-    assert not list(server.status_dir.glob("*.tmp"))
-    counted = {r["model"]: r["executes"] for r in rows if r["executes"]["count"]}
-    assert {"encoder", "decoder"} <= set(counted)
-    for executes in counted.values():
-        assert set(executes) == {"count", *(f"{phase}_ms" for phase in PHASES)}
-        assert all(v >= 0 for v in executes.values()) and executes["launch_ms"] > 0
+    after = sums()
+    # the policy is an ensemble here: its step models have instances, it has none
+    assert set(after) == {"encoder", "decoder"}
+    assert set(after["encoder"]) == {"count", *(f"{phase}_ms" for phase in PHASES)}
+    for model in ("encoder", "decoder"):
+        assert after[model]["count"] - before[model]["count"] == 3
+        assert all(after[model][k] >= before[model][k] for k in after[model])
+        assert after[model]["launch_ms"] > before[model]["launch_ms"]
 
 
 def registered_regions(url: str, key: str) -> set[str]:
