@@ -40,7 +40,8 @@ COMPUTED_METRIC = "vlaserve_computed_requests"
 # requests' inputs; waiting for admission (a pipeline's first model), then batching, padding and queuing every
 # step's work (on a CPU instance: computing it); copying the outputs to the host (on a GPU: waiting for its
 # work); building the responses. Kept in <status dir>/<instance>.executes, float64 [executes, ms of each
-# phase], updated in place after each execute (memory writes to a mapped file); read by read_executes.
+# phase], updated in place after each execute that computed (memory writes to a mapped file); read by
+# read_executes. A batch refused or failed is not counted.
 PHASES = ("read", "launch", "wait", "answer")
 EXECUTES_SUFFIX = ".executes"
 
@@ -379,13 +380,18 @@ class TritonPythonModel:
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if status_dir:
             Path(status_dir).mkdir(parents=True, exist_ok=True)
-            (Path(status_dir) / f"{self.instance}.json").write_text(json.dumps(self.status) + "\n")
+            path = Path(status_dir) / f"{self.instance}.json"
+            partial = path.with_name(path.name + ".tmp")  # replaced whole: readers never see a part
+            partial.write_text(json.dumps(self.status) + "\n")
+            partial.replace(path)
 
     def _account(self, marks: list[float]) -> None:
-        """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to its file."""
-        if self.executes is not None:
-            self.executes[0] += 1
+        """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to its file: the
+        sums first, then the count, so that a reader during an execute sees them ahead of the count, not
+        behind it."""
+        if self.executes is not None and len(marks) == 1 + len(PHASES):
             self.executes[1:] += np.diff(marks) * 1e3
+            self.executes[0] += 1
 
     @staticmethod
     def _log_warn(message: str) -> None:
