@@ -38,8 +38,8 @@ STATUS_DIR_ENV = "VLASERVE_STATUS_DIR"  # where each instance writes <instance>.
 COMPUTED_METRIC = "vlaserve_computed_requests"
 # Where an instance's execute spends its time, summed over its executes (ms): reading and checking the
 # requests' inputs; waiting for admission (a pipeline's first model), then batching, padding and queuing every
-# step's work (on a CPU instance: computing it); copying the outputs to the host (on a GPU: waiting for its
-# work); building the responses. Kept in <status dir>/<instance>.executes, float64 [executes, ms of each
+# step's work (on a CPU instance: computing it); counting them on Triton's metrics and copying the outputs to
+# the host (on a GPU: waiting for its work); building the responses. Kept in <status dir>/<instance>.executes, float64 [executes, ms of each
 # phase], updated in place after each execute that computed (memory writes to a mapped file); read by
 # read_executes. A batch refused or failed is not counted.
 PHASES = ("read", "launch", "wait", "answer")
