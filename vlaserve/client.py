@@ -162,17 +162,13 @@ class PolicyClient:
         """Unregister and remove the shared-memory region, if any (the client itself stays usable)."""
         if self.region is None:
             return
-        import tritonclient.utils.shared_memory as shm
-
-        name, handle, _ = self.region
-        self.region = None
         try:
-            self.client.unregister_system_shared_memory(name, headers=self._admin_headers())
+            self.client.unregister_system_shared_memory(self.region[0], headers=self._admin_headers())
         finally:
-            shm.destroy_shared_memory_region(handle)
+            self._forget_region()
 
     def _forget_region(self) -> None:
-        """Remove the region here without asking the server, which no longer knows it."""
+        """Remove the region on this side only (close() unregisters it first; a restarted server no longer knows it)."""
         import tritonclient.utils.shared_memory as shm
 
         _, handle, _ = self.region
