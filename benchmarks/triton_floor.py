@@ -3,7 +3,8 @@
 A Python-backend model named and shaped as the policy (vlaserve.interface: the request's inputs and the
 actions output, dynamic batching up to 16) is served by the same tritonserver as vlaserve; it answers
 zeros. Each mode sends ``--requests`` batch-1 requests one after another (after 20 to warm up) and
-reports the client's p50 / p99 and Triton's own per-request figures (queue, input, infer, output):
+reports the client's p50 / p99 and Triton's own per-request figures from its metrics (queue, input,
+infer, output, as served_breakdown reads them):
 
 - ``grpc`` and ``http`` (Triton's own HTTP, not through vlaserve's guard): the request's tensors in the
   message, as ``vlaserve.client`` sends them;
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.served_breakdown import per_model, percentile
+from loadtest import metrics
 from vlaserve import interface as io
 from vlaserve.client import PolicyClient, make_request
 from vlaserve.server import ServerOptions, TritonServer
@@ -84,28 +87,6 @@ def write_repository(root: Path, views: int, read: bool) -> Path:
     return root
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
-
-
-def triton_figures(client, before: dict | None = None) -> dict:
-    """Triton's cumulative per-model durations (ns) and request count, or per request (ms) since ``before``."""
-    stats = (
-        client.client.get_inference_statistics(MODEL, as_json=True)
-        if client.protocol == "grpc"
-        else (client.client.get_inference_statistics(MODEL))
-    )
-    entry = stats["model_stats"][0]["inference_stats"]
-    now = {k: int(entry.get(k, {}).get("ns", 0)) for k in ("queue", "compute_input", "compute_infer", "compute_output")}
-    now["count"] = int(entry.get("success", {}).get("count", 0))
-    if before is None:
-        return now
-    count = max(1, now["count"] - before["count"])
-    names = {"queue": "queue", "compute_input": "input", "compute_infer": "infer", "compute_output": "output"}
-    return {names[k]: round((now[k] - before[k]) / count / 1e6, 3) for k in names}
-
-
 def measure(server: TritonServer, mode: str, request: dict, requests: int) -> dict:
     """``requests`` batch-1 requests one after another over ``mode``, after 20 to warm up."""
     protocol = "http" if mode == "http" else "grpc"
@@ -115,15 +96,16 @@ def measure(server: TritonServer, mode: str, request: dict, requests: int) -> di
         times, before = [], None
         for i in range(20 + requests):
             if i == 20:
-                before = triton_figures(client)
+                before = metrics.scrape(server.metrics_url)
             start = time.perf_counter()
             actions = client.infer(request)
             if i >= 20:
                 times.append((time.perf_counter() - start) * 1e3)
             if actions.shape != (1, io.ACTION_HORIZON, io.ACTION_DIM):
                 raise SystemExit(f"triton_floor: {mode}: actions of shape {actions.shape}")
+        triton = per_model(before, metrics.scrape(server.metrics_url))[MODEL]
         return {"mode": mode, "p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99),
-                "mean_ms": round(statistics.fmean(times), 3), **triton_figures(client, before)}  # fmt: skip
+                "mean_ms": round(statistics.fmean(times), 3), **triton}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
