@@ -284,23 +284,14 @@ def test_instances_sum_the_phases_of_their_executes(server):
     """Each instance sums its executes and each phase's ms (vlaserve.runner.PHASES) in its executes file,
     updated after every execute: three requests more are three executes more for each model of the
     pipeline, with time in each one's compute."""
-    from vlaserve.runner import EXECUTES_SUFFIX, PHASES, read_executes
-
-    def sums() -> dict:  # per model, over its instances
-        from collections import Counter
-
-        models = {json.loads(p.read_text())["instance"]: json.loads(p.read_text())["model"]
-                  for p in server.status_dir.glob("*.json")}  # fmt: skip
-        out = {}
-        for path in server.status_dir.glob(f"*{EXECUTES_SUFFIX}"):
-            out.setdefault(models[path.name[: -len(EXECUTES_SUFFIX)]], Counter()).update(read_executes(path))
-        return out
+    from benchmarks.served_breakdown import execute_sums
+    from vlaserve.runner import PHASES
 
     client = PolicyClient(server.grpc_url)
-    before = sums()
+    before = execute_sums(server)
     for seed in range(3):
         client.infer(make_request(1, views=2, seed=seed, with_noise=True))
-    after = sums()
+    after = execute_sums(server)
     # the policy is an ensemble here: its step models have instances, it has none
     assert set(after) == {"encoder", "decoder"}
     assert set(after["encoder"]) == {"count", *(f"{phase}_ms" for phase in PHASES)}
