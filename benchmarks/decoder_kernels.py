@@ -9,7 +9,8 @@ out). The matrix products are also timed through cuBLAS (``torch.mm`` on the sam
 with ``--plain`` as bare Triton products too (no masks, no norm, no epilogue: the floor of a Triton product
 there), and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
 setting per kind against the defaults, each compared with eager PyTorch's actions, in each dependent-launch
-mode of ``--pdl`` (vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
+mode of ``--pdl`` and each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights;
+vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
 
 Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
 a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
@@ -17,6 +18,7 @@ timing then runs in this process alone.
 
     source benchmarks/gpu_env.sh && python -m benchmarks.decoder_kernels --batch 1 --out $OUT/decoder-kernels.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --pdl off,launch,prefetch --out $OUT/pdl.json
+    python -m benchmarks.decoder_kernels --batch 1 --kinds "" --ahead off,next,early --out $OUT/ahead.json
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import triton.language as tl
 from benchmarks.fused_decoder import eager_cases, fused_run
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
-from vlaserve.model.kernels import KINDS, PDL_MODES, FusedDecoder
+from vlaserve.model.kernels import AHEAD_SCHEDULES, KINDS, PDL_MODES, FusedDecoder
 from vlaserve.model.parity import compare
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
@@ -317,12 +319,20 @@ def main() -> None:
         default="off",
         help=f"comma-separated dependent-launch modes to run the whole decoder in, of {PDL_MODES}",
     )
+    parser.add_argument(
+        "--ahead",
+        default="off",
+        help=f"comma-separated schedules of asking the L2 cache for later weights, of {tuple(AHEAD_SCHEDULES)}",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     modes = [m for m in args.pdl.split(",") if m]
     if not modes or set(modes) - set(PDL_MODES):
         parser.error(f"--pdl: modes of {PDL_MODES}, got {args.pdl!r}")
+    schedules = [a for a in args.ahead.split(",") if a]
+    if not schedules or set(schedules) - set(AHEAD_SCHEDULES):
+        parser.error(f"--ahead: schedules of {tuple(AHEAD_SCHEDULES)}, got {args.ahead!r}")
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
     grids = settings(cfg)
@@ -383,10 +393,10 @@ def main() -> None:
     inputs = [prefix_kv, mask, request["state"], request["noise"]]
     result["decoder"] = {}
     for name, tiles in (("defaults", {}), ("best", best_tiles)) if kinds else (("defaults", {}),):
-        for pdl in modes:
-            key = name + ("" if pdl == "off" else f", pdl {pdl}")
+        for pdl, ahead in itertools.product(modes, schedules):
+            key = name + ("" if pdl == "off" else f", pdl {pdl}") + ("" if ahead == "off" else f", ahead {ahead}")
             try:
-                result["decoder"][key] = fused_run(policy, tiles, args.batch, inputs, reference, pdl)
+                result["decoder"][key] = fused_run(policy, tiles, args.batch, inputs, reference, pdl, ahead)
             except Exception as exc:  # noqa: BLE001 - one mode failing (say, its capture) leaves the others
                 torch.cuda.synchronize()
                 result["decoder"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
@@ -406,7 +416,8 @@ def main() -> None:
             print(f"decoder, {name}: failed: {row['error']}")
             continue
         print(
-            f"decoder, {name}: {row['graph_ms']} ms, rel {row['rel']} against eager{'' if row['right'] else '  WRONG (void)'}"
+            f"decoder, {name}: {row['graph_ms']} ms, rel {row['rel']} against eager{'' if row['right'] else '  WRONG (void)'}; "
+            f"GPU ms per kind {row['kinds_ms']}"
         )
 
 

@@ -109,12 +109,12 @@ def measure(graphs: CudaGraphs, batch: int, inputs, reference) -> dict:
     }  # fmt: skip
 
 
-def fused_run(policy, tiles: dict, batch: int, inputs, reference, pdl: str = "off") -> dict:
-    fused = FusedDecoder(policy, tiles, pdl=pdl)
+def fused_run(policy, tiles: dict, batch: int, inputs, reference, pdl: str = "off", ahead: str = "off") -> dict:
+    fused = FusedDecoder(policy, tiles, pdl=pdl, ahead=ahead)
     started = time.perf_counter()
     graphs = graphed(lambda *i: [fused.decode(*i)], inputs, {"fused": contextlib.nullcontext})
     result = measure(graphs, batch, inputs, reference)
-    result.update(tiles=tiles, pdl=pdl, setup_s=round(time.perf_counter() - started, 1))
+    result.update(tiles=tiles, pdl=pdl, ahead=ahead, setup_s=round(time.perf_counter() - started, 1))
     return result
 
 

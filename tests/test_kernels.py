@@ -179,9 +179,6 @@ def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
     import re
 
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from vlaserve.model import kernels
     from vlaserve.model.policy import build_policy
@@ -220,26 +217,9 @@ def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
 
     assert all("PDL" not in kw and "launch_pdl" not in kw for _, _, kw in launches("off"))
     assert all(kw["PDL"] and kw["launch_pdl"] and "PREFETCH" not in kw for _, _, kw in launches("launch"))
-    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int8: "*i8"}
     memory = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async)", re.M)
     for mode, (fn, args, kw) in [(m, call) for m in ("launch", "prefetch") for call in launches(m)]:
-        signature, constants = {}, {}
-        for i, param in enumerate(fn.params):
-            if param.is_constexpr:
-                signature[param.name], constants[param.name] = "constexpr", kw.get(param.name, param.default)
-            else:
-                value = args[i]
-                signature[param.name] = (
-                    types[value.dtype]
-                    if isinstance(value, torch.Tensor)
-                    else "i32"
-                    if isinstance(value, int)
-                    else "fp32"
-                )
-        options = {k: kw[k] for k in ("num_warps", "num_stages", "launch_pdl")}
-        compiled = triton.compile(
-            ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options
-        )
+        compiled = compile_for_h200(fn, args, kw)
         ptx = compiled.asm["ptx"]
         assert compiled.metadata.launch_pdl and compiled.asm["cubin"], fn.__name__
         assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1, fn.__name__
@@ -249,9 +229,104 @@ def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
         assert not memory.search(ptx[:wait]), (mode, fn.__name__, memory.search(ptx[:wait]).group(0))
         assert memory.search(ptx[wait:]), fn.__name__  # (the pattern does find them after it)
         if mode == "prefetch":
-            assert "prefetch.global.L2" in ptx[:wait] and constants["PREFETCH"] >= 4, fn.__name__
+            assert "prefetch.global.L2" in ptx[:wait] and kw["PREFETCH"] >= 4, fn.__name__
         else:
             assert "prefetch" not in ptx, fn.__name__
+
+
+def compile_for_h200(fn, args, kw):
+    """A recorded launch of one of the fused kernels compiled ahead of time for sm_90 (no GPU needed)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int8: "*i8"}
+    signature, constants = {}, {}
+    for i, param in enumerate(fn.params):
+        if param.is_constexpr:
+            signature[param.name], constants[param.name] = "constexpr", kw.get(param.name, param.default)
+            continue
+        value = kw[param.name] if param.name in kw else args[i] if i < len(args) else param.default
+        if value is None:
+            signature[param.name], constants[param.name] = "constexpr", None
+        else:
+            signature[param.name] = (
+                types[value.dtype] if isinstance(value, torch.Tensor) else "i32" if isinstance(value, int) else "fp32"
+            )
+    options = {k: kw[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kw}
+    return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def test_kernels_ask_the_l2_cache_for_later_weights_ahead(monkeypatch):
+    """With ``ahead``, each kernel kind the schedule names asks the L2 cache, as it starts, for its share of the
+    weights a later kernel reads: the schedule's target of the right layer (the last layer's reaching round to
+    the first, for the next flow step), shared out over the launch's programs; the kernels compile for sm_90
+    with the prefetches in them, and without ``ahead`` none has one."""
+    import dataclasses
+
+    import torch
+    import triton
+
+    from vlaserve.model import kernels
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    pi0 = get_preset("pi0", 2)
+    cfg = dataclasses.replace(  # pi0's widths, two expert layers, one of each other stack, a small vocabulary
+        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, depth=1),
+        prefix=dataclasses.replace(pi0.prefix, depth=2), expert=dataclasses.replace(pi0.expert, depth=2),
+    )  # fmt: skip
+    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16)
+    e, p = cfg.expert, cfg.prefix_len
+    monkeypatch.setattr(kernels, "_fence", lambda: True)  # as on a GPU: the schedule is refused in the interpreter
+
+    def launches(ahead: str, layer: int) -> list:
+        calls = []
+
+        class Recorder:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append((self.fn, grid, args, kwargs))
+
+        with monkeypatch.context() as m:
+            for name in ("_norm_qkv_kernel", "_attention_kernel", "_out_proj_kernel", "_norm_geglu_kernel",
+                         "_down_proj_kernel"):  # fmt: skip
+                m.setattr(kernels, name, Recorder(getattr(kernels, name)))
+            fused = kernels.FusedDecoder(policy, ahead=ahead)
+            prefix_kv = torch.zeros((1, 2, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
+            kv, cos, sin, mask, scratch, squares = fused.prepare(prefix_kv, torch.ones((1, p), dtype=torch.bool))
+            fused.layer(
+                layer, torch.zeros((1, 51, e.width), dtype=torch.bfloat16), kv, cos, sin, mask, scratch, squares[0]
+            )
+        return fused, calls
+
+    _, calls = launches("off", 0)
+    assert all("AHEAD" not in kw for *_, kw in calls)
+    for schedule in ("next", "early"):
+        for layer in (0, 1):
+            fused, calls = launches(schedule, layer)
+            for fn, grid, _, kw in calls:
+                kind = kernels.KINDS[[c[0] for c in calls].index(fn)]
+                target = kernels.AHEAD_SCHEDULES[schedule].get(kind)
+                if target is None:
+                    assert "AHEAD" not in kw, (schedule, kind)
+                    continue
+                weight = fused.weight(target[0], (layer + target[1]) % 2)
+                assert kw["ahead_ptr"] is weight, (schedule, kind, layer)
+                lines = weight.numel() * 2 // 128
+                programs = triton.cdiv(lines, kw["AHEAD"])
+                assert kw["ahead_lines"] == lines and programs <= torch.Size(grid).numel() < 2 * programs
+    assert (
+        fused.weight("qkv", 1) is fused.scaled[1]["qkv_proj"]
+        and fused.weight("down", 0) is policy.expert_layers[0].down_proj.weight
+    )
+    _, calls = launches("next", 1)
+    for fn, _, args, kw in calls:
+        ptx = compile_for_h200(fn, args, kw).asm["ptx"]
+        assert ("prefetch.global.L2::evict_last" in ptx) == ("AHEAD" in kw), fn.__name__
 
 
 def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):
@@ -269,9 +344,13 @@ def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):
     policy = build_policy(cfg, seed=0)
     with pytest.raises(ValueError, match="one of"):
         FusedDecoder(policy, pdl="sometimes")
+    with pytest.raises(ValueError, match="one of"):
+        FusedDecoder(policy, ahead="sometimes")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="needs a GPU"):
         FusedDecoder(policy, pdl="launch")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        FusedDecoder(policy, ahead="next")
 
 
 TRITON_ATTENTION = """

@@ -107,6 +107,25 @@ def _prefetch_l2(ptr, rows, rows_ok, row_len, start, stop, LINES: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_ahead(ptr, lines, LINES: tl.constexpr):
+    """Ask the L2 cache for this program's share of ``lines`` 128-byte lines from ``ptr`` (at most LINES):
+    the weights a later kernel of the call reads (:data:`AHEAD_SCHEDULES`), so that they stream in while
+    this kernel runs, whose own loads leave most of the memory's bandwidth unused. Kept with priority
+    (``evict_last``) until read."""
+    n0, n1 = tl.num_programs(0), tl.num_programs(1)
+    pid = tl.program_id(0) + n0 * (tl.program_id(1) + n1 * tl.program_id(2))
+    per = tl.cdiv(lines, n0 * n1 * tl.num_programs(2))
+    i = tl.arange(0, LINES)
+    line = pid * per + i
+    ok = (i < per) & (line < lines)
+    per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptr + line * per_line, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _wait_for_previous(PDL: tl.constexpr):
     """With programmatic dependent launch, a kernel may start while the previous one still runs: it waits
     here, before its first access to anything another kernel of the call writes or reads, for the previous
@@ -122,7 +141,7 @@ def _norm_qkv_kernel(
     kv_stride_b, kv_stride_kv, kv_stride_h, kv_offset,
     K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, ahead_ptr=None, ahead_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     """RMSNorm, the q/k/v projection, RoPE on q and k, and the write of k and v into the key/value buffer at
     the suffix's positions. Program (row block, head, column block): columns c.. of both halves of one q, k
@@ -135,6 +154,8 @@ def _norm_qkv_kernel(
     if PREFETCH and pid_m == 0:  # one row block asks for the weights all row blocks read
         _prefetch_l2(w_ptr, first, half >= 0, K, 0, K, PREFETCH)
         _prefetch_l2(w_ptr, first + D // 2, half >= 0, K, 0, K, PREFETCH)
+    if AHEAD:
+        _prefetch_ahead(ahead_ptr, ahead_lines, AHEAD)
     _wait_for_previous(PDL)
     acc1, acc2 = _two_products(x_ptr, w_ptr, rows, row_ok, first, first + D // 2, K, BLOCK_M, BLOCK_N, BLOCK_K)
     rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
@@ -185,7 +206,7 @@ def _attention_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PREFETCH_KEYS: tl.constexpr = 0,
-    MERGE: tl.constexpr = True,
+    MERGE: tl.constexpr = True, ahead_ptr=None, ahead_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
     query token r // G of query head h * G + r % G (G = H / HKV), as vlaserve.model.policy.attention
@@ -216,6 +237,8 @@ def _attention_kernel(
         keys_ok = keys < tl.minimum(stop, P)
         _prefetch_l2(k_base, keys, keys_ok, D, 0, D, PREFETCH)
         _prefetch_l2(v_base, keys, keys_ok, D, 0, D, PREFETCH)
+    if AHEAD:
+        _prefetch_ahead(ahead_ptr, ahead_lines, AHEAD)
     _wait_for_previous(PDL)
     q_rows = q_ptr + b * q_stride_b + t * q_stride_t + head * D
     q = tl.load(q_rows[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
@@ -287,7 +310,7 @@ def _merge_splits(part_ptr, dst, bh, r, r_ok, T, G: tl.constexpr, D: tl.constexp
 @triton.jit
 def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr, ahead_ptr, ahead_lines, AHEAD: tl.constexpr):  # fmt: skip
     """x [M, N] += a [M, K] @ w [N, K]^T, in place, the product rounded to x's dtype before the sum (as
     the reference's ``x + linear(a)``). Program (row block x split of K, column block). Split over K (a
     skinny product has too few output tiles to keep the memory busy), each split adds its partial product
@@ -303,6 +326,8 @@ def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k
     k_stop = tl.minimum(k_start + k_per_split, K)
     if PREFETCH and pid_m == 0:
         _prefetch_l2(w_ptr, cols, cols < N, K, k_start, k_stop, PREFETCH)
+    if AHEAD:
+        _prefetch_ahead(ahead_ptr, ahead_lines, AHEAD)
     _wait_for_previous(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
@@ -343,27 +368,29 @@ def _residual_epilogue(acc, x_ptr, sq_ptr, rows, cols, row_ok, N):
 @triton.jit
 def _out_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):  # fmt: skip
+                     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, ahead_ptr=None, ahead_lines=0,
+                     AHEAD: tl.constexpr = 0):  # fmt: skip
     """The attention's output projection added to the residual stream (a kernel of its own name, so that a
     profile tells it from the down projection)."""
     _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
-                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH)  # fmt: skip
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH, ahead_ptr, ahead_lines, AHEAD)  # fmt: skip
 
 
 @triton.jit
 def _down_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
                       FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):  # fmt: skip
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, ahead_ptr=None, ahead_lines=0,
+                      AHEAD: tl.constexpr = 0):  # fmt: skip
     """The MLP's down projection added to the residual stream."""
     _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
-                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH)  # fmt: skip
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH, ahead_ptr, ahead_lines, AHEAD)  # fmt: skip
 
 
 @triton.jit
 def _norm_geglu_kernel(
     x_ptr, sq_ptr, w_ptr, out_ptr, M, F, eps,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, ahead_ptr=None, ahead_lines=0, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
     second F rows of w [2F, K] (the reference's fused gate_up projection, chunked). Program (row block,
@@ -375,6 +402,8 @@ def _norm_geglu_kernel(
     if PREFETCH and pid_m == 0:
         _prefetch_l2(w_ptr, cols, cols < F, K, 0, K, PREFETCH)
         _prefetch_l2(w_ptr, cols + F, cols < F, K, 0, K, PREFETCH)
+    if AHEAD:
+        _prefetch_ahead(ahead_ptr, ahead_lines, AHEAD)
     _wait_for_previous(PDL)
     gate, up = _two_products(x_ptr, w_ptr, rows, row_ok, cols, cols + F, K, BLOCK_M, BLOCK_N, BLOCK_K)
     rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
@@ -511,9 +540,12 @@ class FusedDecoder:
     start while the previous one still runs and wait for it inside; "prefetch" also has it ask the L2 cache
     for its weights before it waits. On the H200 both were slower than "off" (8.9 and 8.7 against 7.96 ms
     per decoder call at batch 1; docs/BENCHMARKS.md), so nothing serves them: kept to measure again when
-    the kernels change. It needs a GPU (the interpreter has neither the launch nor the inline assembly)."""
+    the kernels change. It needs a GPU (the interpreter has neither the launch nor the inline assembly).
+    ``ahead`` (one of :data:`AHEAD_SCHEDULES`) has each kernel ask the L2 cache for the weights of a later
+    one as it starts (no dependent launch needed); it too needs a GPU."""
 
-    def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132, pdl: str = "off"):
+    def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132, pdl: str = "off",
+                 ahead: str = "off"):  # fmt: skip
         self.policy, self.cfg = policy, policy.cfg
         e = self.cfg.expert
         if e.head_dim & (e.head_dim - 1) or e.head_dim < 32 or e.num_heads % e.num_kv_heads:
@@ -537,6 +569,18 @@ class FusedDecoder:
         if pdl != "off" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
             raise ValueError(f"pdl {pdl!r} needs compute capability 9.0 or later (Hopper), not {device}'s")
         self.pdl = pdl
+        if ahead not in AHEAD_SCHEDULES:
+            raise ValueError(f"ahead {ahead!r}: one of {tuple(AHEAD_SCHEDULES)}")
+        if ahead != "off" and not self.fence:
+            raise ValueError(f"ahead {ahead!r} needs a GPU: Triton's interpreter has no inline assembly")
+        self.ahead = ahead
+
+    def weight(self, kind: str, i: int) -> torch.Tensor:
+        """The weight expert layer ``i``'s kernel of ``kind`` reads (q/k/v and gate/up with the norm's scale in)."""
+        if kind in ("qkv", "geglu"):
+            return self.scaled[i]["qkv_proj" if kind == "qkv" else "gate_up_proj"]
+        layer = self.policy.expert_layers[i]
+        return (layer.o_proj if kind == "out" else layer.down_proj).weight
 
     def tiles_for(self, rows: int) -> dict:
         return {**tiles_for(rows), **self.overrides}
@@ -601,6 +645,16 @@ class FusedDecoder:
 
 PDL_MODES = ("off", "launch", "prefetch")
 
+# What each kernel kind asks the L2 cache for as it starts (FusedDecoder's ``ahead``): (kind, layer offset)
+# of the weights a later kernel of the call reads; offset 1 is the next expert layer (after the last, the
+# first of the next flow step). The attention has no weights of its own and leaves the memory idle for 11 µs
+# at batch 1; the products read theirs at a fraction of the memory's bandwidth (docs/BENCHMARKS.md).
+AHEAD_SCHEDULES = {
+    "off": {},
+    "next": {"qkv": ("out", 0), "attention": ("geglu", 0), "out": ("down", 0), "geglu": ("qkv", 1)},
+    "early": {"qkv": ("geglu", 0), "attention": ("down", 0), "out": ("qkv", 1), "geglu": ("out", 1)},
+}
+
 
 def _lines(elements: int, dtype: torch.dtype) -> int:
     """The 128-byte lines that ``elements`` of ``dtype`` span, up to a power of two (a ``tl.arange`` size)."""
@@ -632,7 +686,7 @@ class _LayerStep:
     layer's launch settings."""
 
     def __init__(self, fused: FusedDecoder, i: int, x, kv, cos, sin, prefix_mask, scratch: dict, squares):
-        self.fused, self.e, self.layer = fused, fused.cfg.expert, fused.policy.expert_layers[i]
+        self.fused, self.e, self.layer, self.i = fused, fused.cfg.expert, fused.policy.expert_layers[i], i
         self.squares_in, self.squares_mid, self.squares_out = squares[i, 0], squares[i, 1], squares[i + 1, 0]
         self.scaled = fused.scaled[i]
         self.x, self.cos, self.sin, self.mask, self.scratch = x, cos, sin, prefix_mask, scratch
@@ -651,6 +705,17 @@ class _LayerStep:
             return {"PDL": True, "launch_pdl": True}
         return {"PDL": True, "launch_pdl": True, "PREFETCH": _lines(row_elements, self.x.dtype), **extra}
 
+    def _ahead(self, kind: str, grid: tuple) -> dict:
+        """The launch's arguments for asking the L2 cache for a later kernel's weights (:data:`AHEAD_SCHEDULES`),
+        shared out over the ``grid``'s programs; none when the schedule has nothing for ``kind``."""
+        target = AHEAD_SCHEDULES[self.fused.ahead].get(kind)
+        if target is None:
+            return {}
+        weight = self.fused.weight(target[0], (self.i + target[1]) % len(self.fused.scaled))
+        lines = -(-weight.numel() * weight.element_size() // 128)
+        programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+        return {"ahead_ptr": weight, "ahead_lines": lines, "AHEAD": triton.next_power_of_2(-(-lines // programs))}
+
     def _counts(self, key, tiles: int) -> torch.Tensor:
         """Arrival counts per tile (zeros; the last to arrive at a tile resets it), made once per call."""
         if (key, tiles) not in self.scratch:
@@ -662,11 +727,12 @@ class _LayerStep:
         h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
         bn, bk, warps, stages = tiles["qkv"]
         bn, bk = _fit(bn, d // 2, "qkv BLOCK_N"), _fit(bk, self.w, "qkv BLOCK_K")
-        _norm_qkv_kernel[(triton.cdiv(m, bm), h + 2 * hkv, (d // 2) // bn)](
+        grid = (triton.cdiv(m, bm), h + 2 * hkv, (d // 2) // bn)
+        _norm_qkv_kernel[grid](
             self.x, self.squares_in, self.scaled["qkv_proj"], self.cos, self.sin, self.scratch["q"], kv_i, m, self.t, RMS_EPS,
             kv_i.stride(0), kv_i.stride(1), kv_i.stride(2), self.fused.cfg.prefix_len,
             K=self.w, H=h, HKV=hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            **self._pdl(self.w),
+            **self._pdl(self.w), **self._ahead("qkv", grid),
         )  # fmt: skip
 
     def attention(self, tiles: dict) -> None:
@@ -683,12 +749,13 @@ class _LayerStep:
                 scratch[("part", splits)] = torch.empty((size,), dtype=torch.float32, device=self.x.device)
             part = scratch[("part", splits)]
         k, v = kv_i[:, 0], kv_i[:, 1]
-        _attention_kernel[(b * hkv, row_blocks, splits)](
+        grid = (b * hkv, row_blocks, splits)
+        _attention_kernel[grid](
             scratch["q"], k, v, self.mask, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks),
             t, self.keys, self.fused.cfg.prefix_len, d**-0.5, per_split, t * h * d, h * d, k.stride(0), k.stride(1), 0, 0,
             H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an,
             num_warps=warps, num_stages=stages,
-            **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)),
+            **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)), **self._ahead("attention", grid),
         )  # fmt: skip
 
     def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
@@ -707,10 +774,11 @@ class _LayerStep:
                 sums = torch.zeros((out_tiles * bm * bn,), dtype=torch.float32, device=self.x.device)
                 self.scratch[("sums", kind, out_tiles, bm * bn)] = sums
             sums, counts = self.scratch[("sums", kind, out_tiles, bm * bn)], self._counts(kind, out_tiles)
-        kernel[(triton.cdiv(m, bm) * splits, n // bn)](
+        grid = (triton.cdiv(m, bm) * splits, n // bn)
+        kernel[grid](
             a, weight, self.x, squares, sums, counts, m, n, k, k_per_split,
             SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            **self._pdl(k_per_split),
+            **self._pdl(k_per_split), **self._ahead(kind, grid),
         )  # fmt: skip
 
     def out(self, tiles: dict) -> None:
@@ -720,10 +788,11 @@ class _LayerStep:
         m, bm, f = self.m, self.bm, self.e.mlp_dim
         bn, bk, warps, stages = tiles["geglu"]
         bn, bk = _fit(bn, f, "geglu BLOCK_N"), _fit(bk, self.w, "geglu BLOCK_K")
-        _norm_geglu_kernel[(triton.cdiv(m, bm), f // bn)](
+        grid = (triton.cdiv(m, bm), f // bn)
+        _norm_geglu_kernel[grid](
             self.x, self.squares_mid, self.scaled["gate_up_proj"], self.scratch["hidden"], m, f, RMS_EPS,
             K=self.w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            **self._pdl(self.w),
+            **self._pdl(self.w), **self._ahead("geglu", grid),
         )  # fmt: skip
 
     def down(self, tiles: dict) -> None:
