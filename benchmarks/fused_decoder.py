@@ -48,6 +48,7 @@ OPTIONS = {
 KIND_OF_KERNEL = {
     "_norm_qkv_kernel": "qkv", "_attention_kernel": "attention",
     "_out_proj_kernel": "out", "_norm_geglu_kernel": "geglu", "_down_proj_kernel": "down",
+    "_step_io_kernel": "step", "_action_time_kernel": "step", "_action_out_kernel": "step",
 }  # fmt: skip
 
 
@@ -77,7 +78,7 @@ def eager_cases(policy, batches) -> dict[int, tuple]:
 
 
 def per_kind(by_name: dict) -> dict[str, float]:
-    """GPU ms per kernel kind (the rest of a step, PyTorch's kernels, under "other")."""
+    """GPU ms per kernel kind (each flow step's own three kernels under "step", PyTorch's under "other")."""
     times: dict[str, float] = {}
     for name, (_, ms) in by_name.items():
         kind = next((k for n, k in KIND_OF_KERNEL.items() if n in name), "other")

@@ -21,6 +21,13 @@ cfg = get_preset("tiny", 2)
 cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=32),
                           expert=dataclasses.replace(cfg.expert, head_dim=32))
 policy = build_policy(cfg, seed=0)
+torch.manual_seed(0)
+with torch.no_grad():  # the seeded weights' biases are zeros and norms identities: make every one count
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.normal_(0.0, 0.1)
+        elif type(module).__name__ == "RMSNorm":
+            module.weight.normal_(0.0, 0.1)
 rows = []
 # BLOCK_K 16 gives the tiny expert's products (K 32 to 128) several steps, so that splitting K (the fifth
 # number of the products added to the residual stream) really splits: 3 splits of the output projection's
@@ -327,6 +334,50 @@ def test_kernels_ask_the_l2_cache_for_later_weights_ahead(monkeypatch):
     for fn, _, args, kw in calls:
         ptx = compile_for_h200(fn, args, kw).asm["ptx"]
         assert ("prefetch.global.L2::evict_last" in ptx) == ("AHEAD" in kw), fn.__name__
+
+
+def test_flow_step_kernels_compile_for_the_h200(monkeypatch):
+    """Each flow step's own kernels (the velocity and Euler update with the next input projection, the
+    action-time MLP's two layers) as the fused decoder launches them for pi0 at batch 1, in bfloat16, compile
+    for sm_90 (the interpreter runs float32 only): three per step and one more after the last."""
+    import dataclasses
+
+    import torch
+
+    from vlaserve.interface import NUM_FLOW_STEPS
+    from vlaserve.model import kernels
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    pi0 = get_preset("pi0", 2)
+    cfg = dataclasses.replace(
+        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, depth=1),
+        prefix=dataclasses.replace(pi0.prefix, depth=1), expert=dataclasses.replace(pi0.expert, depth=1),
+    )  # fmt: skip
+    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16)
+    e, p = cfg.expert, cfg.prefix_len
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
+
+    names = ("_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
+    for name in names:
+        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    monkeypatch.setattr(kernels.FusedDecoder, "layer", lambda *args, **kwargs: None)
+    prefix_kv = torch.zeros((1, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
+    kernels.FusedDecoder(policy).decode(
+        prefix_kv, torch.ones((1, p), dtype=torch.bool), torch.zeros((1, 32)), torch.zeros((1, 50, 32))
+    )
+    assert [fn.__name__ for fn, _, _ in calls] == [*names * NUM_FLOW_STEPS, "_step_io_kernel"]
+    outs = [(kw["OUT"], kw["IN"]) for fn, _, kw in calls if fn.__name__ == "_step_io_kernel"]
+    assert outs == [(False, True), *[(True, True)] * (NUM_FLOW_STEPS - 1), (True, False)]
+    for fn, args, kw in calls[:3] + calls[-1:]:
+        assert compile_for_h200(fn, args, kw).asm["cubin"], fn.__name__
 
 
 def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):

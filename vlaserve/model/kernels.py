@@ -17,12 +17,18 @@ expert layer is five kernels:
 4. :func:`_norm_geglu_kernel`: RMSNorm, the gate and up projections and GeGLU (tanh GELU) in one pass.
 5. :func:`_down_proj_kernel`: the down projection added to the residual stream, in place.
 
+Each flow step's own work around the expert is three more kernels (:meth:`FusedDecoder.decode`): the
+previous step's velocity (final norm, action output projection) and Euler update with this step's action
+input projection (:func:`_step_io_kernel`), and the action-time MLP's two layers, the second writing the
+expert's input rows (:func:`_action_time_kernel`, :func:`_action_out_kernel`); in PyTorch they were about
+24 kernels a step.
+
 What keeps the products near the speed of a bare product (benchmarks/decoder_kernels.py measures both):
 the residual stream goes from memory straight into the products, with no work on it in between, so Triton
 pipelines its loads. For that, each norm's scale (1 + weight) is multiplied into the q/k/v and gate/up
 weights once per set of expert layers, and each norm's 1 / RMS is applied to the products' outputs from per-row sums of
 squares that the kernel which last wrote the residual stream added up in its epilogue (the output and down
-projections; the first layer's come from PyTorch). The output and down projections split K over programs
+projections; the first layer's, :func:`_action_out_kernel`; the final norm's, the last down projection). The output and down projections split K over programs
 whose partial products add up atomically; the last to arrive finishes the tile.
 
 The arithmetic is the reference model's (vlaserve.model.policy) up to rounding: float32 accumulation, the
@@ -416,6 +422,94 @@ def _norm_geglu_kernel(
     tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(dtype), mask=row_ok[:, None])
 
 
+@triton.jit
+def _step_io_kernel(
+    x_ptr, sq_ptr, w_out_ptr, b_out_ptr, xt_ptr, w_in_ptr, b_in_ptr, u_ptr, M, T, dt, eps,
+    W: tl.constexpr, A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+    OUT: tl.constexpr, IN: tl.constexpr,
+):  # fmt: skip
+    """Between two flow steps, per block of action rows (batch item x horizon; M in all): with OUT, the step's
+    velocity from the expert's output rows (the final norm, its scale in ``w_out`` and its 1 / RMS from the
+    rows' sums of squares, then the action output projection) and the Euler update of x_t [M, A] (float32,
+    in place); with IN, the action input projection of x_t for the next step into u [M, W]. Action row m is
+    x's row (m // (T - 1)) * T + 1 + m % (T - 1): x holds each item's state token first."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < M
+    a = tl.arange(0, A)
+    dtype: tl.constexpr = w_in_ptr.dtype.element_ty
+    xt = tl.load(xt_ptr + rows[:, None] * A + a[None, :], mask=ok[:, None], other=0.0)
+    if OUT:
+        x_rows = (rows // (T - 1)) * T + 1 + rows % (T - 1)
+        acc = tl.zeros([BLOCK_M, A], dtype=tl.float32)
+        for k0 in range(0, W, BLOCK_W):
+            ks = k0 + tl.arange(0, BLOCK_W)
+            x = tl.load(x_ptr + x_rows[:, None] * W + ks[None, :], mask=ok[:, None], other=0.0)
+            acc += tl.dot(x, tl.trans(tl.load(w_out_ptr + a[:, None] * W + ks[None, :])))
+        rstd = _inv_rms(sq_ptr, x_rows, ok, eps, W)
+        bias = tl.load(b_out_ptr + a).to(tl.float32)
+        xt += dt * (acc * rstd[:, None] + bias[None, :]).to(dtype).to(tl.float32)
+        tl.store(xt_ptr + rows[:, None] * A + a[None, :], xt, mask=ok[:, None])
+    if IN:
+        xt_low = xt.to(dtype)
+        for n0 in range(0, W, BLOCK_W):
+            ns = n0 + tl.arange(0, BLOCK_W)
+            u = tl.dot(xt_low, tl.trans(tl.load(w_in_ptr + ns[:, None] * A + a[None, :])))
+            u += tl.load(b_in_ptr + ns).to(tl.float32)[None, :]
+            tl.store(u_ptr + rows[:, None] * W + ns[None, :], u.to(dtype), mask=ok[:, None])
+
+
+@triton.jit
+def _action_time_kernel(
+    u_ptr, w_ptr, w_stride, time_ptr, h_ptr, M,
+    W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """h = silu(u @ w^T + time): the action-time MLP's input layer, ``w`` the action half of its weight (rows
+    ``w_stride`` apart) and ``time`` the flow step's row of the time half's product (its bias in), made once
+    per call. Rounded as the reference rounds: the product, the sum, the activation."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, W, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        u = tl.load(u_ptr + rows[:, None] * W + ks[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.dot(u, tl.trans(tl.load(w_ptr + cols[:, None] * w_stride + ks[None, :])))
+    dtype: tl.constexpr = h_ptr.dtype.element_ty
+    act = (acc.to(dtype).to(tl.float32) + tl.load(time_ptr + cols).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+    h = act / (1.0 + tl.exp(-act))
+    tl.store(h_ptr + rows[:, None] * W + cols[None, :], h.to(dtype), mask=ok[:, None])
+
+
+@triton.jit
+def _action_out_kernel(
+    h_ptr, w_ptr, b_ptr, state_ptr, x_ptr, sq_ptr, MX, T,
+    W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """x's rows [MX = batch x T, W] for the flow step's expert pass: each item's state token [B, W] first
+    (row t = 0), then the action-time MLP's output layer over h (h's row b * (T - 1) + t - 1); the rows' sums
+    of squares added into ``sq_ptr`` for the first layer's norm."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < MX
+    b, t = rows // T, rows % T
+    act = ok & (t > 0)
+    h_rows = b * (T - 1) + t - 1
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, W, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + h_rows[:, None] * W + ks[None, :], mask=act[:, None], other=0.0)
+        acc += tl.dot(h, tl.trans(tl.load(w_ptr + cols[:, None] * W + ks[None, :])))
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    out = (acc + tl.load(b_ptr + cols).to(tl.float32)[None, :]).to(dtype)
+    state = tl.load(state_ptr + b[:, None] * W + cols[None, :], mask=(ok & (t == 0))[:, None], other=0.0)
+    new = tl.where((t == 0)[:, None], state.to(dtype), out)
+    tl.store(x_ptr + rows[:, None] * W + cols[None, :], new, mask=ok[:, None])
+    new32 = new.to(tl.float32)
+    tl.atomic_add(sq_ptr + rows, tl.sum(new32 * new32, axis=1), mask=ok, sem="relaxed")
+
+
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -431,11 +525,13 @@ KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kerne
 # 5 % of it for the others (docs/BENCHMARKS.md). Above: the products' settings from an earlier sweep at
 # batch 4, not yet swept again with these kernels; the attention's the fastest at batches 8 and 16 of
 # benchmarks/attention_bench.py's sweep (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
+# "step" is the two products of each flow step's action-time MLP (:func:`_action_time_kernel`,
+# :func:`_action_out_kernel`), set like "geglu" (not yet swept).
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
-          "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0}),
+          "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4)}),
     (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 2), "out": (32, 128, 4, 4, 1),
-            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0}),
+            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0, "step": (64, 64, 4, 3)}),
 )  # fmt: skip
 
 
@@ -503,7 +599,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out
 
 
-_SCALED = weakref.WeakKeyDictionary()  # expert layers -> their weights with the norm scales in
+_SCALED = weakref.WeakKeyDictionary()  # expert layers (action output projection) -> weights with the norm scales in
 
 
 def _scaled_weights(policy: Policy) -> list[dict]:
@@ -523,18 +619,32 @@ def _scaled_weights(policy: Policy) -> list[dict]:
     return _SCALED[layers]
 
 
+def _scaled_out_weight(policy: Policy) -> torch.Tensor:
+    """The action output projection's weight with the final norm's scale (1 + weight) multiplied in, kept
+    like :func:`_scaled_weights` (as long as that projection lives)."""
+    if policy.action_out_proj not in _SCALED:
+        with torch.no_grad():
+            scale = 1 + policy.expert_norm.weight.float()
+            _SCALED[policy.action_out_proj] = (policy.action_out_proj.weight.float() * scale).to(policy.dtype)
+    return _SCALED[policy.action_out_proj]
+
+
 def release_scaled_weights(policy: Policy) -> None:
     """Forget the policy's norm-scaled weights (about 0.4 GB for pi0): for a runtime whose CUDA graphs do
     not use the fused decoder, or before its weights change. A graph that does use them must not run after."""
     _SCALED.pop(policy.expert_layers, None)
+    _SCALED.pop(policy.action_out_proj, None)
 
 
 class FusedDecoder:
-    """The decoder (``Policy.decode``) with each expert layer as the five kernels above; the rest of a flow
-    step (action-time MLP, final norm, output projection, Euler update) stays in PyTorch.
+    """The decoder (``Policy.decode``) with each expert layer as the five kernels above and the rest of each
+    flow step (action-time MLP, final norm, output projection, Euler update) as three more; what does not
+    change between steps (state token, RoPE tables, the time half of the action-time MLP) is made once per
+    call in PyTorch.
 
-    The q/k/v and gate/up weights are kept a second time with their norm's scale (1 + weight) multiplied in,
-    so that the residual stream goes straight into the products (for pi0 about 0.4 GB more GPU memory).
+    The q/k/v, gate/up and action output weights are kept a second time with their norm's scale (1 + weight)
+    multiplied in, so that the residual stream goes straight into the products (for pi0 about 0.4 GB more GPU
+    memory).
     ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count. ``pdl`` (one of
     :data:`PDL_MODES`) launches the kernels with programmatic dependent launch: "launch" lets each kernel
     start while the previous one still runs and wait for it inside; "prefetch" also has it ask the L2 cache
@@ -556,6 +666,7 @@ class FusedDecoder:
                 raise ValueError(f"expert_layers.{name} is not contiguous: the kernels index weights as stored")
         _check_tiles(tiles or {})
         self.scaled = _scaled_weights(policy)
+        self.step_weights = {"out": _scaled_out_weight(policy)}
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
         self.fence = _fence()
@@ -619,27 +730,52 @@ class FusedDecoder:
 
     @torch.no_grad()
     def decode(self, prefix_kv, prefix_mask, state, noise) -> torch.Tensor:
-        """What ``Policy.decode`` computes, with the same inputs and output."""
+        """What ``Policy.decode`` computes, with the same inputs and output. Besides the expert layers, each
+        flow step is three kernels: the previous step's velocity and Euler update with this step's action
+        input projection (:func:`_step_io_kernel`), and the action-time MLP's two layers, the second writing
+        the expert's input rows and their sums of squares (:func:`_action_time_kernel`,
+        :func:`_action_out_kernel`); what does not change between steps is made once per call."""
         policy, e = self.policy, self.cfg.expert
         dtype = policy.dtype
         depth = prefix_kv.shape[1]
         kv, cos, sin, mask, scratch, squares = self.prepare(prefix_kv, prefix_mask)
-        state_tok = policy.state_proj(state.to(dtype))[:, None]
+        b, horizon, action_dim = noise.shape
+        t, m, w = 1 + horizon, b * horizon, e.width
+        state_tok = policy.state_proj(state.to(dtype)).contiguous()  # [B, W]
         dt = -1.0 / NUM_FLOW_STEPS
         times = (1.0 + dt * torch.arange(NUM_FLOW_STEPS, dtype=torch.float64, device=noise.device)).float()
         w_act, w_time = policy.action_time_mlp_in.weight.chunk(2, dim=1)
         time_in = torch.nn.functional.linear(
-            time_embedding(times, e.width).to(dtype), w_time, policy.action_time_mlp_in.bias
-        )
-        x_t = noise.float()
+            time_embedding(times, w).to(dtype), w_time, policy.action_time_mlp_in.bias
+        ).contiguous()  # fmt: skip
+        x_t = noise.to(torch.float32, copy=True).contiguous()  # [B, H, A], updated in place
+        x = torch.empty((b, t, w), dtype=dtype, device=noise.device)
+        u, h = (torch.empty((m, w), dtype=dtype, device=noise.device) for _ in range(2))
+        bn, bk, warps, stages = self.tiles_for(b * t)["step"]
+        bn, bk = _fit(bn, w, "step BLOCK_N"), _fit(bk, w, "step BLOCK_K")
+        bm, bw = _block_m(m), _fit(128, w, "step BLOCK_W")
+        w_out, w_in = self.step_weights["out"], policy.action_in_proj.weight
+
+        def step_io(step: int, out: bool, into: bool) -> None:
+            _step_io_kernel[(triton.cdiv(m, 16),)](
+                x, squares[max(step - 1, 0), depth, 0], w_out, policy.action_out_proj.bias, x_t, w_in,
+                policy.action_in_proj.bias, u, m, t, dt, RMS_EPS,
+                W=w, A=action_dim, BLOCK_M=16, BLOCK_W=bw, OUT=out, IN=into, num_warps=4,
+            )  # fmt: skip
+
         for step in range(NUM_FLOW_STEPS):
-            act = torch.nn.functional.linear(policy.action_in_proj(x_t.to(dtype)), w_act) + time_in[step]
-            act = policy.action_time_mlp_out(torch.nn.functional.silu(act))
-            x = torch.cat([state_tok, act], dim=1).contiguous()
-            squares[step, 0, 0] = x.float().square().sum(-1).flatten()  # the later ones, the kernels add up
+            step_io(step, out=step > 0, into=True)
+            _action_time_kernel[(triton.cdiv(m, bm), w // bn)](
+                u, w_act, w_act.stride(0), time_in[step], h, m,
+                W=w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+            _action_out_kernel[(triton.cdiv(b * t, _block_m(b * t)), w // bn)](
+                h, policy.action_time_mlp_out.weight, policy.action_time_mlp_out.bias, state_tok, x, squares[step, 0, 0],
+                b * t, t, W=w, BLOCK_M=_block_m(b * t), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
             for i in range(depth):
                 self.layer(i, x, kv, cos, sin, mask, scratch, squares[step])
-            x_t = x_t + dt * policy.action_out_proj(policy.expert_norm(x)[:, 1:]).float()
+        step_io(NUM_FLOW_STEPS, out=True, into=False)
         return x_t
 
 
@@ -663,7 +799,7 @@ def _lines(elements: int, dtype: torch.dtype) -> int:
 
 def _check_tiles(tiles: dict) -> dict:
     for kind, setting in tiles.items():
-        if kind in ("qkv", "geglu") and len(setting) != 4:
+        if kind in ("qkv", "geglu", "step") and len(setting) != 4:
             raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
     return tiles
 
