@@ -12,11 +12,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   tar -C "$SITE" --strip-components=1 -xJf .carry/site-packages.tar.xz
-  # the server is left out of a call that serves nothing (carry .carry/site-packages.tar.xz alone)
-  [ ! -f .carry/tritonserver-trim.tar.xz ] || tar -C "$SITE" --strip-components=1 -xJf .carry/tritonserver-trim.tar.xz
   printf '#!/bin/sh\nexec "%s" -m locust "$@"\n' "$VENV/bin/python" > "$VENV/bin/locust" && chmod +x "$VENV/bin/locust"
   echo "$IMAGE_SITE" > "$SITE/zz_image_site.pth"   # after the venv's own numpy 1.26
   echo "$PWD" > "$SITE/vlaserve.pth"
+fi
+# the server is left out of a call that serves nothing (carry .carry/site-packages.tar.xz alone); a later call
+# on the same warm machine that carries it unpacks it then
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -f .carry/tritonserver-trim.tar.xz ] && [ ! -f "$SITE/.tritonserver-unpacked" ]; then
+  tar -C "$SITE" --strip-components=1 -xJf .carry/tritonserver-trim.tar.xz && touch "$SITE/.tritonserver-unpacked"
 fi
 export PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
