@@ -176,56 +176,76 @@ def test_norm_products_refuse_a_split_of_k():
             raise AssertionError(f"{kind} with a fifth number must be refused")
 
 
+LAYER_KERNELS = ("_norm_qkv_kernel", "_attention_kernel", "_out_proj_kernel", "_norm_geglu_kernel", "_down_proj_kernel")
+
+
+def small_pi0(depth: int):
+    """A bfloat16 policy of pi0's widths with ``depth`` layers in the prefix and the expert (one in the vision
+    tower) and a small vocabulary: quick to build, and its kernels' launches are pi0's."""
+    import dataclasses
+
+    import torch
+
+    from vlaserve.model.policy import build_policy
+    from vlaserve.model.presets import get_preset
+
+    pi0 = get_preset("pi0", 2)
+    cfg = dataclasses.replace(
+        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, depth=1),
+        prefix=dataclasses.replace(pi0.prefix, depth=depth), expert=dataclasses.replace(pi0.expert, depth=depth),
+    )  # fmt: skip
+    return build_policy(cfg, seed=0, dtype=torch.bfloat16)
+
+
+def record_launches(monkeypatch, names) -> list:
+    """The kernels ``names`` of vlaserve.model.kernels replaced (through ``monkeypatch``) by recorders: each
+    launch appends (kernel, grid, args, kwargs) to the list returned instead of running."""
+    from vlaserve.model import kernels
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.fn, grid, args, kwargs))
+
+    for name in names:
+        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    return calls
+
+
 def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
     """With pdl "launch" and "prefetch", the five kernels as the fused decoder launches them for pi0's expert
     layer at batch 1 compile for sm_90 (ahead of time, with the wheel's ptxas: no GPU needed): each waits for
     the previous kernel before any load or store of global memory, then lets the next start; with "prefetch"
     it first asks the L2 cache for its weights (the attention: its prefix keys and values). With "off" they
     launch as before."""
-    import dataclasses
     import re
 
     import torch
 
     from vlaserve.model import kernels
-    from vlaserve.model.policy import build_policy
-    from vlaserve.model.presets import get_preset
 
-    pi0 = get_preset("pi0", 2)
-    one = {"depth": 1}
-    cfg = dataclasses.replace(  # pi0's widths, one layer of each stack, a small vocabulary: quick to build
-        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, **one),
-        prefix=dataclasses.replace(pi0.prefix, **one), expert=dataclasses.replace(pi0.expert, **one),
-    )  # fmt: skip
-    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16)
-    names = ("_norm_qkv_kernel", "_attention_kernel", "_out_proj_kernel", "_norm_geglu_kernel", "_down_proj_kernel")
-    e, p = cfg.expert, cfg.prefix_len
+    policy = small_pi0(depth=1)
+    e, p = policy.cfg.expert, policy.cfg.prefix_len
 
     def launches(pdl: str) -> list:
-        calls = []
-
-        class Recorder:
-            def __init__(self, fn):
-                self.fn = fn
-
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
-
         with monkeypatch.context() as m:
-            for name in names:
-                m.setattr(kernels, name, Recorder(getattr(kernels, name)))
+            calls = record_launches(m, LAYER_KERNELS)
             fused = kernels.FusedDecoder(policy, pdl=pdl)
             prefix_kv = torch.zeros((1, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
             kv, cos, sin, mask, scratch, squares = fused.prepare(prefix_kv, torch.ones((1, p), dtype=torch.bool))
             x = torch.zeros((1, 51, e.width), dtype=torch.bfloat16)
             fused.layer(0, x, kv, cos, sin, mask, scratch, squares[0])
-        assert [fn.__name__ for fn, _, _ in calls] == list(names)
+        assert [fn.__name__ for fn, *_ in calls] == list(LAYER_KERNELS)
         return calls
 
-    assert all("PDL" not in kw and "launch_pdl" not in kw for _, _, kw in launches("off"))
-    assert all(kw["PDL"] and kw["launch_pdl"] and "PREFETCH" not in kw for _, _, kw in launches("launch"))
+    assert all("PDL" not in kw and "launch_pdl" not in kw for *_, kw in launches("off"))
+    assert all(kw["PDL"] and kw["launch_pdl"] and "PREFETCH" not in kw for *_, kw in launches("launch"))
     memory = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async)", re.M)
-    for mode, (fn, args, kw) in [(m, call) for m in ("launch", "prefetch") for call in launches(m)]:
+    for mode, (fn, _, args, kw) in [(m, call) for m in ("launch", "prefetch") for call in launches(m)]:
         compiled = compile_for_h200(fn, args, kw)
         ptx = compiled.asm["ptx"]
         assert compiled.metadata.launch_pdl and compiled.asm["cubin"], fn.__name__
@@ -270,38 +290,18 @@ def test_kernels_ask_the_l2_cache_for_later_weights_ahead(monkeypatch):
     weights a later kernel reads: the schedule's target of the right layer (the last layer's reaching round to
     the first, for the next flow step), shared out over the launch's programs; the kernels compile for sm_90
     with the prefetches in them, and without ``ahead`` none has one."""
-    import dataclasses
-
     import torch
     import triton
 
     from vlaserve.model import kernels
-    from vlaserve.model.policy import build_policy
-    from vlaserve.model.presets import get_preset
 
-    pi0 = get_preset("pi0", 2)
-    cfg = dataclasses.replace(  # pi0's widths, two expert layers, one of each other stack, a small vocabulary
-        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, depth=1),
-        prefix=dataclasses.replace(pi0.prefix, depth=2), expert=dataclasses.replace(pi0.expert, depth=2),
-    )  # fmt: skip
-    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16)
-    e, p = cfg.expert, cfg.prefix_len
+    policy = small_pi0(depth=2)
+    e, p = policy.cfg.expert, policy.cfg.prefix_len
     monkeypatch.setattr(kernels, "_fence", lambda: True)  # as on a GPU: the schedule is refused in the interpreter
 
     def launches(ahead: str, layer: int) -> list:
-        calls = []
-
-        class Recorder:
-            def __init__(self, fn):
-                self.fn = fn
-
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: calls.append((self.fn, grid, args, kwargs))
-
         with monkeypatch.context() as m:
-            for name in ("_norm_qkv_kernel", "_attention_kernel", "_out_proj_kernel", "_norm_geglu_kernel",
-                         "_down_proj_kernel"):  # fmt: skip
-                m.setattr(kernels, name, Recorder(getattr(kernels, name)))
+            calls = record_launches(m, LAYER_KERNELS)
             fused = kernels.FusedDecoder(policy, ahead=ahead)
             prefix_kv = torch.zeros((1, 2, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
             kv, cos, sin, mask, scratch, squares = fused.prepare(prefix_kv, torch.ones((1, p), dtype=torch.bool))
@@ -340,43 +340,24 @@ def test_flow_step_kernels_compile_for_the_h200(monkeypatch):
     """Each flow step's own kernels (the velocity and Euler update with the next input projection, the
     action-time MLP's two layers) as the fused decoder launches them for pi0 at batch 1, in bfloat16, compile
     for sm_90 (the interpreter runs float32 only): three per step and one more after the last."""
-    import dataclasses
-
     import torch
 
     from vlaserve.interface import NUM_FLOW_STEPS
     from vlaserve.model import kernels
-    from vlaserve.model.policy import build_policy
-    from vlaserve.model.presets import get_preset
 
-    pi0 = get_preset("pi0", 2)
-    cfg = dataclasses.replace(
-        pi0, vocab_size=512, vision=dataclasses.replace(pi0.vision, depth=1),
-        prefix=dataclasses.replace(pi0.prefix, depth=1), expert=dataclasses.replace(pi0.expert, depth=1),
-    )  # fmt: skip
-    policy = build_policy(cfg, seed=0, dtype=torch.bfloat16)
-    e, p = cfg.expert, cfg.prefix_len
-    calls = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
-
+    policy = small_pi0(depth=1)
+    e, p = policy.cfg.expert, policy.cfg.prefix_len
     names = ("_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
-    for name in names:
-        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    calls = record_launches(monkeypatch, names)
     monkeypatch.setattr(kernels.FusedDecoder, "layer", lambda *args, **kwargs: None)
     prefix_kv = torch.zeros((1, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
     kernels.FusedDecoder(policy).decode(
         prefix_kv, torch.ones((1, p), dtype=torch.bool), torch.zeros((1, 32)), torch.zeros((1, 50, 32))
     )
-    assert [fn.__name__ for fn, _, _ in calls] == [*names * NUM_FLOW_STEPS, "_step_io_kernel"]
-    outs = [(kw["OUT"], kw["IN"]) for fn, _, kw in calls if fn.__name__ == "_step_io_kernel"]
+    assert [fn.__name__ for fn, *_ in calls] == [*names * NUM_FLOW_STEPS, "_step_io_kernel"]
+    outs = [(kw["OUT"], kw["IN"]) for fn, *_, kw in calls if fn.__name__ == "_step_io_kernel"]
     assert outs == [(False, True), *[(True, True)] * (NUM_FLOW_STEPS - 1), (True, False)]
-    for fn, args, kw in calls[:3] + calls[-1:]:
+    for fn, _, args, kw in calls[:3] + calls[-1:]:
         assert compile_for_h200(fn, args, kw).asm["cubin"], fn.__name__
 
 

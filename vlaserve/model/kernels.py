@@ -459,6 +459,19 @@ def _step_io_kernel(
 
 
 @triton.jit
+def _rows_product(x_ptr, rows, row_ok, w_ptr, cols, w_stride, K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """x[rows] @ w[cols]^T in float32 [BLOCK_M, BLOCK_N]: x's rows K long and contiguous, w's rows
+    ``w_stride`` apart; rows not ``row_ok`` read as zeros."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+        acc += tl.dot(x, tl.trans(tl.load(w_ptr + cols[:, None] * w_stride + ks[None, :])))
+    return acc
+
+
+@triton.jit
 def _action_time_kernel(
     u_ptr, w_ptr, w_stride, time_ptr, h_ptr, M,
     W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -470,11 +483,7 @@ def _action_time_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, W, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        u = tl.load(u_ptr + rows[:, None] * W + ks[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.dot(u, tl.trans(tl.load(w_ptr + cols[:, None] * w_stride + ks[None, :])))
+    acc = _rows_product(u_ptr, rows, ok, w_ptr, cols, w_stride, W, BLOCK_M, BLOCK_N, BLOCK_K)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
     act = (acc.to(dtype).to(tl.float32) + tl.load(time_ptr + cols).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
     h = act / (1.0 + tl.exp(-act))
@@ -495,12 +504,7 @@ def _action_out_kernel(
     ok = rows < MX
     b, t = rows // T, rows % T
     act = ok & (t > 0)
-    h_rows = b * (T - 1) + t - 1
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, W, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        h = tl.load(h_ptr + h_rows[:, None] * W + ks[None, :], mask=act[:, None], other=0.0)
-        acc += tl.dot(h, tl.trans(tl.load(w_ptr + cols[:, None] * W + ks[None, :])))
+    acc = _rows_product(h_ptr, b * (T - 1) + t - 1, act, w_ptr, cols, W, W, BLOCK_M, BLOCK_N, BLOCK_K)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     out = (acc + tl.load(b_ptr + cols).to(tl.float32)[None, :]).to(dtype)
     state = tl.load(state_ptr + b[:, None] * W + cols[None, :], mask=(ok & (t == 0))[:, None], other=0.0)
