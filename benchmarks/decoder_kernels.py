@@ -8,7 +8,8 @@ with the default setting's (a setting that differs by more than rounding, or fai
 out). The matrix products are also timed through cuBLAS (``torch.mm`` on the same shapes) for reference,
 with ``--plain`` as bare Triton products too (no masks, no norm, no epilogue: the floor of a Triton product
 there), and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
-setting per kind against the defaults, each compared with eager PyTorch's actions, in each dependent-launch
+setting per kind against the defaults, each compared with eager PyTorch's actions (the seeded policy's biases
+and norm weights given random values first, which the seeded ones are not), in each dependent-launch
 mode of ``--pdl`` and each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights;
 vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
 
@@ -42,7 +43,7 @@ from benchmarks.fused_decoder import eager_cases, fused_run
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
 from vlaserve.model.kernels import AHEAD_SCHEDULES, KINDS, PDL_MODES, FusedDecoder
-from vlaserve.model.parity import compare
+from vlaserve.model.parity import compare, randomize_biases_and_norms
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
 
@@ -344,6 +345,7 @@ def main() -> None:
     errors = compile_all(args, jobs) if jobs else []
     print(f"[kernels] compiled in {time.perf_counter() - started:.0f} s, {sum(e is not None for e in errors)} failed", flush=True)  # fmt: skip
     policy = build_policy(cfg, seed=0, dtype=torch.bfloat16, device=DEVICE)
+    randomize_biases_and_norms(policy, seed=0)  # so that the check against eager covers the kernels' biases and norms
     bench = Bench(policy, args.batch)
     result = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -12,7 +12,7 @@ from vlaserve.model.kernels import FusedDecoder, fused_forward
 CHECK = """
 import dataclasses, json, torch
 from vlaserve.model.kernels import FusedDecoder, fused_forward
-from vlaserve.model.parity import compare, random_request
+from vlaserve.model.parity import compare, random_request, randomize_biases_and_norms
 from vlaserve.model.policy import Decoder, build_policy
 from vlaserve.model.presets import get_preset
 
@@ -21,19 +21,14 @@ cfg = get_preset("tiny", 2)
 cfg = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, head_dim=32),
                           expert=dataclasses.replace(cfg.expert, head_dim=32))
 policy = build_policy(cfg, seed=0)
-torch.manual_seed(0)
-with torch.no_grad():  # the seeded weights' biases are zeros and norms identities: make every one count
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            module.bias.normal_(0.0, 0.1)
-        elif type(module).__name__ == "RMSNorm":
-            module.weight.normal_(0.0, 0.1)
+randomize_biases_and_norms(policy, seed=0)  # the seeded ones are zeros and identities: make every one count
 rows = []
 # BLOCK_K 16 gives the tiny expert's products (K 32 to 128) several steps, so that splitting K (the fifth
 # number of the products added to the residual stream) really splits: 3 splits of the output projection's
 # 128 (uneven) and 2 of the down projection's 64; 3 key splits of the attention; one split for every kind of
 # the batch-2 case
-split_k = {"qkv": (16, 16, 4, 1), "out": (16, 16, 4, 1, 3), "geglu": (16, 16, 4, 1), "down": (16, 16, 4, 1, 2)}
+split_k = {"qkv": (16, 16, 4, 1), "out": (16, 16, 4, 1, 3), "geglu": (16, 16, 4, 1), "down": (16, 16, 4, 1, 2),
+           "step": (16, 16, 4, 1), "step_io": (16, 16, 4)}  # the flow step's over two column blocks and K steps
 for batch, tiles in ((2, {"splits": 1, "out": (16, 16, 4, 1, 1), "down": (16, 16, 4, 1, 1)}), (1, {"splits": 3, **split_k})):
     r = random_request(batch, 2, cfg.vocab_size, seed=batch)
     with torch.no_grad():
@@ -54,6 +49,7 @@ for batch, tiles in ((2, {"splits": 1, "out": (16, 16, 4, 1, 1), "down": (16, 16
 cfg2 = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, num_kv_heads=2),
                            expert=dataclasses.replace(cfg.expert, num_kv_heads=2))
 policy2 = build_policy(cfg2, seed=1)
+randomize_biases_and_norms(policy2, seed=1)
 r = random_request(3, 2, cfg2.vocab_size, seed=3)
 fused = FusedDecoder(policy2, {"splits": 3, "out": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2)})
 with torch.no_grad():
@@ -357,14 +353,16 @@ def test_flow_step_kernels_compile_for_the_h200(monkeypatch):
     assert [fn.__name__ for fn, *_ in calls] == [*names * NUM_FLOW_STEPS, "_step_io_kernel"]
     outs = [(kw["OUT"], kw["IN"]) for fn, *_, kw in calls if fn.__name__ == "_step_io_kernel"]
     assert outs == [(False, True), *[(True, True)] * (NUM_FLOW_STEPS - 1), (True, False)]
-    for fn, _, args, kw in calls[:3] + calls[-1:]:
+    for fn, _, args, kw in calls[:4] + calls[-1:]:  # the first step's three, a later step's first, the last
         assert compile_for_h200(fn, args, kw).asm["cubin"], fn.__name__
 
 
-def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):
+def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
+    """Unknown modes, weights the kernels cannot index as stored, and modes that need a GPU in the interpreter."""
     import dataclasses
 
     import pytest
+    import torch
 
     from vlaserve.model.policy import build_policy
     from vlaserve.model.presets import get_preset
@@ -378,6 +376,12 @@ def test_dependent_launch_is_refused_where_it_cannot_run(monkeypatch):
         FusedDecoder(policy, pdl="sometimes")
     with pytest.raises(ValueError, match="one of"):
         FusedDecoder(policy, ahead="sometimes")
+    for module in (policy.expert_layers[0].o_proj, policy.action_time_mlp_in):  # the kernels index weights as stored
+        stored = module.weight
+        module.weight = torch.nn.Parameter(stored.t().contiguous().t())
+        with pytest.raises(ValueError, match="is not contiguous"):
+            FusedDecoder(policy)
+        module.weight = stored
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="needs a GPU"):
         FusedDecoder(policy, pdl="launch")

@@ -21,12 +21,12 @@ Each flow step's own work around the expert is three more kernels (:meth:`FusedD
 previous step's velocity (final norm, action output projection) and Euler update with this step's action
 input projection (:func:`_step_io_kernel`), and the action-time MLP's two layers, the second writing the
 expert's input rows (:func:`_action_time_kernel`, :func:`_action_out_kernel`); in PyTorch they were about
-24 kernels a step.
+20 kernels a step.
 
 What keeps the products near the speed of a bare product (benchmarks/decoder_kernels.py measures both):
 the residual stream goes from memory straight into the products, with no work on it in between, so Triton
 pipelines its loads. For that, each norm's scale (1 + weight) is multiplied into the q/k/v and gate/up
-weights once per set of expert layers, and each norm's 1 / RMS is applied to the products' outputs from per-row sums of
+weights (the final norm's into the action output weight) once per set of expert layers, and each norm's 1 / RMS is applied to the products' outputs from per-row sums of
 squares that the kernel which last wrote the residual stream added up in its epilogue (the output and down
 projections; the first layer's, :func:`_action_out_kernel`; the final norm's, the last down projection). The output and down projections split K over programs
 whose partial products add up atomically; the last to arrive finishes the tile.
@@ -529,13 +529,16 @@ KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kerne
 # 5 % of it for the others (docs/BENCHMARKS.md). Above: the products' settings from an earlier sweep at
 # batch 4, not yet swept again with these kernels; the attention's the fastest at batches 8 and 16 of
 # benchmarks/attention_bench.py's sweep (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
-# "step" is the two products of each flow step's action-time MLP (:func:`_action_time_kernel`,
-# :func:`_action_out_kernel`), set like "geglu" (not yet swept).
+# Each flow step's own kernels (:meth:`FusedDecoder.decode`; not yet swept): "step", BLOCK_N, BLOCK_K, warps and
+# stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk and
+# the warps of :func:`_step_io_kernel`.
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
-          "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4)}),
+          "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4),
+          "step_io": (16, 128, 4)}),
     (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 2), "out": (32, 128, 4, 4, 1),
-            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0, "step": (64, 64, 4, 3)}),
+            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0, "step": (64, 64, 4, 3),
+            "step_io": (16, 128, 4)}),
 )  # fmt: skip
 
 
@@ -665,12 +668,17 @@ class FusedDecoder:
         if e.head_dim & (e.head_dim - 1) or e.head_dim < 32 or e.num_heads % e.num_kv_heads:
             # 32: each half head is a product of at least 16 columns, the least Triton's dot takes on a GPU
             raise ValueError(f"head_dim {e.head_dim} must be a power of two >= 32, and heads a multiple of kv heads")
-        for name, weight in policy.expert_layers.named_parameters():
+        step_modules = ("action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "action_out_proj")
+        for name, weight in [*policy.expert_layers.named_parameters(prefix="expert_layers"),
+                             *((f"{m}.{n}", w) for m in step_modules for n, w in getattr(policy, m).named_parameters())]:  # fmt: skip
             if not weight.is_contiguous():
-                raise ValueError(f"expert_layers.{name} is not contiguous: the kernels index weights as stored")
+                raise ValueError(f"{name} is not contiguous: the kernels index weights as stored")
+        action_dim = policy.action_in_proj.in_features
+        if action_dim & (action_dim - 1) or action_dim < 16:
+            raise ValueError(f"action dim {action_dim} must be a power of two >= 16 (a Triton product's least side)")
         _check_tiles(tiles or {})
         self.scaled = _scaled_weights(policy)
-        self.step_weights = {"out": _scaled_out_weight(policy)}
+        self.out_weight = _scaled_out_weight(policy)
         self.overrides = dict(tiles or {})
         self.target_programs = target_programs
         self.fence = _fence()
@@ -757,14 +765,15 @@ class FusedDecoder:
         u, h = (torch.empty((m, w), dtype=dtype, device=noise.device) for _ in range(2))
         bn, bk, warps, stages = self.tiles_for(b * t)["step"]
         bn, bk = _fit(bn, w, "step BLOCK_N"), _fit(bk, w, "step BLOCK_K")
-        bm, bw = _block_m(m), _fit(128, w, "step BLOCK_W")
-        w_out, w_in = self.step_weights["out"], policy.action_in_proj.weight
+        io_rows, io_chunk, io_warps = self.tiles_for(b * t)["step_io"]
+        io_chunk = _fit(io_chunk, w, "step_io BLOCK_W")
+        bm, w_out, w_in = _block_m(m), self.out_weight, policy.action_in_proj.weight
 
         def step_io(step: int, out: bool, into: bool) -> None:
-            _step_io_kernel[(triton.cdiv(m, 16),)](
+            _step_io_kernel[(triton.cdiv(m, io_rows),)](
                 x, squares[max(step - 1, 0), depth, 0], w_out, policy.action_out_proj.bias, x_t, w_in,
                 policy.action_in_proj.bias, u, m, t, dt, RMS_EPS,
-                W=w, A=action_dim, BLOCK_M=16, BLOCK_W=bw, OUT=out, IN=into, num_warps=4,
+                W=w, A=action_dim, BLOCK_M=io_rows, BLOCK_W=io_chunk, OUT=out, IN=into, num_warps=io_warps,
             )  # fmt: skip
 
         for step in range(NUM_FLOW_STEPS):

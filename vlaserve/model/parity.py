@@ -38,3 +38,14 @@ def compare(actual, expected: torch.Tensor) -> dict[str, float]:
         return {"max_abs": float("inf"), "rel": float("inf")}
     diff = a - e
     return {"max_abs": float(diff.abs().max()), "rel": float(diff.norm() / e.norm().clamp_min(1e-12))}
+
+
+def randomize_biases_and_norms(policy: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """Add normal noise of ``scale`` to every bias and every norm weight of ``policy``, in place.
+    ``build_policy``'s seeded weights leave biases at zero and norms at identity, so a check of a kernel that
+    adds a bias or multiplies a norm's scale in would pass even where it drops them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, value in policy.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                value.add_((torch.randn(value.shape, generator=gen) * scale).to(value.device, value.dtype))
