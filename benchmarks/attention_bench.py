@@ -45,8 +45,10 @@ def implementations() -> dict:
         # default's split rule is the thing to change
         "triton_x4": lambda: attention_override(functools.partial(triton_attention, target_programs=528)),
         # stages left out, to place the time inside the kernel (their outputs are void: not the attention)
-        "triton_no_merge": lambda: attention_override(functools.partial(triton_attention, merge=False)),
+        "triton_no_merge": lambda: attention_override(functools.partial(triton_attention, merge="none")),
         "triton_one_split": lambda: attention_override(functools.partial(triton_attention, tiles={"splits": 1})),
+        # the key splits merged by a kernel of its own instead of the last split to finish
+        "triton_merge_kernel": lambda: attention_override(functools.partial(triton_attention, merge="kernel")),
     }
 
 

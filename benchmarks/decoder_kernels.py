@@ -10,8 +10,9 @@ with ``--plain`` as bare Triton products too (no masks, no norm, no epilogue: th
 there), and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
 setting per kind against the defaults, each compared with eager PyTorch's actions (the seeded policy's biases
 and norm weights given random values first, which the seeded ones are not), in each dependent-launch
-mode of ``--pdl`` and each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights;
-vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
+mode of ``--pdl``, each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights) and
+each way of ``--merge`` (the attention's key splits merged by the last to finish, or by a kernel of their
+own; vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
 
 Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
 a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
@@ -20,6 +21,7 @@ timing then runs in this process alone.
     source benchmarks/gpu_env.sh && python -m benchmarks.decoder_kernels --batch 1 --out $OUT/decoder-kernels.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --pdl off,launch,prefetch --out $OUT/pdl.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --ahead off,next,early --out $OUT/ahead.json
+    python -m benchmarks.decoder_kernels --batch 1 --kinds "" --merge last,kernel --out $OUT/merge.json
 """
 
 from __future__ import annotations
@@ -325,6 +327,9 @@ def main() -> None:
         default="off",
         help=f"comma-separated schedules of asking the L2 cache for later weights, of {tuple(AHEAD_SCHEDULES)}",
     )
+    parser.add_argument(
+        "--merge", default="last", help="comma-separated ways to merge the attention's key splits: last, kernel"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -334,6 +339,9 @@ def main() -> None:
     schedules = [a for a in args.ahead.split(",") if a]
     if not schedules or set(schedules) - set(AHEAD_SCHEDULES):
         parser.error(f"--ahead: schedules of {tuple(AHEAD_SCHEDULES)}, got {args.ahead!r}")
+    merges = [m for m in args.merge.split(",") if m]
+    if not merges or set(merges) - {"last", "kernel"}:
+        parser.error(f"--merge: last, kernel; got {args.merge!r}")
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
     grids = settings(cfg)
@@ -395,10 +403,11 @@ def main() -> None:
     inputs = [prefix_kv, mask, request["state"], request["noise"]]
     result["decoder"] = {}
     for name, tiles in (("defaults", {}), ("best", best_tiles)) if kinds else (("defaults", {}),):
-        for pdl, ahead in itertools.product(modes, schedules):
+        for pdl, ahead, merge in itertools.product(modes, schedules, merges):
             key = name + ("" if pdl == "off" else f", pdl {pdl}") + ("" if ahead == "off" else f", ahead {ahead}")
+            key += "" if merge == "last" else f", merge {merge}"
             try:
-                result["decoder"][key] = fused_run(policy, tiles, args.batch, inputs, reference, pdl, ahead)
+                result["decoder"][key] = fused_run(policy, tiles, args.batch, inputs, reference, pdl, ahead, merge)
             except Exception as exc:  # noqa: BLE001 - one mode failing (say, its capture) leaves the others
                 torch.cuda.synchronize()
                 result["decoder"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}

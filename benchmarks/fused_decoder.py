@@ -49,6 +49,7 @@ KIND_OF_KERNEL = {
     "_norm_qkv_kernel": "qkv", "_attention_kernel": "attention",
     "_out_proj_kernel": "out", "_norm_geglu_kernel": "geglu", "_down_proj_kernel": "down",
     "_step_io_kernel": "step", "_action_time_kernel": "step", "_action_out_kernel": "step",
+    "_merge_kernel": "attention",
 }  # fmt: skip
 
 
@@ -110,12 +111,13 @@ def measure(graphs: CudaGraphs, batch: int, inputs, reference) -> dict:
     }  # fmt: skip
 
 
-def fused_run(policy, tiles: dict, batch: int, inputs, reference, pdl: str = "off", ahead: str = "off") -> dict:
-    fused = FusedDecoder(policy, tiles, pdl=pdl, ahead=ahead)
+def fused_run(policy, tiles: dict, batch: int, inputs, reference, pdl: str = "off", ahead: str = "off",
+              merge: str = "last") -> dict:  # fmt: skip
+    fused = FusedDecoder(policy, tiles, pdl=pdl, ahead=ahead, merge=merge)
     started = time.perf_counter()
     graphs = graphed(lambda *i: [fused.decode(*i)], inputs, {"fused": contextlib.nullcontext})
     result = measure(graphs, batch, inputs, reference)
-    result.update(tiles=tiles, pdl=pdl, ahead=ahead, setup_s=round(time.perf_counter() - started, 1))
+    result.update(tiles=tiles, pdl=pdl, ahead=ahead, merge=merge, setup_s=round(time.perf_counter() - started, 1))
     return result
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fused decoder with each kernel asking the L2 cache, as it starts, for the weights of a later kernel
 # (vlaserve.model.kernels.AHEAD_SCHEDULES: off, next, early), in-process at batch 1 and 4, each schedule's
-# actions compared with eager PyTorch's (benchmarks/decoder_kernels.py --kinds "": no per-kind sweep); then,
+# actions compared with eager PyTorch's (benchmarks/decoder_kernels.py --kinds "": no per-kind sweep; MERGES=last,kernel
+# also merges the attention's key splits in a kernel of their own, SCHEDULES=off only the default schedule); then,
 # with GEGLU=1, the encoder's gate/up product with GeGLU in its epilogue (benchmarks/geglu_gemm.py). One
 # device call, carrying .carry/site-packages.tar.xz:
 #   bash benchmarks/gpu_ahead.sh
@@ -11,7 +12,7 @@ source benchmarks/gpu_env.sh
 OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
 for batch in ${BATCHES:-1 4}; do
   python -m benchmarks.decoder_kernels --batch "$batch" --kinds "" --ahead "${SCHEDULES:-off,next,early}" \
-    --out "$OUT/ahead-batch$batch.json" > "$OUT/ahead-batch$batch.log" 2>&1
+    --merge "${MERGES:-last}" --out "$OUT/ahead-batch$batch.json" > "$OUT/ahead-batch$batch.log" 2>&1
   grep "^decoder" "$OUT/ahead-batch$batch.log" | sed "s/^/batch $batch: /" || tail -5 "$OUT/ahead-batch$batch.log"
 done
 if [ "${GEGLU:-0}" = 1 ]; then

@@ -282,7 +282,7 @@ def _attention_kernel(
         tl.store(part_ptr + row[:, None] * (D + 2) + d[None, :], acc, mask=r_ok[:, None])
         tl.store(part_ptr + row * (D + 2) + D, m_i, mask=r_ok)
         tl.store(part_ptr + row * (D + 2) + D + 1, l_i, mask=r_ok)
-        if MERGE:  # False only to time the kernel without its merge (benchmarks/attention_bench.py)
+        if MERGE:  # False with the merge in a kernel of its own, or none (to time the kernel without it)
             if _last_to_arrive(count_ptr, bh * tl.num_programs(1) + pid_m, SPLITS, FENCE):
                 _merge_splits(part_ptr, dst, bh, r, r_ok, T, G, D, SPLITS, BLOCK_M)
 
@@ -311,6 +311,32 @@ def _merge_splits(part_ptr, dst, bh, r, r_ok, T, G: tl.constexpr, D: tl.constexp
         )
         acc += w[:, None] * part
     tl.store(dst, (acc / total[:, None]).to(dst.dtype.element_ty), mask=r_ok[:, None])
+
+
+@triton.jit
+def _merge_kernel(part_ptr, o_ptr, T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_M: tl.constexpr):  # fmt: skip
+    """The key splits' partial results (:func:`_attention_kernel` with MERGE False) merged in a kernel of
+    their own (:data:`MERGE_MODES` "kernel"): program (batch item x kv head, block of folded query rows), each
+    row's output where :func:`_attention_kernel` puts it. The kernel boundary orders the splits' stores
+    before these loads, in place of the fence and arrival count of the last split's merge."""
+    G: tl.constexpr = H // HKV
+    bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HKV, bh % HKV
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = r // G
+    dst = o_ptr + (b * T + t)[:, None] * (H * D) + (h * G + r % G)[:, None] * D + tl.arange(0, D)[None, :]
+    _merge_splits(part_ptr, dst, bh, r, r < T * G, T, G, D, SPLITS, BLOCK_M)
+
+
+def _launch_merge(part: torch.Tensor, out: torch.Tensor, b: int, hkv: int, t: int, h: int, d: int, splits: int,
+                  setting: tuple) -> None:  # fmt: skip
+    """:func:`_merge_kernel` over the partial results ``part`` of ``splits`` key splits into out [B, T, H * D];
+    ``setting`` is (folded rows per program, warps)."""
+    rows, warps = setting
+    _merge_kernel[(b * hkv, triton.cdiv(t * (h // hkv), rows))](
+        part, out, t, H=h, HKV=hkv, D=d, SPLITS=splits, BLOCK_M=rows, num_warps=warps
+    )
 
 
 @triton.jit
@@ -531,14 +557,15 @@ KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kerne
 # benchmarks/attention_bench.py's sweep (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
 # Each flow step's own kernels (:meth:`FusedDecoder.decode`; not yet swept): "step", BLOCK_N, BLOCK_K, warps and
 # stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk and
-# the warps of :func:`_step_io_kernel`.
+# the warps of :func:`_step_io_kernel`. "merge": folded rows per program and warps of :func:`_merge_kernel`
+# (merge "kernel" only; not yet run on a GPU).
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4),
-          "step_io": (16, 128, 4)}),
+          "step_io": (16, 128, 4), "merge": (8, 4)}),
     (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 2), "out": (32, 128, 4, 4, 1),
             "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0, "step": (64, 64, 4, 3),
-            "step_io": (16, 128, 4)}),
+            "step_io": (16, 128, 4), "merge": (8, 4)}),
 )  # fmt: skip
 
 
@@ -561,8 +588,11 @@ def tiles_for(rows: int) -> dict:
     return next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
 
 
+MERGE_MODES = ("last", "kernel", "none")  # how the attention's key splits are merged (:func:`triton_attention`)
+
+
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     target_programs: int = 132, tiles: dict | None = None, merge: bool = True) -> torch.Tensor:  # fmt: skip
+                     target_programs: int = 132, tiles: dict | None = None, merge: str = "last") -> torch.Tensor:  # fmt: skip
     """What ``vlaserve.model.policy.attention`` computes (q [B, T, H, D]; k, v [B, Hkv, S, D]; the additive
     bias [B, 1, T * H / Hkv or 1, S] of ``attention_bias``), as :func:`_attention_kernel` with the bias: the
     query heads folded, the keys split so that a small batch still fills the GPU. For the compiled decoder
@@ -570,8 +600,11 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     global memory for head_dim 256 and took 53 us per call there at batch 16 (docs/BENCHMARKS.md).
     Raises ValueError for shapes or layouts it does not take (head_dim not a power of two >= 16,
     non-contiguous rows). ``tiles`` overrides the "attention" and "splits" entries of :data:`TILES_BY_ROWS`.
-    ``merge=False`` leaves the key splits unmerged, so that a benchmark can time the kernel without its merge:
-    the output is then not the attention."""
+    ``merge`` (one of :data:`MERGE_MODES`): "last", the last split of each row block to finish merges them;
+    "kernel", a kernel of its own after the attention's (:func:`_merge_kernel`); "none" leaves them unmerged,
+    so that a benchmark can time the kernel without its merge: the output is then not the attention."""
+    if merge not in MERGE_MODES:
+        raise ValueError(f"triton_attention: merge {merge!r}, one of {MERGE_MODES}")
     b, t, h, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = h // hkv if hkv else 0
@@ -600,9 +633,11 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     _attention_kernel[(b * hkv, row_blocks, splits)](
         q, k, v, bias, bias, out, part, counts, t, s, 0, d**-0.5, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if rows > 1 else 0,
-        H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, BIAS=True, MERGE=merge,
+        H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=_fence(), BLOCK_M=am, BLOCK_N=an, BIAS=True, MERGE=merge == "last",
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if merge == "kernel" and splits > 1:
+        _launch_merge(part, out, b, hkv, t, h, d, splits, {**tiles_for(b * t), **(tiles or {})}["merge"])
     return out
 
 
@@ -659,10 +694,11 @@ class FusedDecoder:
     per decoder call at batch 1; docs/BENCHMARKS.md), so nothing serves them: kept to measure again when
     the kernels change. It needs a GPU (the interpreter has neither the launch nor the inline assembly).
     ``ahead`` (one of :data:`AHEAD_SCHEDULES`) has each kernel ask the L2 cache for the weights of a later
-    one as it starts (no dependent launch needed); it too needs a GPU."""
+    one as it starts (no dependent launch needed); it too needs a GPU. ``merge`` "kernel" merges the
+    attention's key splits in a kernel of their own instead of in the last split to finish ("last")."""
 
     def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132, pdl: str = "off",
-                 ahead: str = "off"):  # fmt: skip
+                 ahead: str = "off", merge: str = "last"):  # fmt: skip
         self.policy, self.cfg = policy, policy.cfg
         e = self.cfg.expert
         if e.head_dim & (e.head_dim - 1) or e.head_dim < 32 or e.num_heads % e.num_kv_heads:
@@ -697,6 +733,9 @@ class FusedDecoder:
         if ahead != "off" and not self.fence:
             raise ValueError(f"ahead {ahead!r} needs a GPU: Triton's interpreter has no inline assembly")
         self.ahead = ahead
+        if merge not in ("last", "kernel"):
+            raise ValueError(f"merge {merge!r}: one of ('last', 'kernel')")
+        self.merge = merge
 
     def weight(self, kind: str, i: int) -> torch.Tensor:
         """The weight expert layer ``i``'s kernel of ``kind`` reads (q/k/v and gate/up with the norm's scale in)."""
@@ -903,9 +942,11 @@ class _LayerStep:
             scratch["q"], k, v, self.mask, self.mask, attn, part, self._counts("attention", b * hkv * row_blocks),
             t, self.keys, self.fused.cfg.prefix_len, d**-0.5, per_split, t * h * d, h * d, k.stride(0), k.stride(1), 0, 0,
             H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an,
-            num_warps=warps, num_stages=stages,
+            MERGE=self.fused.merge == "last", num_warps=warps, num_stages=stages,
             **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)), **self._ahead("attention", grid),
         )  # fmt: skip
+        if self.fused.merge == "kernel" and splits > 1:
+            _launch_merge(part, attn, b, hkv, t, h, d, splits, tiles["merge"])
 
     def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
         """x += a @ weight^T through ``kernel`` (:func:`_matmul_residual`), K split as ``tiles[kind]`` says,
