@@ -641,7 +641,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out
 
 
-_SCALED = weakref.WeakKeyDictionary()  # expert layers (action output projection) -> weights with the norm scales in
+_SCALED = weakref.WeakKeyDictionary()  # expert layers, or the action output projection -> weights, norm scales in
 
 
 def _scaled_weights(policy: Policy) -> list[dict]:
