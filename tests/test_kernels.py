@@ -388,6 +388,46 @@ def test_merge_in_a_kernel_of_its_own_compiles_for_the_h200(monkeypatch):
     assert compile_for_h200(merge, m_args, m_kw).asm["cubin"]
 
 
+PERSISTENT_CHECK = """
+import json, torch
+from benchmarks import persistent_probe as p
+rows = [p.empty_case(1, 3, 10, timed=False)]
+for programs, spin_limit in ((1, 10), (2, 3)):
+    rows.append(p.product_case(64, 32, 16, 16, 4, 1, rows=51, programs=programs, spin_limit=spin_limit, timed=False,
+                               dtype=torch.float32))
+print(json.dumps(rows))
+"""
+
+
+def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
+    """benchmarks/persistent_probe.py: one program passes its barriers and computes every layer's product as
+    the per-layer launches do; with two programs, which Triton's interpreter runs one after the other, the
+    first gives up at each of the 18 barriers instead of waiting forever, and says so. Its kernels, barrier
+    included, compile for sm_90."""
+    import torch
+
+    from benchmarks import persistent_probe as probe
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "VLASERVE_BENCH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PERSISTENT_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    empty, alone, two = json.loads(done.stdout.strip().splitlines()[-1])
+    assert empty["gave_up"] == 0 and alone["gave_up"] == 0 and alone["equal"] and two["equal"]
+    assert two["gave_up"] == probe.LAYERS
+    x, w, out = (torch.zeros(s, dtype=torch.bfloat16) for s in ((64, 1024), (18, 2560, 1024), (18, 64, 2560)))
+    count, gave_up = torch.zeros(1, dtype=torch.int32), torch.zeros(80, dtype=torch.int32)
+    common = {"FENCE": True, "SPIN_LIMIT": 1000, "num_warps": 4}
+    for fn, args, kw in (
+        (probe._persistent_products_kernel, (x, w, out, count, gave_up, 2560),
+         {"K": 1024, "LAYERS": 18, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_stages": 4, **common}),
+        (probe._barriers_kernel, (gave_up, count, gave_up), {"PHASES": 180, "num_stages": 1, **common}),
+    ):  # fmt: skip
+        ptx = compile_for_h200(fn, args, kw).asm["ptx"]
+        assert "fence.acq_rel.gpu" in ptx and "atom" in ptx, fn.__name__
+
+
 def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
     """Unknown modes, weights the kernels cannot index as stored, and modes that need a GPU in the interpreter."""
     import dataclasses

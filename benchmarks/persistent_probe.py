@@ -1,0 +1,231 @@
+# ruff: noqa: N803, N806  (Triton's convention: upper-case sizes and compile-time constants)
+"""What a kernel boundary costs against a barrier inside one persistent kernel, on a GPU.
+
+The fused decoder runs 900 kernels a call at batch 1, each 6-11 µs, bound by the latency of one warp per
+scheduler (docs/BENCHMARKS.md). One persistent kernel per call (programs that stay resident and pass from one
+layer's work to the next through a grid-wide barrier) is the way left to fewer, longer-lived programs. Before
+building it, this measures the two things it trades:
+
+- ``empty``: a CUDA graph of many launches of a kernel that does nothing but store, against one launch that
+  passes as many grid-wide barriers: µs per launch against µs per barrier;
+- ``product``: the decoder's products at batch 1 (51 rows, padded to 64) over 18 layers' weights, as a graph
+  of 18 launches of a plain Triton product against one persistent launch whose programs take the same tiles
+  layer after layer with a barrier in between: µs per layer. Both outputs must be equal (the same
+  arithmetic), else the row is void.
+
+A barrier polls a counter at most ``--spin-limit`` times and then gives up, recording it: a machine where the
+programs are not all resident at once (another process holding multiprocessors, an MPS share) reports
+"barrier gave up" instead of hanging.
+
+    source benchmarks/gpu_env.sh && python -m benchmarks.persistent_probe --out $OUT/persistent-probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")  # "cpu" only for a check in Triton's interpreter
+LAYERS = 18
+
+
+@triton.jit
+def _grid_barrier(count_ptr, target, FENCE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    """Count this program in at ``count_ptr`` and wait until ``target`` programs have been counted, polling at
+    most SPIN_LIMIT times; 1 if they were, 0 if it gave up. Each thread's earlier stores are fenced GPU-wide
+    first (as in :func:`vlaserve.model.kernels._last_to_arrive`; FENCE is false only in the interpreter)."""
+    if FENCE:
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [target], dtype=tl.int32, is_pure=False, pack=1
+        )
+    tl.debug_barrier()
+    seen = tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
+    spins = tl.full([], 0, tl.int32)
+    while (seen < target) & (spins < SPIN_LIMIT):
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+        spins += 1
+    tl.debug_barrier()
+    return (seen >= target).to(tl.int32)
+
+
+@triton.jit
+def _empty_kernel(out_ptr):
+    tl.store(out_ptr + tl.program_id(0), tl.program_id(0))
+
+
+@triton.jit
+def _barriers_kernel(out_ptr, count_ptr, gave_up_ptr, PHASES: tl.constexpr, FENCE: tl.constexpr,
+                     SPIN_LIMIT: tl.constexpr):  # fmt: skip
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    gave_up = tl.full([], 0, tl.int32)
+    for phase in range(PHASES):
+        tl.store(out_ptr + pid, phase)
+        gave_up += 1 - _grid_barrier(count_ptr, (phase + 1) * programs, FENCE, SPIN_LIMIT)
+    tl.store(gave_up_ptr + pid, gave_up)
+
+
+@triton.jit
+def _product_tile(x_ptr, w_ptr, out_ptr, tile, N, K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """out[:, tile's columns] = x @ w[tile's rows]^T (x [BLOCK_M, K], w [N, K]), float32 accumulation, stored in
+    out's dtype."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        acc += tl.dot(
+            tl.load(x_ptr + rows[:, None] * K + ks[None, :]), tl.trans(tl.load(w_ptr + cols[:, None] * K + ks[None, :]))
+        )
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _product_kernel(x_ptr, w_ptr, out_ptr, N, K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    _product_tile(x_ptr, w_ptr, out_ptr, tl.program_id(0), N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _persistent_products_kernel(x_ptr, w_ptr, out_ptr, count_ptr, gave_up_ptr, N, K: tl.constexpr,
+                                LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, FENCE: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
+    """Every layer's product (w [LAYERS, N, K], out [LAYERS, BLOCK_M, N]), each program taking tiles pid,
+    pid + programs, ... of a layer, then waiting at a grid-wide barrier for the others before the next."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    gave_up = tl.full([], 0, tl.int32)
+    for layer in range(LAYERS):
+        for tile in range(pid, N // BLOCK_N, programs):
+            _product_tile(x_ptr, w_ptr + layer * N * K, out_ptr + layer * BLOCK_M * N, tile, N, K,
+                          BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        gave_up += 1 - _grid_barrier(count_ptr, (layer + 1) * programs, FENCE, SPIN_LIMIT)
+    tl.store(gave_up_ptr + pid, gave_up)
+
+
+def _fence() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
+
+
+def empty_case(programs: int, phases: int, spin_limit: int, timed: bool) -> dict:
+    """µs per launch of a do-nothing kernel (a graph of ``phases`` launches) and per grid-wide barrier (one
+    launch passing ``phases`` of them), each over ``programs`` programs."""
+    out = torch.zeros(programs, dtype=torch.int32, device=DEVICE)
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    gave_up = torch.zeros(programs, dtype=torch.int32, device=DEVICE)
+
+    def launches():
+        for _ in range(phases):
+            _empty_kernel[(programs,)](out)
+
+    def barriers():
+        count.zero_()
+        _barriers_kernel[(programs,)](out, count, gave_up, PHASES=phases, FENCE=_fence(), SPIN_LIMIT=spin_limit)
+
+    row = {"programs": programs, "phases": phases}
+    barriers()
+    row["gave_up"] = int(gave_up.sum())
+    if timed:
+        row["launch_us"] = round(1e3 * graph_ms(launches) / phases, 3)
+        row["barrier_us"] = round(1e3 * graph_ms(barriers) / phases, 3)
+        row["gave_up"] = max(row["gave_up"], int(gave_up.sum()))
+    return row
+
+
+def product_case(n: int, k: int, block_n: int, block_k: int, warps: int, stages: int, rows: int, programs: int,
+                 spin_limit: int, timed: bool, dtype=torch.bfloat16) -> dict:  # fmt: skip
+    """µs per layer of the batch-1 product [rows, k] @ [n, k]^T over LAYERS layers' weights: a graph of one
+    launch per layer (n / block_n programs) against one persistent launch (``programs`` programs, 0 = as many
+    as tiles)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.zeros((64, k), dtype=dtype, device=DEVICE)
+    x[:rows] = torch.randn((rows, k), generator=gen, device=DEVICE).to(dtype)
+    w = (torch.randn((LAYERS, n, k), generator=gen, device=DEVICE) / k**0.5).to(dtype)
+    out_launches = torch.zeros((LAYERS, 64, n), dtype=dtype, device=DEVICE)
+    out_persistent = torch.zeros_like(out_launches)
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    tiles = n // block_n
+    programs = programs or tiles
+    gave_up = torch.zeros(programs, dtype=torch.int32, device=DEVICE)
+    options = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
+
+    def launches():
+        for layer in range(LAYERS):
+            _product_kernel[(tiles,)](x, w[layer], out_launches[layer], n, K=k, **options)
+
+    def persistent():
+        count.zero_()
+        _persistent_products_kernel[(programs,)](
+            x, w, out_persistent, count, gave_up, n, K=k, LAYERS=LAYERS, FENCE=_fence(), SPIN_LIMIT=spin_limit, **options
+        )  # fmt: skip
+
+    launches()
+    persistent()
+    row = {"n": n, "k": k, "setting": [block_n, block_k, warps, stages], "tiles": tiles, "programs": programs,
+           "equal": bool(torch.equal(out_launches, out_persistent)), "gave_up": int(gave_up.sum())}  # fmt: skip
+    if timed:
+        row["launches_us_per_layer"] = round(1e3 * graph_ms(launches) / LAYERS, 3)
+        row["persistent_us_per_layer"] = round(1e3 * graph_ms(persistent) / LAYERS, 3)
+        row["gave_up"] = max(row["gave_up"], int(gave_up.sum()))
+    return row
+
+
+def graph_ms(run) -> float:
+    """Median ms of a CUDA graph of ``run`` (captured after one eager call)."""
+    from benchmarks.profile_runtime import replay_ms
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    return replay_ms(graph.replay, 20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--programs", type=int, default=0, help="programs of the empty case (0: the GPU's SMs)")
+    parser.add_argument("--phases", type=int, default=180, help="launches / barriers in the empty case")
+    parser.add_argument(
+        "--products", default="8192x1024:64x64w4s4,2560x1024:32x64w4s4,1024x2048:16x128w4s4",
+        help="NxK:BNxBKwWARPSsSTAGES per product (the decoder's gate/up, q/k/v, output projection)",
+    )  # fmt: skip
+    parser.add_argument("--spin-limit", type=int, default=1_000_000)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    timed = DEVICE.startswith("cuda")
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if timed else 1
+    result = {
+        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(DEVICE) if timed else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "sms": sms,
+        "empty": empty_case(args.programs or sms, args.phases, args.spin_limit, timed), "products": [],
+    }  # fmt: skip
+    print(f"[persistent] empty: {result['empty']}", flush=True)
+    for item in args.products.split(","):
+        shape, setting = item.split(":")
+        n, k = (int(v) for v in shape.split("x"))
+        bn_bk, rest = setting.split("w")
+        bn, bk = (int(v) for v in bn_bk.split("x"))
+        warps, stages = (int(v) for v in rest.split("s"))
+        result["products"].append(product_case(n, k, bn, bk, warps, stages, 51, 0, args.spin_limit, timed))
+        print(f"[persistent] product: {result['products'][-1]}", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    e = result["empty"]
+    print(f"\nempty, {e['programs']} programs: {e.get('launch_us')} µs a launch, {e.get('barrier_us')} µs a barrier"
+          f"{'  (a barrier gave up: void)' if e['gave_up'] else ''}")  # fmt: skip
+    for r in result["products"]:
+        void = "" if r["equal"] and not r["gave_up"] else "  VOID (outputs differ or a barrier gave up)"
+        print(f"product {r['n']}x{r['k']} {r['setting']}, {r['tiles']} tiles: {r.get('launches_us_per_layer')} µs "
+              f"a layer as launches, {r.get('persistent_us_per_layer')} persistent{void}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
