@@ -402,8 +402,9 @@ print(json.dumps(rows))
 def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
     """benchmarks/persistent_probe.py: one program passes its barriers and computes every layer's product as
     the per-layer launches do; with two programs, which Triton's interpreter runs one after the other, the
-    first gives up at each of the 18 barriers instead of waiting forever, and says so. Its kernels, barrier
-    included, compile for sm_90."""
+    first gives up at each of the 18 barriers instead of waiting forever, says so, and its layers then read
+    rows the other has not written: the outputs differ, as they would where a barrier let a layer start early.
+    Its kernels, barrier included, compile for sm_90."""
     import torch
 
     from benchmarks import persistent_probe as probe
@@ -414,14 +415,14 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     empty, alone, two = json.loads(done.stdout.strip().splitlines()[-1])
-    assert empty["gave_up"] == 0 and alone["gave_up"] == 0 and alone["equal"] and two["equal"]
-    assert two["gave_up"] == probe.LAYERS
-    x, w, out = (torch.zeros(s, dtype=torch.bfloat16) for s in ((64, 1024), (18, 2560, 1024), (18, 64, 2560)))
+    assert empty["gave_up"] == 0 and alone["gave_up"] == 0 and alone["equal"] and alone["last_layer_rms"] > 0.1
+    assert two["gave_up"] == probe.LAYERS and not two["equal"]
+    acts, w = (torch.zeros(s, dtype=torch.bfloat16) for s in ((19, 64, 2560), (18, 2560, 1024)))
     count, gave_up = torch.zeros(1, dtype=torch.int32), torch.zeros(80, dtype=torch.int32)
     common = {"FENCE": True, "SPIN_LIMIT": 1000, "num_warps": 4}
     for fn, args, kw in (
-        (probe._persistent_products_kernel, (x, w, out, count, gave_up, 2560),
-         {"K": 1024, "LAYERS": 18, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_stages": 4, **common}),
+        (probe._persistent_products_kernel, (acts, w, count, gave_up, 2560),
+         {"K": 1024, "S": 2560, "LAYERS": 18, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_stages": 4, **common}),
         (probe._barriers_kernel, (gave_up, count, gave_up), {"PHASES": 180, "num_stages": 1, **common}),
     ):  # fmt: skip
         ptx = compile_for_h200(fn, args, kw).asm["ptx"]
@@ -449,6 +450,10 @@ def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
         FusedDecoder(policy, ahead="sometimes")
     with pytest.raises(ValueError, match="one of"):
         FusedDecoder(policy, merge="none")  # the attention's output would not be merged
+    with pytest.raises(ValueError, match="not combined"):
+        FusedDecoder(policy, pdl="launch", merge="kernel")
+    with pytest.raises(ValueError, match="merge takes"):
+        FusedDecoder(policy, {"merge": (3, 4)})
     for module in (policy.expert_layers[0].o_proj, policy.action_time_mlp_in):  # the kernels index weights as stored
         stored = module.weight
         module.weight = torch.nn.Parameter(stored.t().contiguous().t())

@@ -629,7 +629,11 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         torch.empty((b * hkv * splits * t * g * (d + 2),), dtype=torch.float32, device=q.device) if splits > 1 else out
     )
     # arrival counts (the last split resets them); made per call, they are one memset in a captured graph
-    counts = torch.zeros((b * hkv * row_blocks,), dtype=torch.int32, device=q.device) if splits > 1 else out
+    counts = (
+        torch.zeros((b * hkv * row_blocks,), dtype=torch.int32, device=q.device)
+        if splits > 1 and merge == "last"
+        else out
+    )
     _attention_kernel[(b * hkv, row_blocks, splits)](
         q, k, v, bias, bias, out, part, counts, t, s, 0, d**-0.5, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), bias.stride(0), bias.stride(2) if rows > 1 else 0,
@@ -735,6 +739,8 @@ class FusedDecoder:
         self.ahead = ahead
         if merge not in ("last", "kernel"):
             raise ValueError(f"merge {merge!r}: one of ('last', 'kernel')")
+        if merge == "kernel" and pdl != "off":  # the merge kernel is launched as usual, without dependent launch
+            raise ValueError(f"merge 'kernel' with pdl {pdl!r}: not combined")
         self.merge = merge
 
     def weight(self, kind: str, i: int) -> torch.Tensor:
@@ -850,6 +856,9 @@ def _lines(elements: int, dtype: torch.dtype) -> int:
 
 
 def _check_tiles(tiles: dict) -> dict:
+    merge = tiles.get("merge", (1, 1))
+    if len(merge) != 2 or merge[0] < 1 or merge[0] & (merge[0] - 1):
+        raise ValueError(f"merge takes (folded rows per program, a power of two; warps), got {merge}")
     for kind, setting in tiles.items():
         if kind in ("qkv", "geglu", "step") and len(setting) != 4:
             raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
