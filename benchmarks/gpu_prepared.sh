@@ -7,7 +7,7 @@
 cd "$(dirname "$0")/.."
 set -o pipefail
 source benchmarks/gpu_env.sh
-OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
+export OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
 SCHEDULES=off MERGES=last,kernel BATCHES="1 4" bash benchmarks/gpu_ahead.sh > "$OUT/merge-decoder.log" 2>&1
 python -m benchmarks.attention_bench --batches 1,4 --impls triton_attention,triton_merge_kernel,triton_no_merge \
   --out "$OUT/attention-merge.json" > "$OUT/attention-merge.log" 2>&1
