@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlaserve.model.kernels import _fence  # whether to fence: everywhere but in Triton's interpreter
+
 DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")  # "cpu" only for a check in Triton's interpreter
 LAYERS = 18
 
@@ -113,10 +115,6 @@ def _persistent_products_kernel(acts_ptr, w_ptr, count_ptr, gave_up_ptr, N, K: t
             _product_tile(acts_ptr, w_ptr, layer, tile, N, K, S, BLOCK_M, BLOCK_N, BLOCK_K)
         gave_up += 1 - _grid_barrier(count_ptr, (layer + 1) * programs, FENCE, SPIN_LIMIT)
     tl.store(gave_up_ptr + pid, gave_up)
-
-
-def _fence() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
 
 
 def empty_case(programs: int, phases: int, spin_limit: int, timed: bool) -> dict:
