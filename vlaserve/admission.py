@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlaserve.files import write_whole
+
 ADMISSION_FILE = "admission.slots"
 MAX_SLOTS = 4096  # the file's size in slots: max_in_flight may not exceed it
 
@@ -39,9 +41,7 @@ def create(path: Path) -> None:
     """Write a file of free slots (atomically: instances only ever open a complete one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_bytes(np.zeros(MAX_SLOTS, np.float64).tobytes())
-    partial.replace(path)
+    write_whole(path, np.zeros(MAX_SLOTS, np.float64).tobytes())
 
 
 def taken(path: Path) -> int:

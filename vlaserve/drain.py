@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlaserve.files import write_whole
 from vlaserve.interface import DECODER
 from vlaserve.supervisor import process_alive
 
@@ -51,9 +52,7 @@ STOPPING_MESSAGE = "the server is stopping; retry (another replica, or this one 
 def mapped_array(path: Path, values) -> np.memmap:
     """``values`` written to ``path`` whole (a reader never sees a part), then mapped for updates in place
     (float64): the busy mark here, an instance's execute phases (vlaserve.runner)."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_bytes(np.asarray(values, np.float64).tobytes())
-    partial.replace(path)
+    write_whole(path, np.asarray(values, np.float64).tobytes())
     return np.memmap(path, dtype=np.float64, mode="r+", shape=(len(values),))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from vlaserve import admission, drain, validation, value_check
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
+from vlaserve.files import write_whole
 from vlaserve.manifest import Manifest
 from vlaserve.params import GroupLimits, RunnerParams
 from vlaserve.runtimes import load_runtime
@@ -380,10 +381,7 @@ class TritonPythonModel:
         status_dir = os.environ.get(STATUS_DIR_ENV)
         if status_dir:
             Path(status_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(status_dir) / f"{self.instance}.json"
-            partial = path.with_name(path.name + ".tmp")  # replaced whole: readers never see a part
-            partial.write_text(json.dumps(self.status) + "\n")
-            partial.replace(path)
+            write_whole(Path(status_dir) / f"{self.instance}.json", json.dumps(self.status) + "\n")
 
     def _account(self, marks: list[float]) -> None:
         """Add one execute's phases (``marks``: its start, then the end of each of PHASES) to its file: the

@@ -19,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+from vlaserve.files import write_whole
+
 HEALTH_FILE = "health.json"
 
 
@@ -102,9 +104,7 @@ class Supervisor:
             "interval_s": self.interval,
             "pid": getattr(self.server.process, "pid", None),
         }
-        partial = self.health_path.with_suffix(".tmp")
-        partial.write_text(json.dumps(state) + "\n")
-        partial.replace(self.health_path)
+        write_whole(self.health_path, json.dumps(state) + "\n")
 
     def recover(self, problem: str) -> None:
         """Restart the server; on a failed start, wait (doubling up to max_backoff) and try again."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlaserve.errors import VlaserveError
+from vlaserve.files import write_whole
 from vlaserve.interface import GOLDEN_FILE
 from vlaserve.manifest import Manifest, ModelSettings
 
@@ -95,9 +96,7 @@ def cached_products(manifest: Manifest, batches, cache_dir: Path | None) -> list
         return json.loads(path.read_text())
     products = record_products(manifest, batches)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(products))
-    partial.replace(path)  # atomic: instances starting side by side may both write it
+    write_whole(path, json.dumps(products))  # instances starting side by side may both write it
     return products
 
 
