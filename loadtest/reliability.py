@@ -287,7 +287,7 @@ def keys(launcher: Launcher, ref: Reference) -> dict:
     import grpc
     import tritonclient.grpc as grpcclient
 
-    key_file = launcher.workdir / "admin-key"
+    key_file = launcher.workdir / io.ADMIN_KEY_FILE
     key, mode = key_file.read_text().strip(), key_file.stat().st_mode & 0o777
     index = f"http://{launcher.http}/v2/repository/index"
     http = {name: http_status(index, b"{}", headers) for name, headers in

@@ -271,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--admin-key-file",
         type=Path,
-        default=Path(".vlaserve") / "admin-key",
+        default=Path(io.DEFAULT_WORKDIR) / io.ADMIN_KEY_FILE,
         help="for --shared-memory when $VLASERVE_ADMIN_KEY is unset: the key the server generated "
         "(default: .vlaserve/admin-key)",
     )
@@ -280,7 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def admin_key(args: argparse.Namespace) -> str:
     """The admin key for --shared-memory: $VLASERVE_ADMIN_KEY, else the key file's."""
-    key = os.environ.get("VLASERVE_ADMIN_KEY")
+    key = os.environ.get(io.ADMIN_KEY_ENV)
     if key:
         return key
     if not args.admin_key_file.is_file():

@@ -47,7 +47,7 @@ def check(workdir: Path, url: str, timeout: float = 3.0, mps_pipe: str | None = 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlaserve.health", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=".vlaserve", help="the server's --workdir (default: .vlaserve)")
+    parser.add_argument("--workdir", default=io.DEFAULT_WORKDIR, help="the server's --workdir (default: .vlaserve)")
     parser.add_argument(
         "--url",
         default=f"http://{io.DEFAULT_HOST}:{io.HTTP_PORT}",

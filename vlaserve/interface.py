@@ -80,6 +80,11 @@ DEFAULT_HOST = "127.0.0.1"
 # logging, trace); over gRPC it is metadata, under the key GRPC_ADMIN_HEADER.
 ADMIN_HEADER = "vlaserve-admin-key"
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+# The server's working folder (vlaserve.server --workdir), where the other commands look for it by default;
+# the admin key comes from ADMIN_KEY_ENV, or the server generates one into <workdir>/ADMIN_KEY_FILE (mode 0600).
+DEFAULT_WORKDIR = ".vlaserve"
+ADMIN_KEY_ENV = "VLASERVE_ADMIN_KEY"
+ADMIN_KEY_FILE = "admin-key"
 
 
 def request_shapes(views: int) -> dict[str, tuple[int, ...]]:

@@ -305,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="thread percentages to try, besides the spec's own (default: %(default)s)")  # fmt: skip
     parser.add_argument("--no-golden", action="store_true", help="screen the products only (no artifact loads: faster)")
     parser.add_argument(
-        "--workdir", default=".vlaserve", help="MPS pipes and logs, as the server's (default: .vlaserve)"
+        "--workdir", default=io.DEFAULT_WORKDIR, help="MPS pipes and logs, as the server's (default: .vlaserve)"
     )
     parser.add_argument("--out", help=f"the JSON report (default: <workdir>/{value_check.MPS_CHECK_FILE})")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per percentage (default: 300)")

@@ -48,7 +48,7 @@ PYTHON_SHM_GROWTH_BYTES = 64 * 2**20
 # Endpoints that can change or read the server's state; they need the admin key header.
 RESTRICTED = "model-repository,shared-memory,logging,trace"
 ADMIN_HEADER = io.ADMIN_HEADER  # over gRPC the metadata key is io.GRPC_ADMIN_HEADER
-ADMIN_KEY_FILE = "admin-key"  # <workdir>/admin-key, mode 0600, when the key was generated
+ADMIN_KEY_FILE = io.ADMIN_KEY_FILE  # <workdir>/admin-key, mode 0600, when the key was generated
 
 
 def free_ports(count: int, host: str = io.DEFAULT_HOST) -> list[int]:
@@ -126,7 +126,7 @@ class ServerOptions:
     http_port: int = _option(io.HTTP_PORT, "HTTP port (0: pick a free one)")
     grpc_port: int = _option(io.GRPC_PORT, "gRPC port (0: pick a free one)")
     metrics_port: int = _option(io.METRICS_PORT, "Prometheus metrics port (0: pick a free one)")
-    workdir: Path = _option(Path(".vlaserve"), "backend folder, logs, instance status, health and the admin key")
+    workdir: Path = _option(Path(io.DEFAULT_WORKDIR), "backend folder, logs, instance status, health and the admin key")
     log_file: Path | None = _option(None, "tritonserver's log (default: <workdir>/tritonserver.log)")
     tritonserver: Path | None = _option(
         None, "this tritonserver binary and its own backends (NVIDIA's container) instead of the embedded one"
@@ -224,8 +224,8 @@ class TritonServer:
             setattr(opts, field, port)
         opts.workdir = Path(opts.workdir).resolve()
         opts.log_file = Path(opts.log_file or opts.workdir / "tritonserver.log").resolve()
-        self.generated_key = not (opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY"))
-        opts.admin_key = opts.admin_key or os.environ.get("VLASERVE_ADMIN_KEY") or secrets.token_hex(16)
+        self.generated_key = not (opts.admin_key or os.environ.get(io.ADMIN_KEY_ENV))
+        opts.admin_key = opts.admin_key or os.environ.get(io.ADMIN_KEY_ENV) or secrets.token_hex(16)
         self.admin_key_file = opts.workdir / ADMIN_KEY_FILE if self.generated_key else None
         self.status_dir = opts.workdir / "instances"
         # how long a stop waits for the requests admitted (sized from the queue timeouts)

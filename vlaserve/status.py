@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from vlaserve import interface as io
+
 COLUMNS = ("model", "instance", "pid", "alive", "kind", "device", "runtime", "mps_thread_percentage", "sm_count",
            "expected_sm_count", "probe_tflops", "compiled", "cuda_graphs", "value_check", "products_err",
            "golden_err")  # fmt: skip
@@ -84,7 +86,7 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlaserve.status", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=".vlaserve", help="the server's --workdir (default: .vlaserve)")
+    parser.add_argument("--workdir", default=io.DEFAULT_WORKDIR, help="the server's --workdir (default: .vlaserve)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     rows = read_status(Path(args.workdir))
