@@ -44,7 +44,7 @@ import triton.language as tl
 from benchmarks.fused_decoder import eager_cases, fused_run
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
-from vlaserve.model.kernels import AHEAD_SCHEDULES, KINDS, PDL_MODES, FusedDecoder
+from vlaserve.model.kernels import AHEAD_SCHEDULES, FUSED_MERGES, KINDS, PDL_MODES, FusedDecoder
 from vlaserve.model.parity import compare, randomize_biases_and_norms
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
@@ -340,8 +340,8 @@ def main() -> None:
     if not schedules or set(schedules) - set(AHEAD_SCHEDULES):
         parser.error(f"--ahead: schedules of {tuple(AHEAD_SCHEDULES)}, got {args.ahead!r}")
     merges = [m for m in args.merge.split(",") if m]
-    if not merges or set(merges) - {"last", "kernel"}:
-        parser.error(f"--merge: last, kernel; got {args.merge!r}")
+    if not merges or set(merges) - set(FUSED_MERGES):
+        parser.error(f"--merge: of {FUSED_MERGES}, got {args.merge!r}")
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
     grids = settings(cfg)

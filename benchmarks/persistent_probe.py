@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlaserve.model.kernels import _fence  # whether to fence: everywhere but in Triton's interpreter
+from vlaserve.model.kernels import _fence, _fence_and_gather  # _fence: everywhere but in Triton's interpreter
 
 DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")  # "cpu" only for a check in Triton's interpreter
 LAYERS = 18
@@ -45,12 +45,8 @@ LAYERS = 18
 def _grid_barrier(count_ptr, target, FENCE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """Count this program in at ``count_ptr`` and wait until ``target`` programs have been counted, polling at
     most SPIN_LIMIT times; 1 if they were, 0 if it gave up. Each thread's earlier stores are fenced GPU-wide
-    first (as in :func:`vlaserve.model.kernels._last_to_arrive`; FENCE is false only in the interpreter)."""
-    if FENCE:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [target], dtype=tl.int32, is_pure=False, pack=1
-        )
-    tl.debug_barrier()
+    first, as before the split kernels' arrival count (vlaserve.model.kernels)."""
+    _fence_and_gather(target, FENCE)
     seen = tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
     spins = tl.full([], 0, tl.int32)
     while (seen < target) & (spins < SPIN_LIMIT):

@@ -45,6 +45,7 @@ the interpreter's bfloat16 products are wrong), which is how the tests check the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import weakref
 
@@ -187,17 +188,24 @@ def _norm_qkv_kernel(
 
 
 @triton.jit
+def _fence_and_gather(token, FENCE: tl.constexpr):
+    """Each thread's stores and atomic additions so far made visible GPU-wide (``token``: any int32 value, the
+    inline assembly's operand), then every thread of the program waits for the others. FENCE is false only in
+    Triton's CPU interpreter, which runs programs one at a time and has no inline assembly."""
+    if FENCE:
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
+        )
+    tl.debug_barrier()
+
+
+@triton.jit
 def _last_to_arrive(count_ptr, tile, SPLITS: tl.constexpr, FENCE: tl.constexpr):
     """Split-K and split keys: true in the program that arrives last at ``tile``, after every other split
     has made its stores or atomic additions; that program resets the count for the next launch. As in CUDA's
     threadfence reduction, each thread fences its own stores and additions GPU-wide, the barrier waits for
-    all of the program's threads, and then one thread counts the program in. FENCE is false only in
-    Triton's CPU interpreter, which runs programs one at a time and has no inline assembly."""
-    if FENCE:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [tile], dtype=tl.int32, is_pure=False, pack=1
-        )
-    tl.debug_barrier()
+    all of the program's threads (:func:`_fence_and_gather`), and then one thread counts the program in."""
+    _fence_and_gather(tile, FENCE)
     last = tl.atomic_add(count_ptr + tile, 1) == SPLITS - 1
     if last:
         tl.atomic_xchg(count_ptr + tile, 0)
@@ -588,7 +596,8 @@ def tiles_for(rows: int) -> dict:
     return next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
 
 
-MERGE_MODES = ("last", "kernel", "none")  # how the attention's key splits are merged (:func:`triton_attention`)
+FUSED_MERGES = ("last", "kernel")  # how FusedDecoder merges the attention's key splits (``merge``)
+MERGE_MODES = (*FUSED_MERGES, "none")  # the same for triton_attention, "none" only to time it without
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -737,8 +746,8 @@ class FusedDecoder:
         if ahead != "off" and not self.fence:
             raise ValueError(f"ahead {ahead!r} needs a GPU: Triton's interpreter has no inline assembly")
         self.ahead = ahead
-        if merge not in ("last", "kernel"):
-            raise ValueError(f"merge {merge!r}: one of ('last', 'kernel')")
+        if merge not in FUSED_MERGES:
+            raise ValueError(f"merge {merge!r}: one of {FUSED_MERGES}")
         if merge == "kernel" and pdl != "off":  # the merge kernel is launched as usual, without dependent launch
             raise ValueError(f"merge 'kernel' with pdl {pdl!r}: not combined")
         self.merge = merge
@@ -910,7 +919,7 @@ class _LayerStep:
             return {}
         weight = self.fused.weight(target[0], (self.i + target[1]) % len(self.fused.scaled))
         lines = -(-weight.numel() * weight.element_size() // 128)
-        programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+        programs = math.prod(grid)
         return {"ahead_ptr": weight, "ahead_lines": lines, "AHEAD": triton.next_power_of_2(-(-lines // programs))}
 
     def _counts(self, key, tiles: int) -> torch.Tensor:
