@@ -53,10 +53,11 @@ DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")  # "cpu" only for a c
 SMEM_BYTES = 220 * 1024  # what one program may take on an H100/H200, a little under the hardware's 227 KB
 
 
-def product_grid(kind: str, k: int) -> list[tuple]:
+def product_grid(kind: str, k: int, block_ms: tuple[int, ...] = (64,)) -> list[tuple]:
     """Launch settings to try for a product whose inner size is k: (BLOCK_N, BLOCK_K, warps, stages) for the
-    norm-and-product kinds, with the splits of K last for the residual ones; without those whose pipeline
-    buffers cannot fit in shared memory or whose splits would be under one BLOCK_K step."""
+    norm-and-product kinds, with the splits of K last for the residual ones, and the row block (of
+    ``block_ms``) after them; without those whose pipeline buffers cannot fit in shared memory or whose splits
+    would be under one BLOCK_K step."""
     two = kind in ("qkv", "geglu")  # two weight tiles per step (two halves of a head; gate and up)
     stage_options = ((4, 3), (4, 4), (4, 6), (8, 4))
     if two:
@@ -65,8 +66,8 @@ def product_grid(kind: str, k: int) -> list[tuple]:
         splits = (1, 2, 4, 8) if kind == "out" else (2, 4, 8, 16)
         grid = [(bn, bk, w, st, s) for bn, bk, (w, st), s in itertools.product((32, 64, 128), (64, 128), stage_options, splits)]  # fmt: skip
     return [
-        g for g in grid
-        if g[3] * 2 * (64 + (2 if two else 1) * g[0]) * g[1] <= SMEM_BYTES and k // (g[4] if len(g) > 4 else 1) >= g[1]
+        (g, bm) for g, bm in itertools.product(grid, block_ms)
+        if g[3] * 2 * (bm + (2 if two else 1) * g[0]) * g[1] <= SMEM_BYTES and k // (g[4] if len(g) > 4 else 1) >= g[1]
     ]  # fmt: skip
 
 
@@ -147,9 +148,14 @@ def plain_run(weights, setting, rows: int, seed: int = 1, timed: bool = True) ->
     return rel, 1e3 * warm_ms(graph.replay, 20) / len(weights)
 
 
-def settings(cfg) -> dict[str, list[dict]]:
-    """Per kind, the tiles dicts to try (each one kind's entry replaced)."""
-    grids = {kind: [{kind: s} for s in product_grid(kind, k)] for kind, (_, _, k) in products(cfg).items()}
+def settings(cfg, rows: int) -> dict[str, list[dict]]:
+    """Per kind, the tiles dicts to try (each one kind's entry replaced); above 64 rows the products' row
+    blocks of 64 and 128 (``block_m``)."""
+    block_ms = (64,) if rows <= 64 else (64, 128)
+    grids = {
+        kind: [{kind: s, **({"block_m": {kind: bm}} if rows > 64 else {})} for s, bm in product_grid(kind, k, block_ms)]
+        for kind, (_, _, k) in products(cfg).items()
+    }  # fmt: skip
     grids["attention"] = [{"attention": a, "splits": s} for a, s in attention_grid()]
     return grids
 
@@ -309,6 +315,14 @@ def copy_tb_s() -> float:
     return round(2 * a.numel() / ms / 1e9, 2)
 
 
+def _setting(tiles: dict, kind: str) -> str:
+    """One kind's launch setting in ``tiles``, as printed: with the attention's key splits, a product's row block."""
+    extra = f" splits {tiles['splits']}" if kind == "attention" else ""
+    if kind in tiles.get("block_m", {}):
+        extra = f" rows {tiles['block_m'][kind]}"
+    return f"{tiles[kind]}{extra}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="pi0")
@@ -344,7 +358,7 @@ def main() -> None:
         parser.error(f"--merge: of {FUSED_MERGES}, got {args.merge!r}")
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
-    grids = settings(cfg)
+    grids = settings(cfg, args.batch * (1 + ACTION_HORIZON))
     jobs = [(kind, tiles) for kind in kinds for tiles in grids[kind]]
     if args.plain:
         jobs += [(f"plain-{kind}", s) for kind, (_, n, k) in products(cfg).items() for s in plain_grid(n, k)]
@@ -384,15 +398,15 @@ def main() -> None:
         best_tiles.update(
             {k: v for k, v in best["tiles"].items() if k == kind or (kind == "attention" and k == "splits")}
         )
+        if kind in best["tiles"].get("block_m", {}):
+            best_tiles.setdefault("block_m", {})[kind] = best["tiles"]["block_m"][kind]
         result["kinds"][kind] = {
             "default_us": tries[0].get("us"),
             "best_us": best["us"],
             "best": best["tiles"],
             "tries": tries,
         }
-        key = "attention" if kind == "attention" else kind
-        print(f"[kernels] {kind}: default {tries[0].get('us')} µs, best {best['us']} µs with {best['tiles'][key]}"
-              f"{' splits ' + str(best['tiles']['splits']) if kind == 'attention' else ''}; "
+        print(f"[kernels] {kind}: default {tries[0].get('us')} µs, best {best['us']} µs with {_setting(best['tiles'], kind)}; "
               f"{len(timed)} timed, {sum(1 for e in tries if e.get('error'))} failed, "
               f"{sum(1 for e in tries if e.get('rel', 0) >= 1e-2)} wrong", flush=True)  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -419,7 +433,7 @@ def main() -> None:
         if "best" not in r:
             continue
         print(f"{kind:10} {r['default_us'] or 0:10.2f} {r['best_us']:8.2f} {result['cublas_us'].get(kind, 0):9.2f}  "
-              f"{r['best'][kind]}{' splits ' + str(r['best']['splits']) if kind == 'attention' else ''}")  # fmt: skip
+              f"{_setting(r['best'], kind)}")  # fmt: skip
     for kind, r in result.get("plain", {}).items():
         print(f"bare Triton product, {kind}: best {r['best_us']} µs with {r['best']} ({r['timed']} timed)")
     for name, row in result["decoder"].items():

@@ -196,22 +196,29 @@ def test_a_failing_triton_choice_drops_only_itself(tiny_repo, monkeypatch, failu
 
 def test_decoder_kernel_grids_cover_the_defaults_and_fit_the_gpu():
     """benchmarks/decoder_kernels.py's launch settings: every batch-1 default is among them (the sweep can
-    confirm or beat it), the norm kinds take no K split, and every setting's pipeline buffers (one row block
-    of 64 and the weight tiles per stage, bf16) fit in the H100/H200's 227 KB of shared memory per block."""
+    confirm or beat it), the norm kinds take no K split, above 64 rows the products' row blocks of 64 and 128
+    are both tried, and every setting's pipeline buffers (one row block and the weight tiles per stage, bf16)
+    fit in the H100/H200's 227 KB of shared memory per block."""
     from benchmarks.decoder_kernels import settings
-    from vlaserve.model.kernels import TILES_BY_ROWS
+    from vlaserve.model.kernels import TILES_BY_ROWS, _check_tiles
     from vlaserve.model.presets import get_preset
 
-    grids = settings(get_preset("pi0", 2))
-    defaults = TILES_BY_ROWS[0][1]
+    cfg = get_preset("pi0", 2)
+    grids, defaults = settings(cfg, 51), TILES_BY_ROWS[0][1]
     for kind in ("qkv", "out", "geglu", "down"):
         assert {kind: tuple(defaults[kind])} in grids[kind], kind
-        for tiles in grids[kind]:
+        assert all("block_m" not in tiles for tiles in grids[kind]), kind  # 51 rows: one block of 64
+    assert any(t["attention"] == tuple(defaults["attention"]) for t in grids["attention"])
+    many = settings(cfg, 16 * 51)
+    for kind in ("qkv", "out", "geglu", "down"):
+        assert {t["block_m"][kind] for t in many[kind]} == {64, 128}, kind
+        for tiles in many[kind]:
+            _check_tiles(tiles)
             bn, bk, _, stages, *split = tiles[kind]
             two = kind in ("qkv", "geglu")
             assert (not split) == two, tiles
-            assert stages * (64 * bk + (2 if two else 1) * bn * bk) * 2 <= 227 * 1024, tiles
-    assert any(t["attention"] == tuple(defaults["attention"]) for t in grids["attention"])
+            rows = tiles["block_m"][kind]
+            assert stages * (rows * bk + (2 if two else 1) * bn * bk) * 2 <= 227 * 1024, tiles
 
 
 BENCH_CHECK = """

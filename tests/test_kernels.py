@@ -48,14 +48,17 @@ for batch, tiles in ((2, {"splits": 1, "out": (16, 16, 4, 1, 1), "down": (16, 16
             out = FusedDecoder(policy, tiles).decode(kv, mask, r["state"], r["noise"])
         other = policy.decode(kv, mask, r["state"], r["noise"] + 1)
     rows.append({"batch": batch, "tiles": str(tiles), **compare(out, ref), "moved": compare(out, other)["rel"]})
-# two kv heads, three row blocks of 64 (batch 3), K split for both residual products, three key splits, and a
-# second call of the same decoder (its buffers reset by the last split of each tile, the sums made afresh)
+# two kv heads, 153 rows (batch 3) in row blocks of 128 (two, the second partly masked) for q/k/v, the output
+# projection and gate/up and of 64 (three) for the down projection, K split for both residual products, three
+# key splits, and a second call of the same decoder (its buffers reset by the last split of each tile, the
+# sums made afresh)
 cfg2 = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, num_kv_heads=2),
                            expert=dataclasses.replace(cfg.expert, num_kv_heads=2))
 policy2 = build_policy(cfg2, seed=1)
 randomize_biases_and_norms(policy2, seed=1)
 r = random_request(3, 2, cfg2.vocab_size, seed=3)
-fused = FusedDecoder(policy2, {"splits": 3, "out": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2)})
+fused = FusedDecoder(policy2, {"splits": 3, "out": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2),
+                              "block_m": {"qkv": 128, "out": 128, "geglu": 128}})
 with torch.no_grad():
     kv, mask = policy2.encode(r["images"], r["tokens"])
     ref = policy2.decode(kv, mask, r["state"], r["noise"])
@@ -454,6 +457,9 @@ def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
         FusedDecoder(policy, pdl="launch", merge="kernel")
     with pytest.raises(ValueError, match="merge takes"):
         FusedDecoder(policy, {"merge": (3, 4)})
+    for block_m in ({"attention": 128}, {"qkv": 96}, {"down": 32}):  # not a product; not a power of two; < 64
+        with pytest.raises(ValueError, match="block_m maps"):
+            FusedDecoder(policy, {"block_m": block_m})
     for module in (policy.expert_layers[0].o_proj, policy.action_time_mlp_in):  # the kernels index weights as stored
         stored = module.weight
         module.weight = torch.nn.Parameter(stored.t().contiguous().t())

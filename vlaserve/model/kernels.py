@@ -548,32 +548,42 @@ def _action_out_kernel(
     tl.atomic_add(sq_ptr + rows, tl.sum(new32 * new32, axis=1), mask=ok, sem="relaxed")
 
 
-def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+def _block_m(m: int, most: int = 64) -> int:
+    """The rows of a product's row block for m rows: 16 or 32 where those cover them, else ``most``."""
+    return 16 if m <= 16 else 32 if m <= 32 else most
 
 
 KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kernels, in order
+PRODUCT_KINDS = ("qkv", "out", "geglu", "down")  # those of them that are matrix products
 
 # Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the norm-and-product
 # kernels (qkv: BLOCK_N columns of each half of a head; geglu: of gate and of up), the same and the splits of
 # K for the products added to the residual stream, and (BLOCK_M folded query rows, BLOCK_N keys, num_warps,
 # num_stages) for the attention, whose "splits" of the keys are 0 for enough to keep about
-# `target_programs` programs busy. Per row count (batch x 51 tokens). Up to 64 rows (batch 1): from
-# benchmarks/decoder_kernels.py's sweep for pi0 on the H200, the fastest for q/k/v and gate/up and within
-# 5 % of it for the others (docs/BENCHMARKS.md). Above: the products' settings from an earlier sweep at
-# batch 4, not yet swept again with these kernels; the attention's the fastest at batches 8 and 16 of
-# benchmarks/attention_bench.py's sweep (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
+# `target_programs` programs busy; "block_m", the products' row blocks where they are not 64. Per row count
+# (batch x 51 tokens), from benchmarks/decoder_kernels.py's sweeps for pi0 on the H200 (docs/BENCHMARKS.md).
+# Up to 64 rows (batch 1): the fastest for q/k/v and gate/up and within 5 % of it for the others. Up to 204
+# (batch 4), 408 (8), 612 (12) and above: the products' fastest at batch 4, 8, 12 and 16 (row blocks of 64 and
+# 128 swept).
+# The attention's, above 64 rows, the fastest at batches 8 and 16 of benchmarks/attention_bench.py's sweep
+# (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
 # Each flow step's own kernels (:meth:`FusedDecoder.decode`; not yet swept): "step", BLOCK_N, BLOCK_K, warps and
 # stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk and
 # the warps of :func:`_step_io_kernel`. "merge": folded rows per program and warps of :func:`_merge_kernel`
-# (merge "kernel" only; not yet run on a GPU).
+# (merge "kernel" only).
+_ABOVE_64 = {"attention": (32, 64, 4, 2), "splits": 0, "step": (64, 64, 4, 3), "step_io": (16, 128, 4), "merge": (8, 4)}
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4),
           "step_io": (16, 128, 4), "merge": (8, 4)}),
-    (None, {"qkv": (64, 64, 4, 3), "attention": (32, 64, 4, 2), "out": (32, 128, 4, 4, 1),
-            "geglu": (64, 64, 4, 3), "down": (32, 128, 4, 4, 1), "splits": 0, "step": (64, 64, 4, 3),
-            "step_io": (16, 128, 4), "merge": (8, 4)}),
+    (204, {"qkv": (64, 64, 4, 6), "out": (32, 128, 4, 6, 1), "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2),
+           "block_m": {"geglu": 128}, **_ABOVE_64}),
+    (408, {"qkv": (32, 64, 4, 3), "out": (64, 64, 4, 6, 1), "geglu": (64, 64, 4, 3), "down": (128, 64, 4, 6, 2),
+           "block_m": {"geglu": 128}, **_ABOVE_64}),
+    (612, {"qkv": (64, 64, 4, 4), "out": (128, 64, 4, 6, 1), "geglu": (64, 64, 4, 3), "down": (64, 64, 4, 4, 2),
+           **_ABOVE_64}),
+    (None, {"qkv": (64, 64, 4, 4), "out": (128, 128, 4, 4, 1), "geglu": (64, 64, 4, 3), "down": (128, 64, 8, 4, 2),
+            "block_m": {"down": 128}, **_ABOVE_64}),
 )  # fmt: skip
 
 
@@ -868,6 +878,11 @@ def _check_tiles(tiles: dict) -> dict:
     merge = tiles.get("merge", (1, 1))
     if len(merge) != 2 or merge[0] < 1 or merge[0] & (merge[0] - 1):
         raise ValueError(f"merge takes (folded rows per program, a power of two; warps), got {merge}")
+    for kind, rows in tiles.get("block_m", {}).items():
+        if kind not in PRODUCT_KINDS or rows < 64 or rows & (rows - 1):
+            raise ValueError(
+                f"block_m maps a product kind of {PRODUCT_KINDS} to a power of two >= 64, got {kind}: {rows}"
+            )
     for kind, setting in tiles.items():
         if kind in ("qkv", "geglu", "step") and len(setting) != 4:
             raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
@@ -900,7 +915,10 @@ class _LayerStep:
         self.m = self.b * self.t
         self.kv_i = kv[:, i]  # [B, 2, HKV, S, D]
         self.keys = kv.shape[4]
-        self.bm = _block_m(self.m)
+
+    def _bm(self, kind: str, tiles: dict) -> int:
+        """The row block of ``kind``'s product: ``tiles["block_m"]``'s for the kind (64 if it names none)."""
+        return _block_m(self.m, tiles.get("block_m", {}).get(kind, 64))
 
     def _pdl(self, row_elements: int, **extra) -> dict:
         """The launch's dependent-launch arguments (:attr:`FusedDecoder.pdl`): none when off; with "prefetch"
@@ -929,7 +947,7 @@ class _LayerStep:
         return self.scratch[(key, tiles)]
 
     def qkv(self, tiles: dict) -> None:
-        e, m, bm, kv_i = self.e, self.m, self.bm, self.kv_i
+        e, m, bm, kv_i = self.e, self.m, self._bm("qkv", tiles), self.kv_i
         h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
         bn, bk, warps, stages = tiles["qkv"]
         bn, bk = _fit(bn, d // 2, "qkv BLOCK_N"), _fit(bk, self.w, "qkv BLOCK_K")
@@ -969,7 +987,7 @@ class _LayerStep:
     def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
         """x += a @ weight^T through ``kernel`` (:func:`_matmul_residual`), K split as ``tiles[kind]`` says,
         the new rows' sums of squares added into ``squares``."""
-        m, bm, n = self.m, self.bm, self.w
+        m, bm, n = self.m, self._bm(kind, tiles), self.w
         k = a.shape[1]
         bn, bk, warps, stages, splits = (*tiles[kind], 1) if len(tiles[kind]) == 4 else tiles[kind]
         bn, bk = _fit(bn, n, f"{kind} BLOCK_N"), _fit(bk, k, f"{kind} BLOCK_K")
@@ -993,7 +1011,7 @@ class _LayerStep:
         self._residual(_out_proj_kernel, "out", tiles, self.scratch["attn"], self.layer.o_proj.weight, self.squares_mid)
 
     def geglu(self, tiles: dict) -> None:
-        m, bm, f = self.m, self.bm, self.e.mlp_dim
+        m, bm, f = self.m, self._bm("geglu", tiles), self.e.mlp_dim
         bn, bk, warps, stages = tiles["geglu"]
         bn, bk = _fit(bn, f, "geglu BLOCK_N"), _fit(bk, self.w, "geglu BLOCK_K")
         grid = (triton.cdiv(m, bm), f // bn)
