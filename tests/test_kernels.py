@@ -365,6 +365,48 @@ def test_flow_step_kernels_compile_for_the_h200(monkeypatch):
         assert compile_for_h200(fn, args, kw).asm["cubin"], fn.__name__
 
 
+def test_each_product_takes_its_own_row_block(monkeypatch):
+    """Above 64 rows each product kernel gets the row block its kind's entry of ``block_m`` names (64 where it
+    names none), with a grid of as many row blocks; a kind whose setting is overridden keeps the default's
+    row block only if the override names it. The 128-row defaults compile for sm_90 (their pipelines fit)."""
+    import torch
+
+    from vlaserve.model import kernels
+
+    policy = small_pi0(depth=1)
+    e, p = policy.cfg.expert, policy.cfg.prefix_len
+    calls = record_launches(
+        monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
+    )
+
+    def blocks(batch: int, tiles: dict | None = None) -> dict:
+        calls.clear()
+        prefix_kv = torch.zeros((batch, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
+        kernels.FusedDecoder(policy, tiles).decode(
+            prefix_kv, torch.ones((batch, p), dtype=torch.bool), torch.zeros((batch, 32)), torch.zeros((batch, 50, 32))
+        )  # fmt: skip
+        found = {}
+        for fn, grid, args, kw in calls[3:8]:  # the first flow step's expert layer
+            if fn.__name__ != "_attention_kernel":
+                splits = kw.get("SPLITS", 1)
+                assert grid[0] == -(-batch * 51 // kw["BLOCK_M"]) * splits, (fn.__name__, grid, kw["BLOCK_M"])
+                found[fn.__name__] = (kw["BLOCK_M"], (fn, args, kw))
+        return found
+
+    at16 = blocks(16)  # TILES_BY_ROWS above 612 rows: down in blocks of 128
+    assert {name: bm for name, (bm, _) in at16.items()} == {
+        "_norm_qkv_kernel": 64, "_out_proj_kernel": 64, "_norm_geglu_kernel": 64, "_down_proj_kernel": 128,
+    }  # fmt: skip
+    assert compile_for_h200(*at16["_down_proj_kernel"][1]).asm["cubin"]
+    at8 = blocks(8)  # up to 408 rows: gate/up in blocks of 128
+    assert at8["_norm_geglu_kernel"][0] == 128 and at8["_down_proj_kernel"][0] == 64
+    assert compile_for_h200(*at8["_norm_geglu_kernel"][1]).asm["cubin"]
+    assert blocks(8, {"geglu": (64, 64, 4, 3)})["_norm_geglu_kernel"][0] == 64  # overridden, no block named
+    both = blocks(16, {"block_m": {"qkv": 128}})  # one kind's block named: the others' defaults stay
+    assert both["_norm_qkv_kernel"][0] == 128 and both["_down_proj_kernel"][0] == 128
+    assert blocks(1)["_norm_geglu_kernel"][0] == 64  # 51 rows: one block of 64
+
+
 def test_merge_in_a_kernel_of_its_own_compiles_for_the_h200(monkeypatch):
     """With merge "kernel", pi0's attention at batch 1 (key splits) launches without the last split's fence and
     arrival count, and the merge kernel after it over the same partial results; both compile for sm_90."""
@@ -457,7 +499,7 @@ def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
         FusedDecoder(policy, pdl="launch", merge="kernel")
     with pytest.raises(ValueError, match="merge takes"):
         FusedDecoder(policy, {"merge": (3, 4)})
-    for block_m in ({"attention": 128}, {"qkv": 96}, {"down": 32}):  # not a product; not a power of two; < 64
+    for block_m in ({"attention": 128}, {"qkv": 96}, {"down": 32}, {"geglu": 256}, [("qkv", 128)]):
         with pytest.raises(ValueError, match="block_m maps"):
             FusedDecoder(policy, {"block_m": block_m})
     for module in (policy.expert_layers[0].o_proj, policy.action_time_mlp_in):  # the kernels index weights as stored

@@ -567,9 +567,9 @@ PRODUCT_KINDS = ("qkv", "out", "geglu", "down")  # those of them that are matrix
 # 128 swept).
 # The attention's, above 64 rows, the fastest at batches 8 and 16 of benchmarks/attention_bench.py's sweep
 # (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
-# Each flow step's own kernels (:meth:`FusedDecoder.decode`; not yet swept): "step", BLOCK_N, BLOCK_K, warps and
-# stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk and
-# the warps of :func:`_step_io_kernel`. "merge": folded rows per program and warps of :func:`_merge_kernel`
+# Each flow step's own kernels (:meth:`FusedDecoder.decode`; not swept): "step", BLOCK_N, BLOCK_K, warps and
+# stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk (128
+# was quicker than 64 at batch 1) and the warps of :func:`_step_io_kernel`. "merge": folded rows per program and warps of :func:`_merge_kernel`
 # (merge "kernel" only).
 _ABOVE_64 = {"attention": (32, 64, 4, 2), "splits": 0, "step": (64, 64, 4, 3), "step_io": (16, 128, 4), "merge": (8, 4)}
 TILES_BY_ROWS = (
@@ -770,7 +770,12 @@ class FusedDecoder:
         return (layer.o_proj if kind == "out" else layer.down_proj).weight
 
     def tiles_for(self, rows: int) -> dict:
-        return {**tiles_for(rows), **self.overrides}
+        """The launch settings at ``rows``: :func:`tiles_for`'s with the overrides in. A product kind whose
+        setting is overridden takes the override's row block (``block_m``), or 64 if it names none: the
+        default row block belongs to the default setting (which may need the larger block's shared memory)."""
+        base = tiles_for(rows)
+        block_m = {kind: bm for kind, bm in base.get("block_m", {}).items() if kind not in self.overrides}
+        return {**base, **self.overrides, "block_m": {**block_m, **self.overrides.get("block_m", {})}}
 
     def layer(self, i: int, x: torch.Tensor, kv: torch.Tensor, cos, sin, prefix_mask, scratch: dict, squares,
               kinds: tuple[str, ...] = KINDS, tiles: dict | None = None) -> None:  # fmt: skip
@@ -878,11 +883,9 @@ def _check_tiles(tiles: dict) -> dict:
     merge = tiles.get("merge", (1, 1))
     if len(merge) != 2 or merge[0] < 1 or merge[0] & (merge[0] - 1):
         raise ValueError(f"merge takes (folded rows per program, a power of two; warps), got {merge}")
-    for kind, rows in tiles.get("block_m", {}).items():
-        if kind not in PRODUCT_KINDS or rows < 64 or rows & (rows - 1):
-            raise ValueError(
-                f"block_m maps a product kind of {PRODUCT_KINDS} to a power of two >= 64, got {kind}: {rows}"
-            )
+    block_m = tiles.get("block_m", {})
+    if not isinstance(block_m, dict) or any(k not in PRODUCT_KINDS or r not in (64, 128) for k, r in block_m.items()):
+        raise ValueError(f"block_m maps product kinds of {PRODUCT_KINDS} to row blocks of 64 or 128, got {block_m!r}")
     for kind, setting in tiles.items():
         if kind in ("qkv", "geglu", "step") and len(setting) != 4:
             raise ValueError(f"{kind} takes (BLOCK_N, BLOCK_K, warps, stages), got {setting}: it does not split K")
