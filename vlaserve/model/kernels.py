@@ -569,8 +569,8 @@ PRODUCT_KINDS = ("qkv", "out", "geglu", "down")  # those of them that are matrix
 # (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
 # Each flow step's own kernels (:meth:`FusedDecoder.decode`; not swept): "step", BLOCK_N, BLOCK_K, warps and
 # stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk (128
-# was quicker than 64 at batch 1) and the warps of :func:`_step_io_kernel`. "merge": folded rows per program and warps of :func:`_merge_kernel`
-# (merge "kernel" only).
+# was quicker than 64 at batch 1) and the warps of :func:`_step_io_kernel`. "merge": folded rows per program
+# and warps of :func:`_merge_kernel` (merge "kernel" only).
 _ABOVE_64 = {"attention": (32, 64, 4, 2), "splits": 0, "step": (64, 64, 4, 3), "step_io": (16, 128, 4), "merge": (8, 4)}
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
