@@ -44,7 +44,7 @@ import triton.language as tl
 from benchmarks.fused_decoder import eager_cases, fused_run
 from benchmarks.profile_runtime import replay_ms
 from vlaserve.interface import ACTION_HORIZON
-from vlaserve.model.kernels import AHEAD_SCHEDULES, FUSED_MERGES, KINDS, PDL_MODES, FusedDecoder
+from vlaserve.model.kernels import AHEAD_SCHEDULES, FUSED_MERGES, GEGLU_LAYOUTS, KINDS, PDL_MODES, FusedDecoder
 from vlaserve.model.parity import compare, randomize_biases_and_norms
 from vlaserve.model.policy import build_policy
 from vlaserve.model.presets import get_preset
@@ -156,6 +156,7 @@ def settings(cfg, rows: int) -> dict[str, list[dict]]:
         kind: [{kind: s, **({"block_m": {kind: bm}} if rows > 64 else {})} for s, bm in product_grid(kind, k, block_ms)]
         for kind, (_, _, k) in products(cfg).items()
     }  # fmt: skip
+    grids["geglu"] = [{**t, "geglu_layout": layout} for t in grids["geglu"] for layout in GEGLU_LAYOUTS]
     grids["attention"] = [{"attention": a, "splits": s} for a, s in attention_grid()]
     return grids
 
@@ -320,6 +321,8 @@ def _setting(tiles: dict, kind: str) -> str:
     extra = f" splits {tiles['splits']}" if kind == "attention" else ""
     if kind in tiles.get("block_m", {}):
         extra = f" rows {tiles['block_m'][kind]}"
+    if kind == "geglu":
+        extra += f" {tiles.get('geglu_layout', 'two')}"
     return f"{tiles[kind]}{extra}"
 
 
@@ -396,7 +399,11 @@ def main() -> None:
             continue
         best = min(timed, key=lambda e: e["us"])
         best_tiles.update(
-            {k: v for k, v in best["tiles"].items() if k == kind or (kind == "attention" and k == "splits")}
+            {
+                k: v
+                for k, v in best["tiles"].items()
+                if k == kind or (kind, k) in (("attention", "splits"), ("geglu", "geglu_layout"))
+            }
         )
         if kind in best["tiles"].get("block_m", {}):
             best_tiles.setdefault("block_m", {})[kind] = best["tiles"]["block_m"][kind]

@@ -206,8 +206,10 @@ def test_decoder_kernel_grids_cover_the_defaults_and_fit_the_gpu():
     cfg = get_preset("pi0", 2)
     grids, defaults = settings(cfg, 51), TILES_BY_ROWS[0][1]
     for kind in ("qkv", "out", "geglu", "down"):
-        assert {kind: tuple(defaults[kind])} in grids[kind], kind
+        layout = {"geglu_layout": "two"} if kind == "geglu" else {}  # gate/up: each layout of the weight too
+        assert {kind: tuple(defaults[kind]), **layout} in grids[kind], kind
         assert all("block_m" not in tiles for tiles in grids[kind]), kind  # 51 rows: one block of 64
+    assert {t["geglu_layout"] for t in grids["geglu"]} == {"two", "interleaved"}
     assert any(t["attention"] == tuple(defaults["attention"]) for t in grids["attention"])
     many = settings(cfg, 16 * 51)
     for kind in ("qkv", "out", "geglu", "down"):

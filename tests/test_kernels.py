@@ -51,14 +51,14 @@ for batch, tiles in ((2, {"splits": 1, "out": (16, 16, 4, 1, 1), "down": (16, 16
 # two kv heads, 153 rows (batch 3) in row blocks of 128 (two, the second partly masked) for q/k/v, the output
 # projection and gate/up and of 64 (three) for the down projection, K split for both residual products, three
 # key splits, and a second call of the same decoder (its buffers reset by the last split of each tile, the
-# sums made afresh)
+# sums made afresh); gate and up interleaved in the weight, one product of both
 cfg2 = dataclasses.replace(cfg, prefix=dataclasses.replace(cfg.prefix, num_kv_heads=2),
                            expert=dataclasses.replace(cfg.expert, num_kv_heads=2))
 policy2 = build_policy(cfg2, seed=1)
 randomize_biases_and_norms(policy2, seed=1)
 r = random_request(3, 2, cfg2.vocab_size, seed=3)
 fused = FusedDecoder(policy2, {"splits": 3, "out": (16, 16, 4, 1, 3), "down": (16, 16, 4, 1, 2),
-                              "block_m": {"qkv": 128, "out": 128, "geglu": 128}})
+                              "block_m": {"qkv": 128, "out": 128, "geglu": 128}, "geglu_layout": "interleaved"})
 with torch.no_grad():
     kv, mask = policy2.encode(r["images"], r["tokens"])
     ref = policy2.decode(kv, mask, r["state"], r["noise"])
@@ -405,6 +405,8 @@ def test_each_product_takes_its_own_row_block(monkeypatch):
     both = blocks(16, {"block_m": {"qkv": 128}})  # one kind's block named: the others' defaults stay
     assert both["_norm_qkv_kernel"][0] == 128 and both["_down_proj_kernel"][0] == 128
     assert blocks(1)["_norm_geglu_kernel"][0] == 64  # 51 rows: one block of 64
+    fn, args, kw = blocks(16, {"geglu_layout": "interleaved"})["_norm_geglu_kernel"][1]  # one product of both
+    assert kw["INTERLEAVED"] and compile_for_h200(fn, args, kw).asm["cubin"]
 
 
 def test_merge_in_a_kernel_of_its_own_compiles_for_the_h200(monkeypatch):

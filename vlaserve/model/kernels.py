@@ -431,21 +431,31 @@ def _norm_geglu_kernel(
     x_ptr, sq_ptr, w_ptr, out_ptr, M, F, eps,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, ahead_ptr=None, ahead_lines=0, AHEAD: tl.constexpr = 0,
+    INTERLEAVED: tl.constexpr = False,
 ):  # fmt: skip
     """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
-    second F rows of w [2F, K] (the reference's fused gate_up projection, chunked). Program (row block,
-    column block)."""
+    second F rows of w [2F, K] (the reference's fused gate_up projection, chunked), or with INTERLEAVED rows
+    2j and 2j + 1 (:func:`_interleaved`: one product of 2 BLOCK_N weight rows instead of two of BLOCK_N, the
+    activations' tile read once per step). Program (row block, column block)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
+    pairs = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # with INTERLEAVED, the gate and up rows of cols
     if PREFETCH and pid_m == 0:
-        _prefetch_l2(w_ptr, cols, cols < F, K, 0, K, PREFETCH)
-        _prefetch_l2(w_ptr, cols + F, cols < F, K, 0, K, PREFETCH)
+        if INTERLEAVED:
+            _prefetch_l2(w_ptr, pairs, pairs < 2 * F, K, 0, K, PREFETCH)
+        else:
+            _prefetch_l2(w_ptr, cols, cols < F, K, 0, K, PREFETCH)
+            _prefetch_l2(w_ptr, cols + F, cols < F, K, 0, K, PREFETCH)
     if AHEAD:
         _prefetch_ahead(ahead_ptr, ahead_lines, AHEAD)
     _wait_for_previous(PDL)
-    gate, up = _two_products(x_ptr, w_ptr, rows, row_ok, cols, cols + F, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    if INTERLEAVED:
+        both = _rows_product(x_ptr, rows, row_ok, w_ptr, pairs, K, K, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+        gate, up = tl.split(tl.reshape(both, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        gate, up = _two_products(x_ptr, w_ptr, rows, row_ok, cols, cols + F, K, BLOCK_M, BLOCK_N, BLOCK_K)
     rstd = _inv_rms(sq_ptr, rows, row_ok, eps, K)
     dtype: tl.constexpr = w_ptr.dtype.element_ty
     g = (gate * rstd[:, None]).to(dtype).to(tl.float32)
@@ -555,12 +565,14 @@ def _block_m(m: int, most: int = 64) -> int:
 
 KINDS = ("qkv", "attention", "out", "geglu", "down")  # one expert layer's kernels, in order
 PRODUCT_KINDS = ("qkv", "out", "geglu", "down")  # those of them that are matrix products
+GEGLU_LAYOUTS = ("two", "interleaved")  # gate/up as two products of BLOCK_N rows, or one of 2 BLOCK_N (interleaved)
 
 # Launch settings per kernel kind: (BLOCK_N, BLOCK_K, num_warps, num_stages) for the norm-and-product
 # kernels (qkv: BLOCK_N columns of each half of a head; geglu: of gate and of up), the same and the splits of
 # K for the products added to the residual stream, and (BLOCK_M folded query rows, BLOCK_N keys, num_warps,
 # num_stages) for the attention, whose "splits" of the keys are 0 for enough to keep about
-# `target_programs` programs busy; "block_m", the products' row blocks where they are not 64. Per row count
+# `target_programs` programs busy; "block_m", the products' row blocks where they are not 64; "geglu_layout"
+# (:data:`GEGLU_LAYOUTS`; "two" where it is not named). Per row count
 # (batch x 51 tokens), from benchmarks/decoder_kernels.py's sweeps for pi0 on the H200 (docs/BENCHMARKS.md).
 # Up to 64 rows (batch 1): the fastest for q/k/v and gate/up and within 5 % of it for the others. Up to 204
 # (batch 4), 408 (8), 612 (12) and above: the products' fastest at batch 4, 8, 12 and 16 (row blocks of 64 and
@@ -682,6 +694,15 @@ def _scaled_weights(policy: Policy) -> list[dict]:
                 for layer in layers
             ]  # fmt: skip
     return _SCALED[layers]
+
+
+def _interleaved(scaled: dict) -> torch.Tensor:
+    """A layer's norm-scaled gate/up weight [2F, K] with gate row j at 2j and up row j at 2j + 1 (the
+    ``geglu_layout`` "interleaved"), made on first use and kept beside the other (16 MB a layer for pi0)."""
+    if "gate_up_interleaved" not in scaled:
+        w = scaled["gate_up_proj"]
+        scaled["gate_up_interleaved"] = w.view(2, w.shape[0] // 2, w.shape[1]).transpose(0, 1).reshape(w.shape)
+    return scaled["gate_up_interleaved"]
 
 
 def _scaled_out_weight(policy: Policy) -> torch.Tensor:
@@ -883,6 +904,8 @@ def _check_tiles(tiles: dict) -> dict:
     merge = tiles.get("merge", (1, 1))
     if len(merge) != 2 or merge[0] < 1 or merge[0] & (merge[0] - 1):
         raise ValueError(f"merge takes (folded rows per program, a power of two; warps), got {merge}")
+    if tiles.get("geglu_layout", "two") not in GEGLU_LAYOUTS:
+        raise ValueError(f"geglu_layout: one of {GEGLU_LAYOUTS}, got {tiles['geglu_layout']!r}")
     block_m = tiles.get("block_m", {})
     if not isinstance(block_m, dict) or any(k not in PRODUCT_KINDS or r not in (64, 128) for k, r in block_m.items()):
         raise ValueError(f"block_m maps product kinds of {PRODUCT_KINDS} to row blocks of 64 or 128, got {block_m!r}")
@@ -1018,10 +1041,12 @@ class _LayerStep:
         bn, bk, warps, stages = tiles["geglu"]
         bn, bk = _fit(bn, f, "geglu BLOCK_N"), _fit(bk, self.w, "geglu BLOCK_K")
         grid = (triton.cdiv(m, bm), f // bn)
+        interleaved = tiles.get("geglu_layout", "two") == "interleaved"
+        weight = _interleaved(self.scaled) if interleaved else self.scaled["gate_up_proj"]
         _norm_geglu_kernel[grid](
-            self.x, self.squares_mid, self.scaled["gate_up_proj"], self.scratch["hidden"], m, f, RMS_EPS,
+            self.x, self.squares_mid, weight, self.scratch["hidden"], m, f, RMS_EPS,
             K=self.w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            **self._pdl(self.w), **self._ahead("geglu", grid),
+            **self._pdl(self.w), **self._ahead("geglu", grid), INTERLEAVED=interleaved,
         )  # fmt: skip
 
     def down(self, tiles: dict) -> None:
