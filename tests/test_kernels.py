@@ -501,6 +501,8 @@ def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
         FusedDecoder(policy, pdl="launch", merge="kernel")
     with pytest.raises(ValueError, match="merge takes"):
         FusedDecoder(policy, {"merge": (3, 4)})
+    with pytest.raises(ValueError, match="geglu_layout"):
+        FusedDecoder(policy, {"geglu_layout": "split"})
     for block_m in ({"attention": 128}, {"qkv": 96}, {"down": 32}, {"geglu": 256}, [("qkv", 128)]):
         with pytest.raises(ValueError, match="block_m maps"):
             FusedDecoder(policy, {"block_m": block_m})
