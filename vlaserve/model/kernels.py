@@ -435,8 +435,8 @@ def _norm_geglu_kernel(
 ):  # fmt: skip
     """out [M, F] = gelu_tanh(RMSNorm(x) @ gate^T) * (RMSNorm(x) @ up^T), gate and up being the first and
     second F rows of w [2F, K] (the reference's fused gate_up projection, chunked), or with INTERLEAVED rows
-    2j and 2j + 1 (:func:`_interleaved`: one product of 2 BLOCK_N weight rows instead of two of BLOCK_N, the
-    activations' tile read once per step). Program (row block, column block)."""
+    2j and 2j + 1 (:func:`_interleaved`: one product of 2 BLOCK_N weight rows instead of two of BLOCK_N, so
+    the activations' tile feeds one matrix-multiply instruction stream per step instead of two). Program (row block, column block)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -730,7 +730,7 @@ class FusedDecoder:
 
     The q/k/v, gate/up and action output weights are kept a second time with their norm's scale (1 + weight)
     multiplied in, so that the residual stream goes straight into the products (for pi0 about 0.4 GB more GPU
-    memory).
+    memory; 0.3 GB more again once gate/up runs with ``geglu_layout`` "interleaved").
     ``tiles`` overrides entries of :data:`TILES_BY_ROWS` at every row count. ``pdl`` (one of
     :data:`PDL_MODES`) launches the kernels with programmatic dependent launch: "launch" lets each kernel
     start while the previous one still runs and wait for it inside; "prefetch" also has it ask the L2 cache
@@ -784,7 +784,8 @@ class FusedDecoder:
         self.merge = merge
 
     def weight(self, kind: str, i: int) -> torch.Tensor:
-        """The weight expert layer ``i``'s kernel of ``kind`` reads (q/k/v and gate/up with the norm's scale in)."""
+        """The weight expert layer ``i``'s kernel of ``kind`` reads (q/k/v and gate/up with the norm's scale in;
+        gate/up in the default layout: with ``geglu_layout`` "interleaved", ``ahead`` asks for the other copy)."""
         if kind in ("qkv", "geglu"):
             return self.scaled[i]["qkv_proj" if kind == "qkv" else "gate_up_proj"]
         layer = self.policy.expert_layers[i]
