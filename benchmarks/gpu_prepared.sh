@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call, about 3 minutes, for what was prepared without a GPU: the attention's key splits merged by
-# a kernel of their own (the whole fused decoder at batch 1 and 4, every answer against eager PyTorch; and the
-# attention alone), then benchmarks/persistent_probe.py (a kernel boundary against a grid-wide barrier). It
-# serves nothing: carry .carry/site-packages.tar.xz alone.
+# One device call, about 3 minutes (first run on the H200 on 2026-12-02: docs/BENCHMARKS.md): the attention's
+# key splits merged by a kernel of their own (the whole fused decoder at batch 1 and 4, every answer against
+# eager PyTorch; and the attention alone), then benchmarks/persistent_probe.py (a kernel boundary against a
+# grid-wide barrier). It serves nothing: carry .carry/site-packages.tar.xz alone.
 #   bash benchmarks/gpu_prepared.sh
 cd "$(dirname "$0")/.."
 set -o pipefail

@@ -854,9 +854,10 @@ class FusedDecoder:
         x_t = noise.to(torch.float32, copy=True).contiguous()  # [B, H, A], updated in place
         x = torch.empty((b, t, w), dtype=dtype, device=noise.device)
         u, h = (torch.empty((m, w), dtype=dtype, device=noise.device) for _ in range(2))
-        bn, bk, warps, stages = self.tiles_for(b * t)["step"]
+        tiles = self.tiles_for(b * t)
+        bn, bk, warps, stages = tiles["step"]
         bn, bk = _fit(bn, w, "step BLOCK_N"), _fit(bk, w, "step BLOCK_K")
-        io_rows, io_chunk, io_warps = self.tiles_for(b * t)["step_io"]
+        io_rows, io_chunk, io_warps = tiles["step_io"]
         io_chunk = _fit(io_chunk, w, "step_io BLOCK_W")
         bm, w_out, w_in = _block_m(m), self.out_weight, policy.action_in_proj.weight
 
