@@ -75,7 +75,7 @@ def attention_grid() -> list[tuple]:
     """((BLOCK_M folded query rows, BLOCK_N keys, warps, stages), key splits). No estimate of shared memory
     here: the attention's default (16 rows, 128 keys, 2 stages) runs though a naive count says it would not
     fit; a setting that does not fit fails to compile and is recorded as such."""
-    grid = itertools.product((16, 32), (32, 64, 128), ((4, 2), (4, 3), (8, 2)), (1, 2, 4, 6, 8, 12))
+    grid = itertools.product((16, 32, 64), (32, 64, 128), ((4, 2), (4, 3), (8, 2)), (1, 2, 4, 6, 8, 12))
     return [((am, an, w, st), s) for am, an, (w, st), s in grid]
 
 

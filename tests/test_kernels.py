@@ -409,6 +409,47 @@ def test_each_product_takes_its_own_row_block(monkeypatch):
     assert kw["INTERLEAVED"] and compile_for_h200(fn, args, kw).asm["cubin"]
 
 
+def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
+    """The fused decoder's attention (its mask computed in the kernel) launches with the "attention" and
+    "splits" of TILES_BY_ROWS; triton_attention (an additive bias per block of keys) with those under "bias"
+    where there are: their fastest differ above 64 rows. The fused one's 64-row setting compiles for sm_90."""
+    import torch
+
+    from vlaserve.model import kernels
+
+    policy = small_pi0(depth=1)
+    e, p = policy.cfg.expert, policy.cfg.prefix_len
+    calls = record_launches(
+        monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
+    )
+    for batch in (1, 4, 16):
+        tiles = kernels.tiles_for(batch * 51)
+        fused_tiles = (*tiles["attention"], tiles["splits"])
+        bias_tiles = {**tiles, **tiles["bias"]}
+        bias_tiles = (*bias_tiles["attention"], bias_tiles["splits"])
+        calls.clear()
+        prefix_kv = torch.zeros((batch, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
+        kernels.FusedDecoder(policy).decode(
+            prefix_kv, torch.ones((batch, p), dtype=torch.bool), torch.zeros((batch, 32)), torch.zeros((batch, 50, 32))
+        )  # fmt: skip
+        fn, grid, args, kw = next(c for c in calls if c[0].__name__ == "_attention_kernel")
+        launched = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"])
+        assert launched[:4] == fused_tiles[:4] and (fused_tiles[4] == 0 or launched[4] == fused_tiles[4]), launched
+        if batch == 16:
+            assert launched == (64, 32, 4, 3, 1)
+            assert compile_for_h200(fn, args, kw).asm["cubin"]
+        calls.clear()
+        q = torch.zeros((batch, 51, e.num_heads, e.head_dim), dtype=torch.bfloat16)
+        kv = torch.zeros((batch, 2, e.num_kv_heads, p + 51, e.head_dim), dtype=torch.bfloat16)
+        bias = torch.zeros((batch, 1, 51 * e.num_heads // e.num_kv_heads, p + 51), dtype=torch.bfloat16)
+        kernels.triton_attention(q, kv[:, 0], kv[:, 1], bias)
+        ((fn, grid, args, kw),) = calls
+        launched = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"])
+        assert launched[:4] == bias_tiles[:4] and (bias_tiles[4] == 0 or launched[4] == bias_tiles[4]), launched
+        assert kw["BIAS"]
+    assert kernels.tiles_for(16 * 51)["bias"]["attention"] == (32, 64, 4, 2)
+
+
 def test_merge_in_a_kernel_of_its_own_compiles_for_the_h200(monkeypatch):
     """With merge "kernel", pi0's attention at batch 1 (key splits) launches without the last split's fence and
     arrival count, and the merge kernel after it over the same partial results; both compile for sm_90."""

@@ -575,27 +575,30 @@ GEGLU_LAYOUTS = ("two", "interleaved")  # gate/up as two products of BLOCK_N row
 # (:data:`GEGLU_LAYOUTS`; "two" where it is not named). Per row count
 # (batch x 51 tokens), from benchmarks/decoder_kernels.py's sweeps for pi0 on the H200 (docs/BENCHMARKS.md).
 # Up to 64 rows (batch 1): the fastest for q/k/v and gate/up and within 5 % of it for the others. Up to 204
-# (batch 4), 408 (8), 612 (12) and above: the products' fastest at batch 4, 8, 12 and 16 (row blocks of 64 and
-# 128 swept).
-# The attention's, above 64 rows, the fastest at batches 8 and 16 of benchmarks/attention_bench.py's sweep
-# (2 stages: 3 fit one program per multiprocessor and took 42 % longer).
+# (batch 4), 408 (8), 612 (12) and above: the fastest at batch 4, 8, 12 and 16 (the products' row blocks of 64
+# and 128 swept; the attention's of 16, 32 and 64 rows, where the keys not split won each time).
+# "bias": what triton_attention (the attention with an additive bias, for the compiled decoder) takes instead
+# of "attention" and "splits": above 64 rows the fastest at batches 8 and 16 of benchmarks/attention_bench.py's
+# sweep. Loading a bias tile per block of keys, its 64-row blocks took 40-80 % longer than 32-row ones, and 3
+# stages fit one program per multiprocessor and took 42 % longer.
 # Each flow step's own kernels (:meth:`FusedDecoder.decode`; not swept): "step", BLOCK_N, BLOCK_K, warps and
 # stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk (128
 # was quicker than 64 at batch 1) and the warps of :func:`_step_io_kernel`. "merge": folded rows per program
 # and warps of :func:`_merge_kernel` (merge "kernel" only).
-_ABOVE_64 = {"attention": (32, 64, 4, 2), "splits": 0, "step": (64, 64, 4, 3), "step_io": (16, 128, 4), "merge": (8, 4)}
+_ABOVE_64 = {"step": (64, 64, 4, 3), "step_io": (16, 128, 4), "merge": (8, 4),
+             "bias": {"attention": (32, 64, 4, 2), "splits": 0}}  # fmt: skip
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4),
-          "step_io": (16, 128, 4), "merge": (8, 4)}),
-    (204, {"qkv": (64, 64, 4, 6), "out": (32, 128, 4, 6, 1), "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2),
-           "block_m": {"geglu": 128}, **_ABOVE_64}),
-    (408, {"qkv": (32, 64, 4, 3), "out": (64, 64, 4, 6, 1), "geglu": (64, 64, 4, 3), "down": (128, 64, 4, 6, 2),
-           "block_m": {"geglu": 128}, **_ABOVE_64}),
-    (612, {"qkv": (64, 64, 4, 4), "out": (128, 64, 4, 6, 1), "geglu": (64, 64, 4, 3), "down": (64, 64, 4, 4, 2),
-           **_ABOVE_64}),
-    (None, {"qkv": (64, 64, 4, 4), "out": (128, 128, 4, 4, 1), "geglu": (64, 64, 4, 3), "down": (128, 64, 8, 4, 2),
-            "block_m": {"down": 128}, **_ABOVE_64}),
+          "step_io": (16, 128, 4), "merge": (8, 4), "bias": {}}),
+    (204, {"qkv": (64, 64, 4, 6), "attention": (16, 128, 4, 2), "splits": 1, "out": (32, 128, 4, 6, 1),
+           "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
+    (408, {"qkv": (32, 64, 4, 3), "attention": (32, 128, 8, 2), "splits": 1, "out": (64, 64, 4, 6, 1),
+           "geglu": (64, 64, 4, 3), "down": (128, 64, 4, 6, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
+    (612, {"qkv": (64, 64, 4, 4), "attention": (64, 32, 4, 3), "splits": 1, "out": (128, 64, 4, 6, 1),
+           "geglu": (64, 64, 4, 3), "down": (64, 64, 4, 4, 2), **_ABOVE_64}),
+    (None, {"qkv": (64, 64, 4, 4), "attention": (64, 32, 4, 3), "splits": 1, "out": (128, 128, 4, 4, 1),
+            "geglu": (64, 64, 4, 3), "down": (128, 64, 8, 4, 2), "block_m": {"down": 128}, **_ABOVE_64}),
 )  # fmt: skip
 
 
@@ -630,7 +633,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     (``vlaserve.model.policy.attention_override``): PyTorch's memory-efficient kernel keeps its output in
     global memory for head_dim 256 and took 53 us per call there at batch 16 (docs/BENCHMARKS.md).
     Raises ValueError for shapes or layouts it does not take (head_dim not a power of two >= 16,
-    non-contiguous rows). ``tiles`` overrides the "attention" and "splits" entries of :data:`TILES_BY_ROWS`.
+    non-contiguous rows). ``tiles`` overrides the "attention" and "splits" it takes from :data:`TILES_BY_ROWS`
+    (those under "bias" where there are).
     ``merge`` (one of :data:`MERGE_MODES`): "last", the last split of each row block to finish merges them;
     "kernel", a kernel of its own after the attention's (:func:`_merge_kernel`); "none" leaves them unmerged,
     so that a benchmark can time the kernel without its merge: the output is then not the attention."""
@@ -652,9 +656,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         raise ValueError(
             f"triton_attention: bias {tuple(bias.shape)} is not [{b}, 1, {t * g} or 1, {s}] with contiguous rows"
         )
-    am, an, warps, stages, row_blocks, splits, per_split = attention_launch(
-        b, hkv, t * g, s, {**tiles_for(b * t), **(tiles or {})}, target_programs
-    )
+    defaults = tiles_for(b * t)
+    settings = {**defaults, **defaults["bias"], **(tiles or {})}
+    am, an, warps, stages, row_blocks, splits, per_split = attention_launch(b, hkv, t * g, s, settings, target_programs)
     out = torch.empty((b, t, h * d), dtype=q.dtype, device=q.device)
     part = (
         torch.empty((b * hkv * splits * t * g * (d + 2),), dtype=torch.float32, device=q.device) if splits > 1 else out
@@ -672,7 +676,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if merge == "kernel" and splits > 1:
-        _launch_merge(part, out, b, hkv, t, h, d, splits, {**tiles_for(b * t), **(tiles or {})}["merge"])
+        _launch_merge(part, out, b, hkv, t, h, d, splits, settings["merge"])
     return out
 
 
