@@ -8,7 +8,8 @@ with the default setting's (a setting that differs by more than rounding, or fai
 out). The matrix products are also timed through cuBLAS (``torch.mm`` on the same shapes) for reference,
 with ``--plain`` as bare Triton products too (no masks, no norm, no epilogue: the floor of a Triton product
 there), and a device-to-device copy gives the memory bandwidth. Last, the whole fused decoder with the fastest
-setting per kind against the defaults, each compared with eager PyTorch's actions (the seeded policy's biases
+setting per kind against the defaults, timed before and again after it (a decoder built later in the process
+times slower with the same settings), each compared with eager PyTorch's actions (the seeded policy's biases
 and norm weights given random values first, which the seeded ones are not), in each dependent-launch
 mode of ``--pdl``, each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights) and
 each way of ``--merge`` (the attention's key splits merged by the last to finish, or by a kernel of their
@@ -423,7 +424,10 @@ def main() -> None:
     request, prefix_kv, mask, reference = eager_cases(policy, [args.batch])[args.batch]
     inputs = [prefix_kv, mask, request["state"], request["noise"]]
     result["decoder"] = {}
-    for name, tiles in (("defaults", {}), ("best", best_tiles)) if kinds else (("defaults", {}),):
+    # the defaults timed again after the best: the second decoder built in a process has timed up to 0.4 ms
+    # slower at batch 1 with settings within 1 % of the defaults', so only a gain on both sides counts
+    runs = (("defaults", {}), ("best", best_tiles), ("defaults again", {})) if kinds else (("defaults", {}),)
+    for name, tiles in runs:
         for pdl, ahead, merge in itertools.product(modes, schedules, merges):
             key = name + ("" if pdl == "off" else f", pdl {pdl}") + ("" if ahead == "off" else f", ahead {ahead}")
             key += "" if merge == "last" else f", merge {merge}"
