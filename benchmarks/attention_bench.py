@@ -7,7 +7,7 @@ attention, and vlaserve.model.kernels.triton_attention) is timed as a CUDA graph
 (each layer its own keys and values, as in the decoder), and its output on layer 0 is compared with
 ``attention_math`` in float32. The mask is the decoder's (vlaserve.model.policy.Policy.suffix_mask, a prompt
 shorter than its padding). Prints a table last. ``--sweep`` times triton_attention instead over a grid of
-launch settings (rows per block, keys per block, warps, stages; key splits as its rule picks them, and 2): the fastest per batch is what vlaserve.model.kernels.TILES_BY_ROWS should hold.
+launch settings (rows per block, keys per block, warps, stages; key splits as its rule picks them, and 2): above 64 rows the fastest per batch is what the "bias" entries of vlaserve.model.kernels.TILES_BY_ROWS should hold (the fused decoder's own attention, which computes its mask in the kernel, is swept by benchmarks/decoder_kernels.py).
 
     source benchmarks/gpu_env.sh && python -m benchmarks.attention_bench --batches 1,2,4,8,16 --out $OUT/attention.json
     python -m benchmarks.attention_bench --batches 8,16 --sweep --out $OUT/attention-sweep.json

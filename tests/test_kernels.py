@@ -412,7 +412,8 @@ def test_each_product_takes_its_own_row_block(monkeypatch):
 def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
     """The fused decoder's attention (its mask computed in the kernel) launches with the "attention" and
     "splits" of TILES_BY_ROWS; triton_attention (an additive bias per block of keys) with those under "bias"
-    where there are: their fastest differ above 64 rows. The fused one's 64-row setting compiles for sm_90."""
+    where there are, unless its caller names its own: their fastest differ above 64 rows. The fused one's
+    64-row setting compiles for sm_90."""
     import torch
 
     from vlaserve.model import kernels
@@ -422,7 +423,7 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
     calls = record_launches(
         monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
     )
-    for batch in (1, 4, 16):
+    for batch in (1, 4, 8, 16):
         tiles = kernels.tiles_for(batch * 51)
         fused_tiles = (*tiles["attention"], tiles["splits"])
         bias_tiles = {**tiles, **tiles["bias"]}
@@ -448,6 +449,10 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
         assert launched[:4] == bias_tiles[:4] and (bias_tiles[4] == 0 or launched[4] == bias_tiles[4]), launched
         assert kw["BIAS"]
     assert kernels.tiles_for(16 * 51)["bias"]["attention"] == (32, 64, 4, 2)
+    calls.clear()  # a caller's settings (benchmarks/attention_bench.py's sweep) win over "bias"
+    kernels.triton_attention(q, kv[:, 0], kv[:, 1], bias, tiles={"attention": (64, 32, 4, 3), "splits": 1})
+    ((fn, grid, args, kw),) = calls
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"]) == (64, 32, 4, 3, 1)
 
 
 def test_merge_in_a_kernel_of_its_own_compiles_for_the_h200(monkeypatch):

@@ -579,8 +579,8 @@ GEGLU_LAYOUTS = ("two", "interleaved")  # gate/up as two products of BLOCK_N row
 # and 128 swept; the attention's of 16, 32 and 64 rows, where the keys not split won each time).
 # "bias": what triton_attention (the attention with an additive bias, for the compiled decoder) takes instead
 # of "attention" and "splits": above 64 rows the fastest at batches 8 and 16 of benchmarks/attention_bench.py's
-# sweep. Loading a bias tile per block of keys, its 64-row blocks took 40-80 % longer than 32-row ones, and 3
-# stages fit one program per multiprocessor and took 42 % longer.
+# sweep. Loading a bias tile per block of keys, its 64-row blocks took 12-89 % longer than 32-row ones, and with
+# 32-row blocks 3 stages fit one program per multiprocessor and took 42 % longer.
 # Each flow step's own kernels (:meth:`FusedDecoder.decode`; not swept): "step", BLOCK_N, BLOCK_K, warps and
 # stages of the action-time MLP's two products; "step_io", the action rows per program, the column chunk (128
 # was quicker than 64 at batch 1) and the warps of :func:`_step_io_kernel`. "merge": folded rows per program
@@ -657,7 +657,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
             f"triton_attention: bias {tuple(bias.shape)} is not [{b}, 1, {t * g} or 1, {s}] with contiguous rows"
         )
     defaults = tiles_for(b * t)
-    settings = {**defaults, **defaults["bias"], **(tiles or {})}
+    settings = {**defaults, **defaults.get("bias", {}), **(tiles or {})}
     am, an, warps, stages, row_blocks, splits, per_split = attention_launch(b, hkv, t * g, s, settings, target_programs)
     out = torch.empty((b, t, h * d), dtype=q.dtype, device=q.device)
     part = (
