@@ -220,6 +220,20 @@ def record_launches(monkeypatch, names) -> list:
     return calls
 
 
+def zero_decode(policy, batch: int, tiles: dict | None = None) -> None:
+    """One FusedDecoder call on all-zero inputs of ``batch`` (a one-layer prefix cache, every prefix token
+    valid): with the kernels recorded (:func:`record_launches`), what it would launch."""
+    import torch
+
+    from vlaserve.model import kernels
+
+    e, p = policy.cfg.expert, policy.cfg.prefix_len
+    prefix_kv = torch.zeros((batch, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
+    kernels.FusedDecoder(policy, tiles).decode(
+        prefix_kv, torch.ones((batch, p), dtype=torch.bool), torch.zeros((batch, 32)), torch.zeros((batch, 50, 32))
+    )
+
+
 def test_dependent_launch_kernels_compile_for_the_h200(monkeypatch):
     """With pdl "launch" and "prefetch", the five kernels as the fused decoder launches them for pi0's expert
     layer at batch 1 compile for sm_90 (ahead of time, with the wheel's ptxas: no GPU needed): each waits for
@@ -344,20 +358,14 @@ def test_flow_step_kernels_compile_for_the_h200(monkeypatch):
     """Each flow step's own kernels (the velocity and Euler update with the next input projection, the
     action-time MLP's two layers) as the fused decoder launches them for pi0 at batch 1, in bfloat16, compile
     for sm_90 (the interpreter runs float32 only): three per step and one more after the last."""
-    import torch
-
     from vlaserve.interface import NUM_FLOW_STEPS
     from vlaserve.model import kernels
 
     policy = small_pi0(depth=1)
-    e, p = policy.cfg.expert, policy.cfg.prefix_len
     names = ("_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
     calls = record_launches(monkeypatch, names)
     monkeypatch.setattr(kernels.FusedDecoder, "layer", lambda *args, **kwargs: None)
-    prefix_kv = torch.zeros((1, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
-    kernels.FusedDecoder(policy).decode(
-        prefix_kv, torch.ones((1, p), dtype=torch.bool), torch.zeros((1, 32)), torch.zeros((1, 50, 32))
-    )
+    zero_decode(policy, 1)
     assert [fn.__name__ for fn, *_ in calls] == [*names * NUM_FLOW_STEPS, "_step_io_kernel"]
     outs = [(kw["OUT"], kw["IN"]) for fn, *_, kw in calls if fn.__name__ == "_step_io_kernel"]
     assert outs == [(False, True), *[(True, True)] * (NUM_FLOW_STEPS - 1), (True, False)]
@@ -369,22 +377,14 @@ def test_each_product_takes_its_own_row_block(monkeypatch):
     """Above 64 rows each product kernel gets the row block its kind's entry of ``block_m`` names (64 where it
     names none), with a grid of as many row blocks; a kind whose setting is overridden keeps the default's
     row block only if the override names it. The 128-row defaults compile for sm_90 (their pipelines fit)."""
-    import torch
-
-    from vlaserve.model import kernels
-
     policy = small_pi0(depth=1)
-    e, p = policy.cfg.expert, policy.cfg.prefix_len
     calls = record_launches(
         monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
     )
 
     def blocks(batch: int, tiles: dict | None = None) -> dict:
         calls.clear()
-        prefix_kv = torch.zeros((batch, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
-        kernels.FusedDecoder(policy, tiles).decode(
-            prefix_kv, torch.ones((batch, p), dtype=torch.bool), torch.zeros((batch, 32)), torch.zeros((batch, 50, 32))
-        )  # fmt: skip
+        zero_decode(policy, batch, tiles)
         found = {}
         for fn, grid, args, kw in calls[3:8]:  # the first flow step's expert layer
             if fn.__name__ != "_attention_kernel":
@@ -423,18 +423,19 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
     calls = record_launches(
         monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
     )
+
+    def setting(kw: dict) -> tuple:  # an attention launch's (rows, keys, warps, stages, key splits)
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"]
+
     for batch in (1, 4, 8, 16):
         tiles = kernels.tiles_for(batch * 51)
         fused_tiles = (*tiles["attention"], tiles["splits"])
         bias_tiles = {**tiles, **tiles["bias"]}
         bias_tiles = (*bias_tiles["attention"], bias_tiles["splits"])
         calls.clear()
-        prefix_kv = torch.zeros((batch, 1, 2, e.num_kv_heads, p, e.head_dim), dtype=torch.bfloat16)
-        kernels.FusedDecoder(policy).decode(
-            prefix_kv, torch.ones((batch, p), dtype=torch.bool), torch.zeros((batch, 32)), torch.zeros((batch, 50, 32))
-        )  # fmt: skip
+        zero_decode(policy, batch)
         fn, grid, args, kw = next(c for c in calls if c[0].__name__ == "_attention_kernel")
-        launched = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"])
+        launched = setting(kw)
         assert launched[:4] == fused_tiles[:4] and (fused_tiles[4] == 0 or launched[4] == fused_tiles[4]), launched
         if batch == 16:
             assert launched == (64, 32, 4, 3, 1)
@@ -445,14 +446,14 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
         bias = torch.zeros((batch, 1, 51 * e.num_heads // e.num_kv_heads, p + 51), dtype=torch.bfloat16)
         kernels.triton_attention(q, kv[:, 0], kv[:, 1], bias)
         ((fn, grid, args, kw),) = calls
-        launched = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"])
+        launched = setting(kw)
         assert launched[:4] == bias_tiles[:4] and (bias_tiles[4] == 0 or launched[4] == bias_tiles[4]), launched
         assert kw["BIAS"]
     assert kernels.tiles_for(16 * 51)["bias"]["attention"] == (32, 64, 4, 2)
     calls.clear()  # a caller's settings (benchmarks/attention_bench.py's sweep) win over "bias"
     kernels.triton_attention(q, kv[:, 0], kv[:, 1], bias, tiles={"attention": (64, 32, 4, 3), "splits": 1})
     ((fn, grid, args, kw),) = calls
-    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"]) == (64, 32, 4, 3, 1)
+    assert setting(kw) == (64, 32, 4, 3, 1)
 
 
 def test_merge_in_a_kernel_of_its_own_compiles_for_the_h200(monkeypatch):

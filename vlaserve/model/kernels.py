@@ -657,7 +657,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
             f"triton_attention: bias {tuple(bias.shape)} is not [{b}, 1, {t * g} or 1, {s}] with contiguous rows"
         )
     defaults = tiles_for(b * t)
-    settings = {**defaults, **defaults.get("bias", {}), **(tiles or {})}
+    settings = {**defaults, **defaults["bias"], **(tiles or {})}  # every entry has "bias"
     am, an, warps, stages, row_blocks, splits, per_split = attention_launch(b, hkv, t * g, s, settings, target_programs)
     out = torch.empty((b, t, h * d), dtype=q.dtype, device=q.device)
     part = (
