@@ -258,6 +258,30 @@ def test_decoder_kernels_bench_runs_settings_one_after_another_in_the_interprete
     assert all(result["shapes"].values()), result
 
 
+TMA_CHECK = """
+import json
+from benchmarks import tma_probe as t
+w = t.weights_for(64, 128, 1)
+rel = {f"{loads} {s}": t.run(loads, w, 51, s, timed=False)[0]
+       for loads in t.LOADS for s in [(32, 64, 4, 3, 1), (32, 32, 4, 3, 2), (64, 32, 4, 3, 4)]}
+shapes = {"qkv": (2560, 1024), "geglu": (8192, 1024)}
+jobs = t.jobs_for(shapes, [1])
+print(json.dumps({"rel": rel, "jobs": len(jobs), "fit": all(t.fits(s, *shapes[k], r) for _, k, r, s in jobs)}))
+"""
+
+
+def test_tma_probe_products_agree_with_torch_for_both_loads_in_the_interpreter():
+    """benchmarks/tma_probe.py in Triton's CPU interpreter: the product with pointer loads and with tensor
+    descriptors, whole or split over K, over 51 rows in a block of 64 (the rows past 51 masked or zero-filled),
+    is PyTorch's product; every job it would time fits its weight."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "VLASERVE_BENCH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", TMA_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["rel"]) == 6 and all(r < 1e-5 for r in result["rel"].values()), result
+    assert result["jobs"] > 0 and result["fit"], result
+
+
 def test_triton_floor_serves_a_model_that_does_no_work_over_each_mode(tmp_path, capsys):
     """benchmarks/triton_floor.py: the real tritonserver, a Python-backend model of the policy's interface
     that answers zeros, a few requests per mode; each mode's row has the client's and Triton's figures, and
