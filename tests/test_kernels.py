@@ -489,6 +489,8 @@ rows = [p.empty_case(1, 3, 10, timed=False)]
 for programs, spin_limit in ((1, 10), (2, 3)):
     rows.append(p.product_case(64, 32, 16, 16, 4, 1, rows=51, programs=programs, spin_limit=spin_limit, timed=False,
                                dtype=torch.float32))
+rows.append(p.product_case(16, 64, 16, 16, 4, 1, rows=51, programs=0, spin_limit=10, timed=False,
+                           dtype=torch.float32, ahead_k=32))
 print(json.dumps(rows))
 """
 
@@ -498,7 +500,8 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
     the per-layer launches do; with two programs, which Triton's interpreter runs one after the other, the
     first gives up at each of the 18 barriers instead of waiting forever, says so, and its layers then read
     rows the other has not written: the outputs differ, as they would where a barrier let a layer start early.
-    Its kernels, barrier included, compile for sm_90."""
+    With the next layer's first weight columns loaded before each barrier, it computes the same. Its kernels,
+    barrier included, compile for sm_90."""
     import torch
 
     from benchmarks import persistent_probe as probe
@@ -508,9 +511,10 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
         [sys.executable, "-c", PERSISTENT_CHECK], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    empty, alone, two = json.loads(done.stdout.strip().splitlines()[-1])
+    empty, alone, two, ahead = json.loads(done.stdout.strip().splitlines()[-1])
     assert empty["gave_up"] == 0 and alone["gave_up"] == 0 and alone["equal"] and alone["last_layer_rms"] > 0.1
     assert two["gave_up"] == probe.LAYERS and not two["equal"]
+    assert ahead["gave_up"] == 0 and ahead["equal"] and ahead["last_layer_rms"] > 0.1, ahead
     acts, w = (torch.zeros(s, dtype=torch.bfloat16) for s in ((19, 64, 2560), (18, 2560, 1024)))
     count, gave_up = torch.zeros(1, dtype=torch.int32), torch.zeros(80, dtype=torch.int32)
     common = {"FENCE": True, "SPIN_LIMIT": 1000, "num_warps": 4}
@@ -518,6 +522,9 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
         (probe._persistent_products_kernel, (acts, w, count, gave_up, 2560),
          {"K": 1024, "S": 2560, "LAYERS": 18, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_stages": 4, **common}),
         (probe._barriers_kernel, (gave_up, count, gave_up), {"PHASES": 180, "num_stages": 1, **common}),
+        (probe._persistent_ahead_kernel, (acts, w, count, gave_up, 2560),
+         {"K": 1024, "S": 2560, "LAYERS": 18, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "AHEAD_K": 256,
+          "num_stages": 4, **common}),
     ):  # fmt: skip
         ptx = compile_for_h200(fn, args, kw).asm["ptx"]
         assert "fence.acq_rel.gpu" in ptx and "atom" in ptx, fn.__name__
