@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,32 @@ def test_the_sidecar_takes_a_pinned_memory_limit_per_gpu(tmp_path):
 
     assert "MPS_PINNED_DEVICE_MEM_LIMIT" not in run("0=40G,1=40G").stderr  # accepted (then: no MPS on this host)
     assert "expected <device>=<size>[M|G] per GPU" in run("0=40G,1=").stderr
+
+
+LOCK_HOLDER = """
+import json, sys, time
+from vlaserve.runner import gpu_start_lock
+with gpu_start_lock(sys.argv[1], sys.argv[2]) as waited:
+    start = time.time()
+    time.sleep(1.0)
+print(json.dumps({"waited": waited, "start": start, "end": time.time()}))
+"""
+
+
+@pytest.mark.parametrize("keys", [("gpu-a", "gpu-a"), ("gpu-a", "gpu-b")])
+def test_instances_start_on_one_gpu_one_at_a_time(tmp_path, keys):
+    """Instances on the same GPU load, compile, capture and time their graphs one after the other (each
+    timing its graph choices alone); on different GPUs at once. CPU instances take no lock."""
+    from vlaserve.runner import gpu_key
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, key, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+        for key in keys
+    ]  # fmt: skip
+    first, second = sorted((json.loads(p.communicate(timeout=60)[0]) for p in procs), key=lambda r: r["start"])
+    if keys[0] == keys[1]:
+        assert second["start"] >= first["end"] - 0.05 and second["waited"] > 0.5, (first, second)
+    else:
+        assert second["start"] < first["end"] and second["waited"] < 0.5, (first, second)
+    assert gpu_key("cpu") is None

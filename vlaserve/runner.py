@@ -11,10 +11,13 @@ an error response naming the tensor, and the rest of the batch is served.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +48,37 @@ COMPUTED_METRIC = "vlaserve_computed_requests"
 # read_executes. A batch refused or failed is not counted.
 PHASES = ("read", "launch", "wait", "answer")
 EXECUTES_SUFFIX = ".executes"
+
+
+LOCK_DIR_ENV = "VLASERVE_LOCK_DIR"  # where the per-GPU start locks live (default: the temp dir)
+
+
+@contextlib.contextmanager
+def gpu_start_lock(key: str, directory: str | None = None):
+    """Held while an instance loads, compiles, captures and checks its models on a GPU (``key``), so that one
+    instance per GPU does at a time. Triton loads models and instances in parallel, and an instance that times
+    its graph choices while another works on the same GPU measures that contention, not its choices: two pi0
+    instances starting together on the H200 each kept, at bucket 14, a decoder graph 1.2-1.3x slower alone
+    than the fastest (docs/BENCHMARKS.md). Yields the seconds it waited. An flock: a process that dies frees it."""
+    path = Path(directory or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir()) / f"vlaserve-gpu-start-{key}.lock"
+    started = time.perf_counter()
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield round(time.perf_counter() - started, 2)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def gpu_key(device: str) -> str | None:
+    """What names ``device``'s GPU for :func:`gpu_start_lock` across processes (its UUID), None off a GPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    uuid = getattr(props, "uuid", None)
+    return "".join(c for c in str(uuid) if c.isalnum() or c == "-") if uuid else f"index{torch.device(device).index}"
 
 
 def read_executes(path: Path) -> dict:
@@ -190,26 +224,11 @@ class TritonPythonModel:
             for stage in self.stages:
                 products = value_check.cached_products(stage.manifest, checked_batches, cache)
                 self._judge("products", value_check.screen_products(products, stage.manifest.dtype, device), stage)
-        for stage in self.stages:
-            stage.runtime = load_runtime(
-                stage.params.runtime, stage.version_dir, list(stage.manifest.outputs), device,
-                stage.params.cpu_threads or 0,
-            )  # fmt: skip
-            stage.status.update(runtime=stage.params.runtime, device=stage.runtime.device)
-            stage.runtime.fused_kernels = stage.params.fused_kernels  # a graph choice of the compiled model
-            stage.runtime.precision = stage.params.precision  # fp8 products in the compiled model
-            if stage.params.compile:
-                stage.status.update(self._compile(stage))
-            if stage.params.cuda_graphs:
-                stage.status.update(self._capture_graphs(stage))
-            if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
-                golden = value_check.load_golden(stage.version_dir)
-                as_numpy = stage.runtime.tensor_kind == "numpy"
-                run = functools.partial(self._run_synced, stage.runtime)
-                fp8 = getattr(stage.runtime, "precision", None) == "fp8"  # checked at fp8's own tolerance
-                dtype = "fp8" if fp8 else stage.manifest.dtype
-                result = value_check.check_golden(run, golden, checked_batches, dtype, as_numpy)
-                self._judge("golden", result, stage)
+        key = gpu_key(device)
+        with gpu_start_lock(key) if key else contextlib.nullcontext(None) as waited:
+            self._load_stages(device, checked_batches)
+        if waited is not None:
+            self.status["gpu_start_waited_s"] = waited
         self.runtime = first.runtime  # how inputs are read and where outputs are: the steps share it
         self.status.update(runtime=first.params.runtime, device=self.runtime.device, kind=args["model_instance_kind"])
         self.pinned: dict[int, object] = {}  # page-locked host buffers for the outputs (_to_host)
@@ -355,11 +374,33 @@ class TritonPythonModel:
             **({"fused_note": runtime.fused_note} if getattr(runtime, "fused_note", "") else {}),
         }
 
+    def _load_stages(self, device: str, checked_batches: list[int]) -> None:
+        """Each step's runtime loaded on ``device``, compiled, its graphs captured and its golden samples checked
+        through the serving path, as its parameters say."""
+        for stage in self.stages:
+            stage.runtime = load_runtime(
+                stage.params.runtime, stage.version_dir, list(stage.manifest.outputs), device,
+                stage.params.cpu_threads or 0,
+            )  # fmt: skip
+            stage.status.update(runtime=stage.params.runtime, device=stage.runtime.device)
+            stage.runtime.fused_kernels = stage.params.fused_kernels  # a graph choice of the compiled model
+            stage.runtime.precision = stage.params.precision  # fp8 products in the compiled model
+            if stage.params.compile:
+                stage.status.update(self._compile(stage))
+            if stage.params.cuda_graphs:
+                stage.status.update(self._capture_graphs(stage))
+            if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
+                golden = value_check.load_golden(stage.version_dir)
+                as_numpy = stage.runtime.tensor_kind == "numpy"
+                run = functools.partial(self._run_synced, stage.runtime)
+                fp8 = getattr(stage.runtime, "precision", None) == "fp8"  # checked at fp8's own tolerance
+                dtype = "fp8" if fp8 else stage.manifest.dtype
+                result = value_check.check_golden(run, golden, checked_batches, dtype, as_numpy)
+                self._judge("golden", result, stage)
+
     def _capture_graphs(self, stage: Stage) -> dict:
         """One CUDA graph per bucket, captured before the model reports ready (Triton's warm-up then
         replays them); on a CPU instance a warning, and the module runs as it is."""
-        import time
-
         started = time.perf_counter()
         why_not = stage.runtime.capture_graphs(self.buckets, stage.manifest.inputs)
         if why_not:
