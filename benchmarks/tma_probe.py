@@ -1,9 +1,10 @@
 # ruff: noqa: N803  (Triton's convention: upper-case sizes and compile-time constants)
 """The decoder's four matrix products as bare Triton products, loading their tiles two ways, on a GPU.
 
-The fused decoder's products at batch 1 wait on their own instructions, not on memory: each program issues
-the address arithmetic and the many small copies of every tile from its threads. On Hopper a tensor
-descriptor instead has the copy engine (TMA) fetch a whole tile from one instruction. This times, at the
+The fused decoder's products at batch 1 wait on their own instructions, not on memory, and each program
+issues the address arithmetic and the many small copies of every tile from its threads. On Hopper a tensor
+descriptor instead has the copy engine (TMA) fetch a whole tile from one instruction. To learn whether the loads are
+what holds the products (on the H200 they were not: docs/BENCHMARKS.md), this times, at the
 expert's shapes (q/k/v, output, gate/up, down; batch x 51 rows), the same product with pointer loads and
 with descriptor loads over a grid of launch settings, each split over K or not, against cuBLAS
 (``torch.mm``). Each is a CUDA graph of one product per layer over 18 layers' own random weights, so the

@@ -411,9 +411,9 @@ def test_each_product_takes_its_own_row_block(monkeypatch):
 
 def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
     """The fused decoder's attention (its mask computed in the kernel) launches with the "attention" and
-    "splits" of TILES_BY_ROWS; triton_attention (an additive bias per block of keys) with those under "bias"
-    where there are, unless its caller names its own: their fastest differ above 64 rows. The fused one's
-    64-row setting compiles for sm_90."""
+    "splits" of TILES_BY_ROWS (at batch 2 its own, split in two, not batch 4's); triton_attention (an additive
+    bias per block of keys) with those under "bias" where there are, unless its caller names its own: their
+    fastest differ above 64 rows. The fused one's 64-row setting compiles for sm_90."""
     import torch
 
     from vlaserve.model import kernels
@@ -427,7 +427,7 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
     def setting(kw: dict) -> tuple:  # an attention launch's (rows, keys, warps, stages, key splits)
         return kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"]
 
-    for batch in (1, 4, 8, 16):
+    for batch in (1, 2, 4, 8, 16):
         tiles = kernels.tiles_for(batch * 51)
         fused_tiles = (*tiles["attention"], tiles["splits"])
         bias_tiles = {**tiles, **tiles["bias"]}
@@ -437,6 +437,8 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
         fn, grid, args, kw = next(c for c in calls if c[0].__name__ == "_attention_kernel")
         launched = setting(kw)
         assert launched[:4] == fused_tiles[:4] and (fused_tiles[4] == 0 or launched[4] == fused_tiles[4]), launched
+        if batch == 2:
+            assert launched == (16, 64, 4, 2, 2)
         if batch == 16:
             assert launched == (64, 32, 4, 3, 1)
             assert compile_for_h200(fn, args, kw).asm["cubin"]

@@ -576,7 +576,8 @@ GEGLU_LAYOUTS = ("two", "interleaved")  # gate/up as two products of BLOCK_N row
 # (batch x 51 tokens), from benchmarks/decoder_kernels.py's sweeps for pi0 on the H200 (docs/BENCHMARKS.md).
 # Up to 64 rows (batch 1): the fastest for q/k/v and gate/up and within 5 % of it for the others. Up to 204
 # (batch 4), 408 (8), 612 (12) and above: the fastest at batch 4, 8, 12 and 16 (the products' row blocks of 64
-# and 128 swept; the attention's of 16, 32 and 64 rows, where the keys not split won each time).
+# and 128 swept; the attention's of 16, 32 and 64 rows, where the keys not split won each time). Up to 102
+# (batch 2): batch 4's, but for the attention, swept at batch 2 (16-row blocks of 64 keys, split in two).
 # "bias": what triton_attention (the attention with an additive bias, for the compiled decoder) takes instead
 # of "attention" and "splits": above 64 rows the fastest at batches 8 and 16 of benchmarks/attention_bench.py's
 # sweep. Loading a bias tile per block of keys, its 64-row blocks took 12-89 % longer than 32-row ones, and with
@@ -591,6 +592,8 @@ TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4),
           "step_io": (16, 128, 4), "merge": (8, 4), "bias": {}}),
+    (102, {"qkv": (64, 64, 4, 6), "attention": (16, 64, 4, 2), "splits": 2, "out": (32, 128, 4, 6, 1),
+           "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
     (204, {"qkv": (64, 64, 4, 6), "attention": (16, 128, 4, 2), "splits": 1, "out": (32, 128, 4, 6, 1),
            "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
     (408, {"qkv": (32, 64, 4, 3), "attention": (32, 128, 8, 2), "splits": 1, "out": (64, 64, 4, 6, 1),
