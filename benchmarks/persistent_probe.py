@@ -15,9 +15,10 @@ building it, this measures the two things it trades:
   (the same arithmetic in the same order; a barrier that let a layer start early would read unfinished
   rows), else the row is void;
 - the same with the next layer's weights asked for ahead (``aAHEAD_K`` in ``--products``): each program
-  loads the first AHEAD_K columns of its next weight tile into registers before it waits at the barrier
-  (weights do not depend on the previous layer, so those loads overlap the wait). Its first product adds
-  those columns in one step, another order of the same sums, so its outputs must match within rounding.
+  loads the first AHEAD_K columns of its next weight tile into registers after it arrives at the barrier
+  and before it waits there (weights do not depend on the previous layer, so those loads can overlap the
+  wait). Its first product adds those columns in one step, another order of the same sums, so its outputs
+  must match within rounding.
 
 The persistent launches' counter is zeroed before each (a memset in the graph), whose time alone is
 subtracted. A barrier polls the counter at most ``--spin-limit`` times and then gives up, recording it: a
@@ -47,18 +48,29 @@ LAYERS = 18
 
 
 @triton.jit
-def _grid_barrier(count_ptr, target, FENCE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """Count this program in at ``count_ptr`` and wait until ``target`` programs have been counted, polling at
-    most SPIN_LIMIT times; 1 if they were, 0 if it gave up. Each thread's earlier stores are fenced GPU-wide
-    first, as before the split kernels' arrival count (vlaserve.model.kernels)."""
+def _arrive(count_ptr, target, FENCE: tl.constexpr):
+    """Count this program in at ``count_ptr`` after each thread's earlier stores are fenced GPU-wide (as before
+    the split kernels' arrival count, vlaserve.model.kernels); the count it saw, itself included."""
     _fence_and_gather(target, FENCE)
-    seen = tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
+
+
+@triton.jit
+def _wait(count_ptr, seen, target, SPIN_LIMIT: tl.constexpr):
+    """Wait until ``target`` programs have been counted at ``count_ptr``, polling at most SPIN_LIMIT times; 1 if
+    they were, 0 if it gave up."""
     spins = tl.full([], 0, tl.int32)
     while (seen < target) & (spins < SPIN_LIMIT):
         seen = tl.atomic_add(count_ptr, 0, sem="acquire")
         spins += 1
     tl.debug_barrier()
     return (seen >= target).to(tl.int32)
+
+
+@triton.jit
+def _grid_barrier(count_ptr, target, FENCE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    """A grid-wide barrier: :func:`_arrive`, then :func:`_wait` for ``target`` programs; 1 if they came."""
+    return _wait(count_ptr, _arrive(count_ptr, target, FENCE), target, SPIN_LIMIT)
 
 
 @triton.jit
@@ -123,8 +135,9 @@ def _persistent_ahead_kernel(acts_ptr, w_ptr, count_ptr, gave_up_ptr, N, K: tl.c
                              LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              AHEAD_K: tl.constexpr, FENCE: tl.constexpr, SPIN_LIMIT: tl.constexpr):  # fmt: skip
     """What :func:`_persistent_products_kernel` computes, one tile per program, with the first AHEAD_K columns
-    of the next layer's weight tile loaded into registers before the barrier: the weights do not depend on
-    the previous layer, so their loads can be in flight while the program waits for it."""
+    of the next layer's weight tile loaded into registers between arriving at the barrier and waiting there:
+    the weights do not depend on the previous layer, so their loads can be in flight while the program waits
+    for the others. (Loaded before the arrival's fence, which waits for every earlier load, they could not.)"""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
@@ -144,8 +157,9 @@ def _persistent_ahead_kernel(acts_ptr, w_ptr, count_ptr, gave_up_ptr, N, K: tl.c
             acc += tl.dot(a, tl.trans(tl.load(w + cols[:, None] * K + ks[None, :])))
         dst = acts_ptr + (layer + 1) * BLOCK_M * S + rows[:, None] * S + cols[None, :]
         tl.store(dst, acc.to(acts_ptr.dtype.element_ty))
+        seen = _arrive(count_ptr, (layer + 1) * programs, FENCE)
         ahead = tl.load(w_ptr + ((layer + 1) % LAYERS) * N * K + cols[:, None] * K + ahead_ks[None, :])
-        gave_up += 1 - _grid_barrier(count_ptr, (layer + 1) * programs, FENCE, SPIN_LIMIT)
+        gave_up += 1 - _wait(count_ptr, seen, (layer + 1) * programs, SPIN_LIMIT)
     tl.store(gave_up_ptr + pid, gave_up)
 
 
@@ -180,6 +194,8 @@ def product_case(n: int, k: int, block_n: int, block_k: int, warps: int, stages:
     launch per layer (n / block_n programs) against one persistent launch (``programs`` programs, 0 = as many
     as tiles; with ``ahead_k``, one program per tile, the next layer's first ``ahead_k`` weight columns loaded
     before each barrier)."""
+    if ahead_k and (ahead_k % block_k or not block_k <= ahead_k <= k or ahead_k & (ahead_k - 1)):
+        raise ValueError(f"ahead_k {ahead_k}: a power of two, a multiple of BLOCK_K {block_k}, at most K {k}")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     s = max(n, k)
     acts_launches = torch.zeros((LAYERS + 1, 64, s), dtype=dtype, device=DEVICE)

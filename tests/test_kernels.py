@@ -504,6 +504,7 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
     rows the other has not written: the outputs differ, as they would where a barrier let a layer start early.
     With the next layer's first weight columns loaded before each barrier, it computes the same. Its kernels,
     barrier included, compile for sm_90."""
+    import pytest
     import torch
 
     from benchmarks import persistent_probe as probe
@@ -517,6 +518,9 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
     assert empty["gave_up"] == 0 and alone["gave_up"] == 0 and alone["equal"] and alone["last_layer_rms"] > 0.1
     assert two["gave_up"] == probe.LAYERS and not two["equal"]
     assert ahead["gave_up"] == 0 and ahead["equal"] and ahead["last_layer_rms"] > 0.1, ahead
+    for ahead_k in (16, 48, 128):  # under one BLOCK_K of 32, not a power of two, over K of 64
+        with pytest.raises(ValueError, match="ahead_k"):
+            probe.product_case(16, 64, 16, 32, 4, 1, rows=51, programs=0, spin_limit=10, timed=False, ahead_k=ahead_k)
     acts, w = (torch.zeros(s, dtype=torch.bfloat16) for s in ((19, 64, 2560), (18, 2560, 1024)))
     count, gave_up = torch.zeros(1, dtype=torch.int32), torch.zeros(80, dtype=torch.int32)
     common = {"FENCE": True, "SPIN_LIMIT": 1000, "num_warps": 4}

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,28 +179,60 @@ def test_the_sidecar_takes_a_pinned_memory_limit_per_gpu(tmp_path):
 
 LOCK_HOLDER = """
 import json, sys, time
+from pathlib import Path
 from vlaserve.runner import gpu_start_lock
-with gpu_start_lock(sys.argv[1], sys.argv[2]) as waited:
+with gpu_start_lock(sys.argv[1], sys.argv[2]) as status:
     start = time.time()
-    time.sleep(1.0)
-print(json.dumps({"waited": waited, "start": start, "end": time.time()}))
+    Path(sys.argv[3]).touch()
+    time.sleep(float(sys.argv[4]))
+print(json.dumps({**status, "start": start, "end": time.time()}))
 """
 
 
-@pytest.mark.parametrize("keys", [("gpu-a", "gpu-a"), ("gpu-a", "gpu-b")])
-def test_instances_start_on_one_gpu_one_at_a_time(tmp_path, keys):
-    """Instances on the same GPU load, compile, capture and time their graphs one after the other (each
-    timing its graph choices alone); on different GPUs at once. CPU instances take no lock."""
-    from vlaserve.runner import gpu_key
-
+def hold_lock(tmp_path, key: str, name: str, seconds: float) -> tuple[subprocess.Popen, Path]:
+    """A process that holds the start lock ``key`` for ``seconds``, returned once it holds it (or waits for it)."""
+    marker = tmp_path / f"{name}.held"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, key, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
-        for key in keys
-    ]  # fmt: skip
-    first, second = sorted((json.loads(p.communicate(timeout=60)[0]) for p in procs), key=lambda r: r["start"])
+    args = [sys.executable, "-c", LOCK_HOLDER, key, str(tmp_path), str(marker), str(seconds)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True), marker
+
+
+def wait_for(marker: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"{marker} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("keys", [("gpu-a", "gpu-a"), ("gpu-a", "gpu-b")])
+def test_instances_set_up_on_one_gpu_one_at_a_time(tmp_path, keys):
+    """Instances on the same GPU set up (context, screen, load, compile, capture, golden check) one after the
+    other, each timing its graph choices alone; on different GPUs at once. The second is started only once the
+    first holds its lock."""
+    first_proc, first_marker = hold_lock(tmp_path, keys[0], "first", 1.0)
+    wait_for(first_marker)
+    second_proc, _ = hold_lock(tmp_path, keys[1], "second", 0.1)
+    first, second = (json.loads(p.communicate(timeout=60)[0]) for p in (first_proc, second_proc))
     if keys[0] == keys[1]:
-        assert second["start"] >= first["end"] - 0.05 and second["waited"] > 0.5, (first, second)
+        assert second["start"] >= first["end"] - 0.05 and second["gpu_start_waited_s"] > 0.3, (first, second)
     else:
-        assert second["start"] < first["end"] and second["waited"] < 0.5, (first, second)
+        assert second["start"] < first["end"] and second["gpu_start_waited_s"] < 0.3, (first, second)
+
+
+def test_an_instance_sets_up_without_the_lock_when_it_cannot_have_it(tmp_path):
+    """A lock held past the timeout, or a lock directory that cannot be made, does not stop an instance: it
+    sets up without the lock and its status says why. CPU instances take no lock."""
+    from vlaserve.runner import gpu_key, gpu_start_lock
+
+    holder, marker = hold_lock(tmp_path, "gpu-a", "holder", 3.0)
+    wait_for(marker)
+    lines = []
+    with gpu_start_lock("gpu-a", str(tmp_path), timeout=0.3, log=lines.append) as status:
+        assert "still held after 0.3 s" in status["gpu_start_lock"], status
+    holder.communicate(timeout=60)
+    (tmp_path / "a-file").write_text("")
+    with gpu_start_lock("gpu-a", str(tmp_path / "a-file")) as status:
+        assert status["gpu_start_lock"].startswith("unavailable"), status
+    with gpu_start_lock("gpu-a", str(tmp_path)) as status:  # free again
+        assert set(status) == {"gpu_start_waited_s"}, status
     assert gpu_key("cpu") is None

@@ -51,31 +51,62 @@ EXECUTES_SUFFIX = ".executes"
 
 
 LOCK_DIR_ENV = "VLASERVE_LOCK_DIR"  # where the per-GPU start locks live (default: the temp dir)
+LOCK_TIMEOUT_S = 900.0  # waited this long for the start lock, an instance starts without it and says so
 
 
 @contextlib.contextmanager
-def gpu_start_lock(key: str, directory: str | None = None):
-    """Held while an instance loads, compiles, captures and checks its models on a GPU (``key``), so that one
-    instance per GPU does at a time. Triton loads models and instances in parallel, and an instance that times
+def gpu_start_lock(key: str, directory: str | None = None, timeout: float = LOCK_TIMEOUT_S, log=None):
+    """Held while an instance sets up on a GPU (``key``): creates its CUDA context, screens its products, loads,
+    compiles, captures and checks its models; so that one instance per GPU does at a time, among the processes
+    that share the lock's directory. Triton loads models and instances in parallel, and an instance that times
     its graph choices while another works on the same GPU measures that contention, not its choices: two pi0
-    instances starting together on the H200 each kept, at bucket 14, a decoder graph 1.2-1.3x slower alone
-    than the fastest (docs/BENCHMARKS.md). Yields the seconds it waited. An flock: a process that dies frees it."""
-    path = Path(directory or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir()) / f"vlaserve-gpu-start-{key}.lock"
-    started = time.perf_counter()
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    instances starting together on the H200 each kept, at bucket 14, a decoder graph 1.2-1.3x slower alone than
+    the fastest (docs/BENCHMARKS.md). Yields what the instance's status records: {"gpu_start_waited_s": seconds}
+    once held, or {"gpu_start_lock": why not} when the lock file cannot be opened or another instance held it
+    past ``timeout`` (the instance then sets up without it). ``log`` gets a line every 30 s of waiting. An flock:
+    a process that dies frees it."""
+    folder = Path(directory or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
+    path = folder / f"vlaserve-gpu-start-{key}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        try:  # made by another user's server: flock needs only a file open for reading
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            yield {"gpu_start_lock": f"unavailable ({type(exc).__name__}: {exc}); set up without it"}
+            return
+    started = time.monotonic()
+    next_log = 30.0
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited >= timeout:
+                    yield {"gpu_start_lock": f"{path} still held after {timeout:g} s; set up without it"}
+                    return
+                if log is not None and waited >= next_log:
+                    log(f"waiting {waited:.0f} s for {path}: another instance is setting up on this GPU")
+                    next_log += 30.0
+                time.sleep(0.1)
         try:
-            yield round(time.perf_counter() - started, 2)
+            yield {"gpu_start_waited_s": round(time.monotonic() - started, 2)}
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def gpu_key(device: str) -> str | None:
-    """What names ``device``'s GPU for :func:`gpu_start_lock` across processes (its UUID), None off a GPU."""
-    if not str(device).startswith("cuda"):
-        return None
+    """What names ``device``'s GPU for :func:`gpu_start_lock` across processes (its UUID; else its index, which
+    only processes with the same visible devices share); None off a GPU or where this torch has no CUDA."""
     import torch
 
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
     props = torch.cuda.get_device_properties(torch.device(device))
     uuid = getattr(props, "uuid", None)
     return "".join(c for c in str(uuid) if c.isalnum() or c == "-") if uuid else f"index{torch.device(device).index}"
@@ -214,21 +245,21 @@ class TritonPythonModel:
                 f"{self.instance}: value_check", self.value_check, f"one of {value_check.VALUE_CHECK_MODES}"
             )
         checked_batches = self.buckets or sorted({1, int(config.get("max_batch_size") or 1)})
-        if on_gpu:
-            self.status.update(self._gpu_status(device))  # creates the CUDA context, under the MPS limit
-            if "sm_count" not in self.status:
-                device = "cpu"  # this torch has no CUDA: the runtime falls back to the CPU as well
-        if self.value_check != "off":  # before the models load: a bad share is refused in seconds
-            status_dir = os.environ.get(STATUS_DIR_ENV)
-            cache = Path(status_dir).parent / value_check.PRODUCTS_CACHE if status_dir else None
-            for stage in self.stages:
-                products = value_check.cached_products(stage.manifest, checked_batches, cache)
-                self._judge("products", value_check.screen_products(products, stage.manifest.dtype, device), stage)
-        key = gpu_key(device)
-        with gpu_start_lock(key) if key else contextlib.nullcontext(None) as waited:
+        key = gpu_key(device) if on_gpu else None  # one instance sets up on a GPU at a time
+        with gpu_start_lock(key, log=self._log_info) if key else contextlib.nullcontext({}) as lock_status:
+            self.status.update(lock_status)
+            if on_gpu:
+                self.status.update(self._gpu_status(device))  # creates the CUDA context, under the MPS limit
+                if "sm_count" not in self.status:
+                    device = "cpu"  # this torch has no CUDA: the runtime falls back to the CPU as well
+            if self.value_check != "off":  # before the models load: a bad share is refused in seconds
+                status_dir = os.environ.get(STATUS_DIR_ENV)
+                cache = Path(status_dir).parent / value_check.PRODUCTS_CACHE if status_dir else None
+                for stage in self.stages:
+                    products = value_check.cached_products(stage.manifest, checked_batches, cache)
+                    screened = value_check.screen_products(products, stage.manifest.dtype, device)
+                    self._judge("products", screened, stage)
             self._load_stages(device, checked_batches)
-        if waited is not None:
-            self.status["gpu_start_waited_s"] = waited
         self.runtime = first.runtime  # how inputs are read and where outputs are: the steps share it
         self.status.update(runtime=first.params.runtime, device=self.runtime.device, kind=args["model_instance_kind"])
         self.pinned: dict[int, object] = {}  # page-locked host buffers for the outputs (_to_host)
@@ -436,6 +467,11 @@ class TritonPythonModel:
     def _log_warn(message: str) -> None:
         if pb_utils is not None:
             pb_utils.Logger.log_warn(message)
+
+    @staticmethod
+    def _log_info(message: str) -> None:
+        if pb_utils is not None:
+            pb_utils.Logger.log_info(message)
 
     # ---- requests --------------------------------------------------------------------------------
     def _read(self, request, name: str, as_numpy: bool):
