@@ -193,7 +193,7 @@ def product_case(n: int, k: int, block_n: int, block_k: int, warps: int, stages:
     """µs per layer of the batch-1 product [rows, k] @ [n, k]^T over LAYERS layers' weights: a graph of one
     launch per layer (n / block_n programs) against one persistent launch (``programs`` programs, 0 = as many
     as tiles; with ``ahead_k``, one program per tile, the next layer's first ``ahead_k`` weight columns loaded
-    before each barrier)."""
+    between arriving at each barrier and waiting there)."""
     if ahead_k and (ahead_k % block_k or not block_k <= ahead_k <= k or ahead_k & (ahead_k - 1)):
         raise ValueError(f"ahead_k {ahead_k}: a power of two, a multiple of BLOCK_K {block_k}, at most K {k}")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -266,7 +266,8 @@ def main() -> None:
     parser.add_argument(
         "--products", default="8192x1024:64x64w4s4,2560x1024:32x64w4s4,1024x2048:16x128w4s4",
         help="NxK:BNxBKwWARPSsSTAGES[aAHEAD_K] per product (the decoder's gate/up, q/k/v, output projection); "
-        "aAHEAD_K: persistent with that many of the next layer's weight columns loaded before each barrier",
+        "aAHEAD_K: persistent with that many of the next layer's weight columns loaded at each barrier, between "
+        "arriving and waiting",
     )  # fmt: skip
     parser.add_argument("--spin-limit", type=int, default=10_000, help="polls of a barrier before it gives up")
     parser.add_argument("--out", required=True)

@@ -502,8 +502,9 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
     the per-layer launches do; with two programs, which Triton's interpreter runs one after the other, the
     first gives up at each of the 18 barriers instead of waiting forever, says so, and its layers then read
     rows the other has not written: the outputs differ, as they would where a barrier let a layer start early.
-    With the next layer's first weight columns loaded before each barrier, it computes the same. Its kernels,
-    barrier included, compile for sm_90."""
+    With the next layer's first weight columns loaded at each barrier (between arriving and waiting), it
+    computes the same; an AHEAD_K the kernel cannot take is refused. Its kernels, barrier included, compile for
+    sm_90."""
     import pytest
     import torch
 

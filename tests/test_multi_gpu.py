@@ -226,8 +226,7 @@ def test_an_instance_sets_up_without_the_lock_when_it_cannot_have_it(tmp_path):
 
     holder, marker = hold_lock(tmp_path, "gpu-a", "holder", 3.0)
     wait_for(marker)
-    lines = []
-    with gpu_start_lock("gpu-a", str(tmp_path), timeout=0.3, log=lines.append) as status:
+    with gpu_start_lock("gpu-a", str(tmp_path), timeout=0.3) as status:
         assert "still held after 0.3 s" in status["gpu_start_lock"], status
     holder.communicate(timeout=60)
     (tmp_path / "a-file").write_text("")
