@@ -44,20 +44,18 @@ LAYERS = 18
 
 
 @triton.jit
-def _pointer_product(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-    """out [M, N] (float32) = x [M, K] @ w [N, K]^T, each tile loaded through its threads' pointers; split
-    over K, the splits add into out atomically (out zeroed first)."""
-    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _tile(k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's row and column blocks (grid axes 0 and 1), their rows and columns, and where its share of
+    K starts (axis 2: the splits of K)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start = split * k_per_split
-    for k0 in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
-        acc += tl.dot(a, tl.trans(w))
+    return pid_m, pid_n, rows, cols, tl.program_id(2) * k_per_split
+
+
+@triton.jit
+def _write(out_ptr, acc, rows, cols, M, N, SPLITS: tl.constexpr):
+    """The tile's rows under M of out: stored, or with K split added atomically (out zeroed first)."""
     dst = out_ptr + rows[:, None] * N + cols[None, :]
     if SPLITS == 1:
         tl.store(dst, acc, mask=(rows < M)[:, None])
@@ -66,24 +64,32 @@ def _pointer_product(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, SPLITS: tl.con
 
 
 @triton.jit
+def _pointer_product(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """out [M, N] (float32) = x [M, K] @ w [N, K]^T, each tile loaded through its threads' pointers; split
+    over K, the splits add into out atomically (out zeroed first)."""
+    pid_m, pid_n, rows, cols, k_start = _tile(k_per_split, BLOCK_M, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
+        acc += tl.dot(a, tl.trans(w))
+    _write(out_ptr, acc, rows, cols, M, N, SPLITS)
+
+
+@triton.jit
 def _descriptor_product(x_desc, w_desc, out_ptr, M, N, k_per_split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """What :func:`_pointer_product` computes, each tile fetched through a tensor descriptor (rows past M
     come as zeros)."""
-    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n, rows, cols, k_start = _tile(k_per_split, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start = split * k_per_split
     for k0 in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES):
         a = x_desc.load([pid_m * BLOCK_M, k0])
         w = w_desc.load([pid_n * BLOCK_N, k0])
         acc += tl.dot(a, tl.trans(w))
-    dst = out_ptr + rows[:, None] * N + cols[None, :]
-    if SPLITS == 1:
-        tl.store(dst, acc, mask=(rows < M)[:, None])
-    else:
-        tl.atomic_add(dst, acc, mask=(rows < M)[:, None], sem="relaxed")
+    _write(out_ptr, acc, rows, cols, M, N, SPLITS)
 
 
 def block_m(rows: int) -> int:

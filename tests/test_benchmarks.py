@@ -275,7 +275,7 @@ def test_tma_probe_products_agree_with_torch_for_both_loads_in_the_interpreter()
     """benchmarks/tma_probe.py in Triton's CPU interpreter: the product with pointer loads and with tensor
     descriptors, whole or split over K, over 51 rows in a block of 64 and over 204 in four (the rows past the
     end masked or zero-filled), is PyTorch's product. It tries only settings that tile the weight whole with
-    64 to 1,056 programs."""
+    64 to 1,056 programs. Both kernels compile for sm_90, the descriptors' loads to the copy engine's."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "VLASERVE_BENCH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", TMA_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -283,6 +283,22 @@ def test_tma_probe_products_agree_with_torch_for_both_loads_in_the_interpreter()
     assert len(result["rel"]) == 12 and all(r < 1e-5 for r in result["rel"].values()), result
     # K not split into whole blocks (1024 / (8 x 256)), K not a multiple of BLOCK_K, 8 programs only
     assert result["jobs"] > 0 and result["fits"] == [True, False, False, False], result
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from benchmarks import tma_probe
+
+    sizes = {"SPLITS": 2, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 4}
+    common = {"out_ptr": "*fp32", "M": "i32", "N": "i32", **{k: "constexpr" for k in sizes}}
+    for fn, operands in (
+        (tma_probe._pointer_product, {"x_ptr": "*bf16", "w_ptr": "*bf16", "K": "i32"}),
+        (tma_probe._descriptor_product, {"x_desc": "tensordesc<bf16[64, 128]>", "w_desc": "tensordesc<bf16[64, 128]>"}),
+    ):  # the descriptors' loads are the copy engine's (cp.async.bulk.tensor) on sm_90, the pointers' are not
+        signature = {p.name: {**operands, **common, "k_per_split": "i32"}[p.name] for p in fn.params}
+        source = ASTSource(fn, signature, sizes)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert ("cp.async.bulk.tensor" in ptx) == (fn is tma_probe._descriptor_product), fn.__name__
 
 
 def test_triton_floor_serves_a_model_that_does_no_work_over_each_mode(tmp_path, capsys):
