@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import multiprocessing
@@ -238,10 +239,29 @@ def warm_ms(run, repeats: int) -> float:
     return replay_ms(run, repeats)
 
 
-def _compile_worker(args) -> list[str | None]:
+def failure(exc: Exception) -> str:
+    """A launch that failed (e.g. Triton's OutOfResources), as recorded: its first line, after the device is
+    synchronized (a failed launch may have left work queued)."""
+    sync()
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def in_workers(worker, jobs: list, workers: int) -> list:
+    """``worker`` (picklable: a list of jobs -> one result per job) over ``jobs`` shared out round-robin among
+    ``workers`` spawned processes; the results in the jobs' order."""
+    chunks = [jobs[i::workers] for i in range(workers)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(worker, chunks))
+    results: list = [None] * len(jobs)
+    for i, chunk_results in enumerate(done):
+        for j, result in enumerate(chunk_results):
+            results[i + j * workers] = result
+    return results
+
+
+def _compile_worker(preset: str, views: int, batch: int, jobs) -> list[str | None]:
     """In a worker process: launch each setting once on a one-layer model of the same widths (filling
     Triton's cache); the error line of each that fails."""
-    preset, views, batch, jobs = args
     cfg = get_preset(preset, views)
     one = dataclasses.replace(
         cfg, vocab_size=1024, vision=dataclasses.replace(cfg.vision, depth=1),
@@ -258,21 +278,12 @@ def _compile_worker(args) -> list[str | None]:
                 bench.run_once(kind, {**bench.defaults, **tiles})
             errors.append(None)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton's OutOfResources
-            sync()
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            errors.append(failure(exc))
     return errors
 
 
 def compile_all(args, jobs: list[tuple[str, dict]]) -> list[str | None]:
-    chunks = [jobs[i :: args.workers] for i in range(args.workers)]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        done = list(pool.map(_compile_worker, [(args.preset, args.views, args.batch, c) for c in chunks]))
-    errors: list[str | None] = [None] * len(jobs)
-    for i, chunk_errors in enumerate(done):
-        for j, error in enumerate(chunk_errors):
-            errors[i + j * args.workers] = error
-    return errors
+    return in_workers(functools.partial(_compile_worker, args.preset, args.views, args.batch), jobs, args.workers)
 
 
 def plain_products(policy, rows: int, jobs, errors) -> dict:

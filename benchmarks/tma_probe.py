@@ -20,11 +20,9 @@ cache); the timing then runs in this process alone.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import itertools
 import json
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from benchmarks.decoder_kernels import SMEM_BYTES, products, sync, warm_ms
+from benchmarks.decoder_kernels import SMEM_BYTES, failure, in_workers, products, sync, warm_ms
 from vlaserve.interface import ACTION_HORIZON
 from vlaserve.model.parity import compare
 from vlaserve.model.presets import get_preset
@@ -186,24 +184,15 @@ def _compile_worker(jobs: list[tuple]) -> list[str | None]:
             run(loads, weights_for(n, k, 1), rows, setting, timed=False)
             errors.append(None)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton's OutOfResources
-            sync()
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            errors.append(failure(exc))
     return errors
 
 
 def compile_all(jobs: list[tuple], shapes: dict, workers: int) -> list[str | None]:
-    """Each distinct kernel once (the shapes are run-time arguments, so one kind's compile serves all)."""
+    """Each job launched once, in ``workers`` processes (the shapes are run-time arguments, so the kernels one
+    kind compiles serve the others from Triton's cache)."""
     full = [(loads, kind, rows, s, *shapes[kind]) for loads, kind, rows, s in jobs]
-    if workers <= 1:
-        return _compile_worker(full)
-    chunks = [full[i::workers] for i in range(workers)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = list(pool.map(_compile_worker, chunks))
-    errors: list[str | None] = [None] * len(full)
-    for i, chunk_errors in enumerate(done):
-        for j, error in enumerate(chunk_errors):
-            errors[i + j * workers] = error
-    return errors
+    return _compile_worker(full) if workers <= 1 else in_workers(_compile_worker, full, workers)
 
 
 def main() -> None:

@@ -181,6 +181,7 @@ def test_norm_products_refuse_a_split_of_k():
 
 
 LAYER_KERNELS = ("_norm_qkv_kernel", "_attention_kernel", "_out_proj_kernel", "_norm_geglu_kernel", "_down_proj_kernel")
+STEP_KERNELS = ("_step_io_kernel", "_action_time_kernel", "_action_out_kernel")  # each flow step's own
 
 
 def small_pi0(depth: int):
@@ -362,11 +363,10 @@ def test_flow_step_kernels_compile_for_the_h200(monkeypatch):
     from vlaserve.model import kernels
 
     policy = small_pi0(depth=1)
-    names = ("_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
-    calls = record_launches(monkeypatch, names)
+    calls = record_launches(monkeypatch, STEP_KERNELS)
     monkeypatch.setattr(kernels.FusedDecoder, "layer", lambda *args, **kwargs: None)
     zero_decode(policy, 1)
-    assert [fn.__name__ for fn, *_ in calls] == [*names * NUM_FLOW_STEPS, "_step_io_kernel"]
+    assert [fn.__name__ for fn, *_ in calls] == [*STEP_KERNELS * NUM_FLOW_STEPS, "_step_io_kernel"]
     outs = [(kw["OUT"], kw["IN"]) for fn, *_, kw in calls if fn.__name__ == "_step_io_kernel"]
     assert outs == [(False, True), *[(True, True)] * (NUM_FLOW_STEPS - 1), (True, False)]
     for fn, _, args, kw in calls[:4] + calls[-1:]:  # the first step's three, a later step's first, the last
@@ -378,9 +378,7 @@ def test_each_product_takes_its_own_row_block(monkeypatch):
     names none), with a grid of as many row blocks; a kind whose setting is overridden keeps the default's
     row block only if the override names it. The 128-row defaults compile for sm_90 (their pipelines fit)."""
     policy = small_pi0(depth=1)
-    calls = record_launches(
-        monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
-    )
+    calls = record_launches(monkeypatch, (*LAYER_KERNELS, *STEP_KERNELS))
 
     def blocks(batch: int, tiles: dict | None = None) -> dict:
         calls.clear()
@@ -420,9 +418,7 @@ def test_the_two_attentions_take_their_own_launch_settings(monkeypatch):
 
     policy = small_pi0(depth=1)
     e, p = policy.cfg.expert, policy.cfg.prefix_len
-    calls = record_launches(
-        monkeypatch, (*LAYER_KERNELS, "_step_io_kernel", "_action_time_kernel", "_action_out_kernel")
-    )
+    calls = record_launches(monkeypatch, (*LAYER_KERNELS, *STEP_KERNELS))
 
     def setting(kw: dict) -> tuple:  # an attention launch's (rows, keys, warps, stages, key splits)
         return kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw["SPLITS"]

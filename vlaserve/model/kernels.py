@@ -588,14 +588,14 @@ GEGLU_LAYOUTS = ("two", "interleaved")  # gate/up as two products of BLOCK_N row
 # and warps of :func:`_merge_kernel` (merge "kernel" only).
 _ABOVE_64 = {"step": (64, 64, 4, 3), "step_io": (16, 128, 4), "merge": (8, 4),
              "bias": {"attention": (32, 64, 4, 2), "splits": 0}}  # fmt: skip
+_UP_TO_204 = {"qkv": (64, 64, 4, 6), "attention": (16, 128, 4, 2), "splits": 1, "out": (32, 128, 4, 6, 1),
+              "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2), "block_m": {"geglu": 128}, **_ABOVE_64}  # fmt: skip
 TILES_BY_ROWS = (
     (64, {"qkv": (16, 64, 4, 6), "attention": (16, 128, 4, 2), "out": (32, 128, 4, 4, 4),
           "geglu": (32, 64, 4, 6), "down": (64, 64, 4, 6, 8), "splits": 0, "step": (32, 64, 4, 4),
           "step_io": (16, 128, 4), "merge": (8, 4), "bias": {}}),
-    (102, {"qkv": (64, 64, 4, 6), "attention": (16, 64, 4, 2), "splits": 2, "out": (32, 128, 4, 6, 1),
-           "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
-    (204, {"qkv": (64, 64, 4, 6), "attention": (16, 128, 4, 2), "splits": 1, "out": (32, 128, 4, 6, 1),
-           "geglu": (64, 64, 8, 4), "down": (64, 128, 8, 4, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
+    (102, {**_UP_TO_204, "attention": (16, 64, 4, 2), "splits": 2}),
+    (204, _UP_TO_204),
     (408, {"qkv": (32, 64, 4, 3), "attention": (32, 128, 8, 2), "splits": 1, "out": (64, 64, 4, 6, 1),
            "geglu": (64, 64, 4, 3), "down": (128, 64, 4, 6, 2), "block_m": {"geglu": 128}, **_ABOVE_64}),
     (612, {"qkv": (64, 64, 4, 4), "attention": (64, 32, 4, 3), "splits": 1, "out": (128, 64, 4, 6, 1),
