@@ -7,7 +7,11 @@ For each spec variant (and each ``--env`` setting, one server start each), serve
   Triton's own per-model figures per request (queue, input, compute, output; the ensemble's request), and
   the instances' own per execute and model (vlaserve.runner.PHASES: read, launch, wait, answer);
 - then, for each count in ``--clients``, that many closed-loop gRPC clients for ``--seconds``: right answers
-  per second, their p50 / p99, wrong answers and errors, and the batch each model formed on average.
+  per second, their p50 / p99, wrong answers and errors, the batch each model formed on average, and the
+  instances' phases per execute (so that the GPU wait under load can be set against the graphs' replay
+  times the instances measured at start);
+- with ``--gpu-clocks``, nvidia-smi's SM clock and power sampled every 250 ms through each load phase (median and
+  lowest MHz, median and highest W): whether the GPU held its clock under load.
 The request is the export's golden sample (item 0); every answer is compared with the actions the export
 computed for it in-process (over the export's parity tolerance: wrong). Prints a table last.
 
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import shutil
 import statistics
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +96,58 @@ def execute_phases(before: dict, after: dict) -> dict:
     return out
 
 
+class GpuClocks:
+    """GPU 0's SM clock (MHz) and power (W) from nvidia-smi, one query every ``interval_s`` in a thread
+    while in the block; :meth:`summary` after it. A host without nvidia-smi gets an empty summary, not an
+    error. (One query a time, not nvidia-smi's own loop: a looping nvidia-smi stopped by a signal may leave
+    its last lines unflushed in a pipe.)"""
+
+    COMMAND = ("nvidia-smi", "-i", "0", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits")
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s, self.lines, self.stop, self.thread = interval_s, [], threading.Event(), None
+
+    def __enter__(self):
+        if shutil.which(self.COMMAND[0]):
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(self.COMMAND, capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                out = ""
+            self.lines.extend(out.splitlines())
+            self.stop.wait(self.interval_s)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def summary(self) -> dict:
+        return clock_summary(self.lines)
+
+
+def clock_summary(lines: list[str]) -> dict:
+    """nvidia-smi's "<MHz>, <W>" lines: how many, median and lowest SM MHz, median and highest W (lines that
+    do not parse, such as "[N/A]", are left out)."""
+    samples = []
+    for line in lines:
+        try:
+            mhz, watts = (float(v) for v in line.split(","))
+        except ValueError:
+            continue
+        samples.append((mhz, watts))
+    if not samples:
+        return {}
+    mhz, watts = zip(*samples)
+    return {"samples": len(samples), "sm_mhz_median": statistics.median(mhz), "sm_mhz_min": min(mhz),
+            "power_w_median": statistics.median(watts), "power_w_max": max(watts)}  # fmt: skip
+
+
 def shown(figures: dict) -> list[str]:
     """The models a row's table shows: the steps, or the policy run as one model."""
     return [m for m in MODELS if m in figures] or [io.POLICY]
@@ -136,12 +195,13 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
                 with PolicyClient(server.grpc_url, shared_memory=True, admin_key=server.options.admin_key) as client:
                     row["sequential_shm"] = sequential(server, client, request, reference, tolerance, args.requests)
             for clients in [int(c) for c in args.clients.split(",") if c]:
-                before = metrics.scrape(server.metrics_url)
+                before, sums = metrics.scrape(server.metrics_url), execute_sums(server)
                 with Load([("grpc", server.grpc_url)] * clients, Reference(request, reference, tolerance)) as load:
-                    start = time.time()
-                    time.sleep(args.seconds)
-                    end = time.time()
-                after = metrics.scrape(server.metrics_url)
+                    with GpuClocks() if args.gpu_clocks else contextlib.nullcontext() as clocks:
+                        start = time.time()
+                        time.sleep(args.seconds)
+                        end = time.time()
+                after, sums_after = metrics.scrape(server.metrics_url), execute_sums(server)
                 # requests started within the window (the clients' last requests finish after it)
                 counts = collections.Counter(o for t, o, _ in load.outcomes if start <= t < end)
                 ms = [s * 1e3 for t, s in load.latencies if start <= t < end]
@@ -149,6 +209,8 @@ def run_config(args, variant: str, env: str, workdir: Path) -> dict:
                     "right_per_s": round(counts["ok"] / args.seconds, 1), "wrong": counts["wrong"],
                     "errors": counts["permanent"] + counts["retryable"], "p50_ms": percentile(ms, 0.5),
                     "p99_ms": percentile(ms, 0.99), **per_model(before, after),
+                    "instance_phases": execute_phases(sums, sums_after),
+                    **({"gpu_clocks": clocks.summary()} if args.gpu_clocks else {}),
                 }  # fmt: skip
     finally:
         for k, v in saved.items():
@@ -167,6 +229,8 @@ def main() -> None:
                         help="the batch-1 requests again with their inputs in system shared memory (gRPC)")  # fmt: skip
     parser.add_argument("--clients", default="", help="closed-loop client counts for the load phases, e.g. 16,64")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
+    parser.add_argument("--gpu-clocks", action="store_true",
+                        help="sample GPU 0's SM clock and power with nvidia-smi through each load phase")  # fmt: skip
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rows = []
@@ -190,13 +254,15 @@ def main() -> None:
               f"rel to in-process {s['rel_median']:.2g} (max {s['rel_max']:.2g}) | "
               f"instance read/launch/wait/answer ms {phases}")  # fmt: skip
     print(
-        f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  avg batch"
+        f"\n{'variant, env':36} {'clients':>7} {'right/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'wrong':>5} {'errors':>6}  avg batch | instance wait ms per execute | SM MHz median/min"
     )
     for r in rows:
         for key in [k for k in r if k.startswith("clients_")]:
             c = r[key]
             print(f"{r['variant'] + ', ' + r['env']:36} {key[8:]:>7} {c['right_per_s']:8.1f} {c['p50_ms']:7.1f} "
-                  f"{c['p99_ms']:7.1f} {c['wrong']:5d} {c['errors']:6d}  {'/'.join(str(c[m]['batch']) for m in shown(c))}")  # fmt: skip
+                  f"{c['p99_ms']:7.1f} {c['wrong']:5d} {c['errors']:6d}  {'/'.join(str(c[m]['batch']) for m in shown(c))} | "
+                  f"{'/'.join(str(p['wait_ms']) for p in c['instance_phases'].values())} | "
+                  f"{'/'.join(str(c.get('gpu_clocks', {}).get(k, '-')) for k in ('sm_mhz_median', 'sm_mhz_min'))}")  # fmt: skip
 
 
 if __name__ == "__main__":

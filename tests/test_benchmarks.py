@@ -337,3 +337,28 @@ def test_served_breakdown_takes_the_instances_phases_per_model_and_execute():
         "decoder": {"executes": 4, "read_ms": 0.5, "launch_ms": 2.0},
         "policy": {"executes": 0, "read_ms": None, "launch_ms": None},
     }
+
+
+def test_served_breakdown_samples_the_gpu_clock_through_a_load_phase(tmp_path, monkeypatch):
+    """GpuClocks queries nvidia-smi for as long as the block lasts and summarizes what it printed (here a
+    stand-in on PATH that prints a line and an "[N/A]" line); without nvidia-smi the summary is empty."""
+    import time
+
+    from benchmarks.served_breakdown import GpuClocks, clock_summary
+
+    assert clock_summary(["1980, 650.5", "[N/A], [N/A]", "1755, 700.0", "1830, 690.2"]) == {
+        "samples": 3, "sm_mhz_median": 1830.0, "sm_mhz_min": 1755.0, "power_w_median": 690.2, "power_w_max": 700.0,
+    }  # fmt: skip
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho "1980, 650.5"\necho "[N/A], [N/A]"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with GpuClocks(interval_s=0.05) as clocks:
+        time.sleep(0.5)
+    summary = clocks.summary()
+    assert summary["samples"] >= 3 and summary["sm_mhz_median"] == 1980.0 and summary["power_w_max"] == 650.5
+    assert "--query-gpu=clocks.sm,power.draw" in (tmp_path / "args").read_text()
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    with GpuClocks() as clocks:
+        pass
+    assert clocks.summary() == {}
