@@ -108,6 +108,35 @@ def test_batches_are_padded_to_the_next_bucket():
     assert runner._pad({"state": np.zeros((9, 2))}, 9)["state"].shape == (9, 2)  # beyond the buckets: as is
 
 
+def test_a_torch_runtimes_batch_is_staged_once_per_input_and_padded():
+    """Requests' host inputs for a torch runtime are written into one kept buffer per input, padded to the
+    bucket with the last item: the same values as concatenating and padding, the buffer reused by the next
+    batch and grown for a larger one; one request that fills its bucket is passed on as it came."""
+    import types
+
+    import torch
+
+    from vlaserve.runner import TritonPythonModel
+
+    runner = TritonPythonModel()
+    runner.buckets, runner.staging = [1, 2, 4, 8], {}
+    runner.runtime = types.SimpleNamespace(tensor_kind="torch", device="cpu")
+    parts = [{"state": torch.arange(i, i + 2 * n, dtype=torch.float32).reshape(n, 2),
+              "tokens": torch.full((n, 3), i, dtype=torch.int64)} for i, n in ((0, 1), (10, 2))]  # fmt: skip
+    batch = runner._batch(parts, 3)
+    expected = torch.cat([p["state"] for p in parts])
+    assert torch.equal(batch["state"], torch.cat([expected, expected[-1:]]))
+    assert batch["tokens"].dtype == torch.int64 and batch["tokens"][:, 0].tolist() == [0, 10, 10, 10]
+    kept = runner.staging["state"].data_ptr()
+    one = {"state": torch.ones(1, 2), "tokens": torch.zeros(1, 3, dtype=torch.int64)}
+    assert runner._batch([one], 1) is one  # one request filling its bucket: as it came, nothing staged
+    again = runner._batch([one, one], 2)
+    assert again["state"].shape == (2, 2) and torch.equal(again["state"], torch.ones(2, 2))
+    assert runner.staging["state"].data_ptr() == kept  # reused
+    large = runner._batch([{"state": torch.full((5, 2), 7.0), "tokens": torch.zeros(5, 3, dtype=torch.int64)}], 5)
+    assert large["state"].shape == (8, 2) and bool((large["state"] == 7.0).all())  # grown, padded to 8
+
+
 def test_the_pipeline_declared_once_gives_the_configs_and_the_ensemble(monkeypatch):
     from vlaserve import interface as io
 

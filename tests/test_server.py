@@ -472,3 +472,38 @@ def test_a_one_model_policy_runs_every_step_in_its_instances(tiny_repo, tiny_pol
         assert all(r["alive"] == "yes" and r["golden_err"].endswith("(<= 0.0001)") for r in rows), rows
     finally:
         srv.stop()
+
+
+def test_a_torchscript_pipeline_answers_batched_and_padded_requests_as_in_process(tiny_repo, tiny_policy, tmp_path):
+    """Both models on the TorchScript runtime with buckets 1, 2, 4 and a wide queue delay: requests of 1 to 3
+    items sent together are batched (their inputs, and the prefix the encoder hands the decoder, staged on the
+    host and padded to a bucket), and each answers as in-process PyTorch does."""
+    import dataclasses
+
+    from vlaserve.spec import load_spec
+
+    spec = load_spec(SPEC)
+    for model in ("encoder", "decoder"):
+        batching = {**dataclasses.asdict(spec.runners[model].dynamic_batching), "max_queue_delay_microseconds": 200_000}
+        spec = spec.with_model(model, runtime="torchscript", batch_buckets=[1, 2, 4], dynamic_batching=batching,
+                               instance_groups=[{"name": f"{model}_cpu", "count": 1, "kind": "cpu"}])  # fmt: skip
+    repo = repository.write_repository(spec, tmp_path / "repo", artifacts_from=tiny_repo)
+    srv = start_server(repo, tmp_path / "work")
+    try:
+        requests = [make_request(n, views=2, seed=40 + i, with_noise=True) for i, n in enumerate((1, 3, 2, 1))]
+        client = PolicyClient(srv.grpc_url)
+        before = {m: client.statistics(m) for m in ("encoder", "decoder")}  # model warm-up counts too
+        for _ in range(2):  # the second round reuses the staging buffers the first grew
+            with ThreadPoolExecutor(len(requests)) as pool:
+                answers = list(pool.map(client.infer, requests))
+            for request, actions in zip(requests, answers, strict=True):
+                np.testing.assert_allclose(actions, reference_actions(tiny_policy, request), atol=1e-4, rtol=1e-4)
+        alone = make_request(3, views=2, seed=50, with_noise=True)  # a batch of 3 alone: padded to 4
+        np.testing.assert_allclose(client.infer(alone), reference_actions(tiny_policy, alone), atol=1e-4, rtol=1e-4)
+        stats = {m: {k: v - before[m][k] for k, v in client.statistics(m).items()} for m in before}
+        assert all(s["success_count"] == 9 and s["inference_count"] == 17 for s in stats.values()), stats
+        assert all(s["execution_count"] < 9 for s in stats.values()), stats  # batched, not one execute each
+        status = json.loads(next(srv.status_dir.glob("encoder_cpu_*.json")).read_text())
+        assert status["runtime"] == "torchscript"
+    finally:
+        srv.stop()

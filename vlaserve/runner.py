@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import os
 import tempfile
 import time
@@ -263,6 +264,7 @@ class TritonPythonModel:
         self.runtime = first.runtime  # how inputs are read and where outputs are: the steps share it
         self.status.update(runtime=first.params.runtime, device=self.runtime.device, kind=args["model_instance_kind"])
         self.pinned: dict[int, object] = {}  # page-locked host buffers for the outputs (_to_host)
+        self.staging: dict[str, object] = {}  # host buffers for the batched inputs (_stage)
         self.status.setdefault("value_check", "off" if self.value_check == "off" else "pass")
         noise_seed = next((st.params.noise_seed for st in self.stages if io.NOISE in st.manifest.inputs), None)
         seed = (noise_seed or 0) + int(args["model_instance_device_id"]) * 1000
@@ -533,6 +535,49 @@ class TritonPythonModel:
 
         return {k: torch.cat([p[k].to(self.runtime.device) for p in parts]) for k in parts[0]}
 
+    def _batch(self, parts: list[dict], size: int) -> dict:
+        """The accepted requests' inputs as one batch, padded to the smallest bucket that holds ``size``.
+        For a torch runtime, an input whose parts are all on the host is written once into this instance's
+        staging buffer for it, last item repeated into the padding rows (:meth:`_stage`); one already on the
+        GPU (an earlier model's output) is concatenated and padded there. One request that fills its bucket
+        goes as it came: there is nothing to join, and staging it measured slower at batch 1
+        (docs/BENCHMARKS.md)."""
+        target = next((b for b in self.buckets if b >= size), size)
+        if self.runtime.tensor_kind == "numpy" or (len(parts) == 1 and target == size):
+            return self._pad(self._concat(parts), size)
+        batch = {}
+        for name in parts[0]:
+            values = [p[name] for p in parts]
+            if all(v.device.type == "cpu" for v in values):
+                batch[name] = self._stage(name, values, target)
+            else:
+                batch.update(self._pad(self._concat([{name: v} for v in values]), size))
+        return batch
+
+    def _stage(self, name: str, values: list, target: int):
+        """``values`` (host tensors, batch first) copied into the staging buffer for ``name``, rows past them
+        filled with the last one, up to ``target`` rows: a view of the buffer. The buffer is kept and grown
+        as needed, page-locked where the runtime is on a GPU: the copy to the GPU is then one transfer at
+        the bus's speed that runs while the host goes on, where from each request's own memory it was one
+        slower, blocking copy per request. Reusing it in the next call is safe: a call that computed waits
+        for its outputs to reach the host (:meth:`_answer`), and so for its inputs' transfer, which the same
+        stream ran first."""
+        import torch
+
+        first = values[0]
+        shape = (target, *first.shape[1:])
+        numel = math.prod(shape)
+        buffer = self.staging.get(name)
+        if buffer is None or buffer.dtype != first.dtype or buffer.numel() < numel:
+            pin = str(self.runtime.device).startswith("cuda")
+            buffer = self.staging[name] = torch.empty(numel, dtype=first.dtype, pin_memory=pin)
+        view = buffer[:numel].view(shape)
+        size = sum(len(v) for v in values)
+        torch.cat(values, out=view[:size])
+        if target > size:
+            view[size:] = view[size - 1 : size]
+        return view
+
     def _pad(self, inputs: dict, size: int) -> dict:
         """Repeat the last item up to the smallest bucket that holds ``size`` (outputs are sliced back)."""
         target = next((b for b in self.buckets if b >= size), size)
@@ -601,7 +646,7 @@ class TritonPythonModel:
             return responses
         sizes = [len(next(iter(p.values()))) for p in parts]
         try:
-            outputs = self._compute(self._pad(self._concat(parts), sum(sizes)))
+            outputs = self._compute(self._batch(parts, sum(sizes)))
             marks.append(time.perf_counter())
         except Exception as exc:  # noqa: BLE001 - the runtime's failure goes back to each request it concerned
             if admitting:  # these requests never reach the decoder
