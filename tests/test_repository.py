@@ -111,7 +111,8 @@ def test_batches_are_padded_to_the_next_bucket():
 def test_a_torch_runtimes_batch_is_staged_once_per_input_and_padded():
     """Requests' host inputs for a torch runtime are written into one kept buffer per input, padded to the
     bucket with the last item: the same values as concatenating and padding, the buffer reused by the next
-    batch and grown for a larger one; one request that fills its bucket is passed on as it came."""
+    batch and grown for a larger one; one request that fills its bucket, and an input that is not the
+    request's own, are passed on as before."""
     import types
 
     import torch
@@ -135,6 +136,10 @@ def test_a_torch_runtimes_batch_is_staged_once_per_input_and_padded():
     assert runner.staging["state"].data_ptr() == kept  # reused
     large = runner._batch([{"state": torch.full((5, 2), 7.0), "tokens": torch.zeros(5, 3, dtype=torch.int64)}], 5)
     assert large["state"].shape == (8, 2) and bool((large["state"] == 7.0).all())  # grown, padded to 8
+    # an earlier model's output (not request-facing) is joined and padded as before, not staged
+    prefix = runner._batch([{"prefix_kv": torch.ones(1, 3)}, {"prefix_kv": torch.zeros(2, 3)}], 3)
+    assert prefix["prefix_kv"].shape == (4, 3) and prefix["prefix_kv"][:, 0].tolist() == [1, 0, 0, 0]
+    assert "prefix_kv" not in runner.staging
 
 
 def test_the_pipeline_declared_once_gives_the_configs_and_the_ensemble(monkeypatch):

@@ -476,8 +476,8 @@ def test_a_one_model_policy_runs_every_step_in_its_instances(tiny_repo, tiny_pol
 
 def test_a_torchscript_pipeline_answers_batched_and_padded_requests_as_in_process(tiny_repo, tiny_policy, tmp_path):
     """Both models on the TorchScript runtime with buckets 1, 2, 4 and a wide queue delay: requests of 1 to 3
-    items sent together are batched (their inputs, and the prefix the encoder hands the decoder, staged on the
-    host and padded to a bucket), and each answers as in-process PyTorch does."""
+    items sent together are batched (their request inputs staged on the host and padded to a bucket; the
+    prefix the encoder hands the decoder joined as before), and each answers as in-process PyTorch does."""
     import dataclasses
 
     from vlaserve.spec import load_spec
@@ -493,7 +493,7 @@ def test_a_torchscript_pipeline_answers_batched_and_padded_requests_as_in_proces
         requests = [make_request(n, views=2, seed=40 + i, with_noise=True) for i, n in enumerate((1, 3, 2, 1))]
         client = PolicyClient(srv.grpc_url)
         before = {m: client.statistics(m) for m in ("encoder", "decoder")}  # model warm-up counts too
-        for _ in range(2):  # the second round reuses the staging buffers the first grew
+        for _ in range(2):  # twice: the second round reuses the staging buffers
             with ThreadPoolExecutor(len(requests)) as pool:
                 answers = list(pool.map(client.infer, requests))
             for request, actions in zip(requests, answers, strict=True):

@@ -27,6 +27,7 @@ NOISE = "noise"
 PREFIX_KV = "prefix_kv"
 PREFIX_MASK = "prefix_mask"
 ACTIONS = "actions"
+REQUEST_INPUTS = (IMAGES, TOKENS, STATE, NOISE)  # what a client sends: on the host, at most 0.3 MB an item
 
 ENCODER = "encoder"
 DECODER = "decoder"

@@ -494,7 +494,7 @@ class TritonPythonModel:
         required = [n for n in (*self.input_shapes, *self.check_only) if n != io.NOISE]
         inputs = {}
         for name in self.input_shapes:
-            checked = name in (io.IMAGES, io.TOKENS, io.STATE, io.NOISE)  # request-facing: on the host, small
+            checked = name in io.REQUEST_INPUTS  # request-facing: on the host, small
             value = self._read(request, name, as_numpy or checked)
             if value is None and name == io.NOISE:
                 batch = len(inputs[io.STATE])
@@ -537,18 +537,19 @@ class TritonPythonModel:
 
     def _batch(self, parts: list[dict], size: int) -> dict:
         """The accepted requests' inputs as one batch, padded to the smallest bucket that holds ``size``.
-        For a torch runtime, an input whose parts are all on the host is written once into this instance's
-        staging buffer for it, last item repeated into the padding rows (:meth:`_stage`); one already on the
-        GPU (an earlier model's output) is concatenated and padded there. One request that fills its bucket
-        goes as it came: there is nothing to join, and staging it measured slower at batch 1
-        (docs/BENCHMARKS.md)."""
+        For a torch runtime, a request-facing input (images, tokens, state, noise: at most 0.3 MB an item)
+        whose parts are all on the host is written once into this instance's staging buffer for it, last item
+        repeated into the padding rows (:meth:`_stage`). Any other input (an earlier model's output, such as
+        the 10 MB of prefix keys/values an item, whose staging was not measured) is joined and padded on the
+        runtime's device as before. One request that fills its bucket goes as it came: there is nothing to
+        join, and staging it appeared slower at batch 1 (docs/BENCHMARKS.md)."""
         target = next((b for b in self.buckets if b >= size), size)
         if self.runtime.tensor_kind == "numpy" or (len(parts) == 1 and target == size):
             return self._pad(self._concat(parts), size)
         batch = {}
         for name in parts[0]:
             values = [p[name] for p in parts]
-            if all(v.device.type == "cpu" for v in values):
+            if name in io.REQUEST_INPUTS and all(v.device.type == "cpu" for v in values):
                 batch[name] = self._stage(name, values, target)
             else:
                 batch.update(self._pad(self._concat([{name: v} for v in values]), size))
