@@ -362,3 +362,15 @@ def test_served_breakdown_samples_the_gpu_clock_through_a_load_phase(tmp_path, m
     with GpuClocks() as clocks:
         pass
     assert clocks.summary() == {}
+
+
+def test_sustained_clock_takes_each_windows_median_from_its_own_replays():
+    """A replay belongs to the window its start falls in (start inclusive, end exclusive); an empty window is
+    None, not 0."""
+    from benchmarks.sustained_clock import median_between
+
+    load = [(0.0, 68.0), (0.5, 70.0), (0.99, 90.0), (1.0, 75.0), (9.9, 76.0), (10.0, 77.0)]
+    assert median_between(load, 0, 1) == 70.0
+    assert median_between(load, 1, 10) == 75.5
+    assert median_between(load, 10, 15) == 77.0
+    assert median_between(load, 2, 3) is None
