@@ -1,6 +1,8 @@
 """Does a CUDA-graph replay take as long under sustained load as when the GPU has rested? Per model, at one
 batch bucket: replays spaced by an idle gap, then replays back to back for a while, each timed with CUDA
-events, with GPU 0's SM clock and power sampled by nvidia-smi through the back-to-back phase.
+events, with GPU 0's SM clock and power sampled by nvidia-smi through the back-to-back phase. The graph's
+answers are checked against the export's golden samples first (``--blas cublaslt`` asks torch for cuBLASLt's products
+instead of cuBLAS's before anything is compiled or captured).
 
     python -m benchmarks.sustained_clock --repository /tmp/pi0_repo --batch 16 --seconds 15 --out $OUT/clock.json
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.served_breakdown import GpuClocks
-from vlaserve import repository
+from vlaserve import repository, value_check
 from vlaserve.manifest import read_manifest
 from vlaserve.params import RunnerParams
 from vlaserve.runtimes import load_runtime
@@ -62,9 +64,11 @@ def main() -> None:
     parser.add_argument("--spaced", type=int, default=10, help="replays after an idle gap")
     parser.add_argument("--gap", type=float, default=1.0, help="the idle gap before each spaced replay, s")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the back-to-back phase")
+    parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas", help="torch's BLAS library")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     repo, rows = Path(args.repository), []
+    torch.backends.cuda.preferred_blas_library(args.blas)
     for name in args.models.split(","):
         manifest = read_manifest(repo, name)
         runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
@@ -73,13 +77,18 @@ def main() -> None:
         print(f"{name}: compile: {runtime.compile(manifest, batch=args.batch) or 'ok'}", flush=True)
         runtime.capture_graphs([args.batch], manifest.inputs)
         graph = runtime.graphs.graphs[args.batch][0]
+        golden = value_check.check_golden(  # through the graph, as served
+            runtime.run, value_check.load_golden(repo / name / "1"), [args.batch], manifest.dtype,
+            runtime.tensor_kind == "numpy",
+        )  # fmt: skip
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
         with GpuClocks() as clocks:
             load = sustained(graph, args.seconds)
         row = {
-            "model": name, "batch": args.batch, "attention": runtime.graphs.chosen[args.batch],
+            "model": name, "batch": args.batch, "blas": args.blas, "attention": runtime.graphs.chosen[args.batch],
+            "golden": golden,
             "spaced_ms": [round(ms, 3) for ms in rest], "spaced_median_ms": round(statistics.median(rest), 3),
             "replays": len(load), "first_second_ms": median_between(load, 0, 1),
             "last_5s_ms": median_between(load, args.seconds - 5, args.seconds), "clocks": clocks.summary(),
@@ -92,12 +101,13 @@ def main() -> None:
         torch.cuda.empty_cache()
         time.sleep(args.gap * 5)  # the next model starts from a rested GPU too
     print(
-        f"\n{'model':8} {'batch':>5} {'rested ms':>10} {'first s ms':>11} {'last 5 s ms':>12} {'SM MHz med/min':>15} {'W med':>6}"
+        f"\n{'model':8} {'batch':>5} {'blas':>8} {'golden':>7} {'rested ms':>10} {'first s ms':>11} {'last 5 s ms':>12} {'SM MHz med/min':>15} {'W med':>6}"
     )
     for r in rows:
         c = r["clocks"]
         print(
-            f"{r['model']:8} {r['batch']:5d} {r['spaced_median_ms']:10.2f} {r['first_second_ms']:11.2f} "
+            f"{r['model']:8} {r['batch']:5d} {r['blas']:>8} {r['golden']['worst']:7.4f} "
+            f"{r['spaced_median_ms']:10.2f} {r['first_second_ms']:11.2f} "
             f"{r['last_5s_ms']:12.2f} {c.get('sm_mhz_median', 0):7.0f}/{c.get('sm_mhz_min', 0):<7.0f} {c.get('power_w_median', 0):6.0f}"
         )
 
