@@ -1,8 +1,9 @@
 """Does a CUDA-graph replay take as long under sustained load as when the GPU has rested? Per model, at one
 batch bucket: replays spaced by an idle gap, then replays back to back for a while, each timed with CUDA
 events, with GPU 0's SM clock and power sampled by nvidia-smi through the back-to-back phase. The graph's
-answers are checked against the export's golden samples first (``--blas cublaslt`` asks torch for cuBLASLt's products
-instead of cuBLAS's before anything is compiled or captured).
+answers are checked against the export's golden samples first, and a graph that fails them is not timed
+(``--blas cublaslt`` asks torch for cuBLASLt's products instead of cuBLAS's before anything is compiled or
+captured). Needs a CUDA GPU.
 
     python -m benchmarks.sustained_clock --repository /tmp/pi0_repo --batch 16 --seconds 15 --out $OUT/clock.json
 """
@@ -75,12 +76,17 @@ def main() -> None:
         config = repository.read_config(repo / name / repository.CONFIG_FILE)
         runtime.fused_kernels = RunnerParams.of_model_config(config).fused_kernels  # as the served runtime
         print(f"{name}: compile: {runtime.compile(manifest, batch=args.batch) or 'ok'}", flush=True)
-        runtime.capture_graphs([args.batch], manifest.inputs)
+        why_not = runtime.capture_graphs([args.batch], manifest.inputs)
+        if why_not:
+            raise SystemExit(f"{name}: no CUDA graph at batch {args.batch}: {why_not}")
         graph = runtime.graphs.graphs[args.batch][0]
         golden = value_check.check_golden(  # through the graph, as served
             runtime.run, value_check.load_golden(repo / name / "1"), [args.batch], manifest.dtype,
             runtime.tensor_kind == "numpy",
         )  # fmt: skip
+        if not value_check.passed(golden):
+            raise SystemExit(f"{name}: the graph's answers are wrong ({golden['worst']:.4g} at {golden['where']}, "
+                             f"tolerance {golden['tolerance']}): not timed")  # fmt: skip
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
