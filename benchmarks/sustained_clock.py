@@ -57,6 +57,43 @@ def median_between(times: list[tuple[float, float]], low: float, high: float) ->
     return round(statistics.median(inside), 3) if inside else None
 
 
+def checked(name: str, runtime, version_dir: Path, batch: int, dtype: str) -> dict:
+    """The export's golden samples through ``runtime.run`` at ``batch`` (its graph there, if captured), as the
+    runner checks them at start; wrong answers end the run loudly, since a time for them would be void."""
+    golden = value_check.check_golden(
+        runtime.run, value_check.load_golden(version_dir), [batch], dtype, runtime.tensor_kind == "numpy"
+    )
+    if not value_check.passed(golden):
+        raise SystemExit(
+            f"{name}: wrong answers through the graph ({golden['worst']:.4g} at {golden['where']}, tolerance "
+            f"{golden['tolerance']}): not timed"
+        )
+    return golden
+
+
+def prepared(repo: Path, name: str, batch: int) -> tuple:
+    """``name``'s runtime on cuda:0 as a served GPU instance of the repository's config has it (compiled, with
+    its fused kernels and fp8 products where the config asks, one CUDA graph at ``batch``), checked against
+    its golden samples: (runtime, the graph, the golden check)."""
+    manifest = read_manifest(repo, name)
+    runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
+    params = RunnerParams.of_model_config(repository.read_config(repo / name / repository.CONFIG_FILE))
+    runtime.fused_kernels, runtime.precision = params.fused_kernels, params.precision
+    why_not = runtime.compile(manifest, batch=batch)
+    if why_not:
+        raise SystemExit(f"{name}: not compiled ({why_not}): the served runtime would differ")
+    print(f"{name}: compiled", flush=True)
+    why_not = runtime.capture_graphs([batch], manifest.inputs)
+    if why_not:
+        raise SystemExit(f"{name}: no CUDA graph at batch {batch}: {why_not}")
+    dtype = "fp8" if getattr(runtime, "precision", None) == "fp8" else manifest.dtype  # as the runner judges it
+    return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, repo / name / "1", batch, dtype)
+
+
+def shown(value, width: int) -> str:
+    return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", required=True, help="the exported artifacts (make export)")
@@ -68,25 +105,14 @@ def main() -> None:
     parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas", help="torch's BLAS library")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.spaced < 1 or args.seconds < 5:
+        parser.error("--spaced needs at least 1 replay and --seconds at least 5 (the last 5 s are a window)")
     repo, rows = Path(args.repository), []
     torch.backends.cuda.preferred_blas_library(args.blas)
-    for name in args.models.split(","):
-        manifest = read_manifest(repo, name)
-        runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
-        config = repository.read_config(repo / name / repository.CONFIG_FILE)
-        runtime.fused_kernels = RunnerParams.of_model_config(config).fused_kernels  # as the served runtime
-        print(f"{name}: compile: {runtime.compile(manifest, batch=args.batch) or 'ok'}", flush=True)
-        why_not = runtime.capture_graphs([args.batch], manifest.inputs)
-        if why_not:
-            raise SystemExit(f"{name}: no CUDA graph at batch {args.batch}: {why_not}")
-        graph = runtime.graphs.graphs[args.batch][0]
-        golden = value_check.check_golden(  # through the graph, as served
-            runtime.run, value_check.load_golden(repo / name / "1"), [args.batch], manifest.dtype,
-            runtime.tensor_kind == "numpy",
-        )  # fmt: skip
-        if not value_check.passed(golden):
-            raise SystemExit(f"{name}: the graph's answers are wrong ({golden['worst']:.4g} at {golden['where']}, "
-                             f"tolerance {golden['tolerance']}): not timed")  # fmt: skip
+    for i, name in enumerate(args.models.split(",")):
+        if i:
+            time.sleep(args.gap * 5)  # the next model starts from a rested GPU too
+        runtime, graph, golden = prepared(repo, name, args.batch)
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
@@ -105,7 +131,6 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2))
         runtime = graph = None
         torch.cuda.empty_cache()
-        time.sleep(args.gap * 5)  # the next model starts from a rested GPU too
     print(
         f"\n{'model':8} {'batch':>5} {'blas':>8} {'golden':>7} {'rested ms':>10} {'first s ms':>11} {'last 5 s ms':>12} {'SM MHz med/min':>15} {'W med':>6}"
     )
@@ -113,8 +138,8 @@ def main() -> None:
         c = r["clocks"]
         print(
             f"{r['model']:8} {r['batch']:5d} {r['blas']:>8} {r['golden']['worst']:7.4f} "
-            f"{r['spaced_median_ms']:10.2f} {r['first_second_ms']:11.2f} "
-            f"{r['last_5s_ms']:12.2f} {c.get('sm_mhz_median', 0):7.0f}/{c.get('sm_mhz_min', 0):<7.0f} {c.get('power_w_median', 0):6.0f}"
+            f"{r['spaced_median_ms']:10.2f} {shown(r['first_second_ms'], 11)} "
+            f"{shown(r['last_5s_ms'], 12)} {c.get('sm_mhz_median', 0):7.0f}/{c.get('sm_mhz_min', 0):<7.0f} {c.get('power_w_median', 0):6.0f}"
         )
 
 

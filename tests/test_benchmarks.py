@@ -374,3 +374,19 @@ def test_sustained_clock_takes_each_windows_median_from_its_own_replays():
     assert median_between(load, 1, 10) == 75.5
     assert median_between(load, 10, 15) == 77.0
     assert median_between(load, 2, 3) is None
+
+
+def test_sustained_clock_refuses_to_time_a_model_whose_answers_are_wrong(tiny_repo):
+    """Its golden check passes the artifact as exported, and ends the run (before any timing) when the same
+    runtime answers off by 10 %."""
+    from benchmarks.sustained_clock import checked
+    from vlaserve.manifest import read_manifest
+    from vlaserve.runtimes import load_runtime
+
+    manifest = read_manifest(tiny_repo, "encoder")
+    runtime = load_runtime("torchscript", tiny_repo / "encoder" / "1", list(manifest.outputs), "cpu")
+    assert checked("encoder", runtime, tiny_repo / "encoder" / "1", 2, manifest.dtype)["worst"] < 1e-4
+    right = runtime.run
+    runtime.run = lambda inputs: [t * 1.1 if t.is_floating_point() else t for t in right(inputs)]
+    with pytest.raises(SystemExit, match="encoder: wrong answers through the graph"):
+        checked("encoder", runtime, tiny_repo / "encoder" / "1", 2, manifest.dtype)
