@@ -21,6 +21,7 @@ import torch
 from benchmarks.served_breakdown import GpuClocks
 from vlaserve import repository, value_check
 from vlaserve.manifest import read_manifest
+from vlaserve.model.parity import judged_as
 from vlaserve.params import RunnerParams
 from vlaserve.runtimes import load_runtime
 
@@ -86,7 +87,7 @@ def prepared(repo: Path, name: str, batch: int) -> tuple:
     why_not = runtime.capture_graphs([batch], manifest.inputs)
     if why_not:
         raise SystemExit(f"{name}: no CUDA graph at batch {batch}: {why_not}")
-    dtype = "fp8" if getattr(runtime, "precision", None) == "fp8" else manifest.dtype  # as the runner judges it
+    dtype = judged_as(manifest.dtype, runtime.precision)  # as the runner judges it (fp8 at its own tolerance)
     return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, repo / name / "1", batch, dtype)
 
 

@@ -423,11 +423,12 @@ class TritonPythonModel:
             if stage.params.cuda_graphs:
                 stage.status.update(self._capture_graphs(stage))
             if self.value_check != "off":  # through the exact serving path: compiled layers, graphs, attention
+                from vlaserve.model.parity import judged_as  # imports torch, as the golden check does
+
                 golden = value_check.load_golden(stage.version_dir)
                 as_numpy = stage.runtime.tensor_kind == "numpy"
                 run = functools.partial(self._run_synced, stage.runtime)
-                fp8 = getattr(stage.runtime, "precision", None) == "fp8"  # checked at fp8's own tolerance
-                dtype = "fp8" if fp8 else stage.manifest.dtype
+                dtype = judged_as(stage.manifest.dtype, getattr(stage.runtime, "precision", None))
                 result = value_check.check_golden(run, golden, checked_batches, dtype, as_numpy)
                 self._judge("golden", result, stage)
 

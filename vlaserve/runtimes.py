@@ -157,7 +157,7 @@ class TorchScriptRuntime:
         self.dropped, self.fused_note = set(), ""  # each compile checks every optional choice afresh
         if backend == "inductor" and not self.device.startswith("cuda"):
             return f"no CUDA device here ({self.device} instance): running the TorchScript module uncompiled"
-        from vlaserve.model.parity import REL_TOLERANCE, compare
+        from vlaserve.model.parity import REL_TOLERANCE, compare, judged_as
 
         if not Path(sys.executable).name.startswith("python"):
             # In Triton's Python-backend stub, sys.executable is not a Python that could run Inductor's
@@ -187,7 +187,7 @@ class TorchScriptRuntime:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)
             return f"compiling failed, running the TorchScript module: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        tolerance = REL_TOLERANCE["fp8" if self.precision == "fp8" else manifest.dtype]
+        tolerance = REL_TOLERANCE[judged_as(manifest.dtype, self.precision)]
         # the Triton kernels are optional choices: one that fails is dropped alone, and the status says why
         notes = [
             self._check_optional(name, context, module, inputs, ref, tolerance, rel)

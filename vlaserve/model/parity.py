@@ -14,6 +14,12 @@ REL_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 REL_TOLERANCE["fp8"] = 1e-1
 
 
+def judged_as(dtype: str, precision: str | None) -> str:
+    """The REL_TOLERANCE key a step's answers are judged at: "fp8" where its products run in float8 (its
+    runtime's ``precision``), otherwise its artifact's dtype."""
+    return "fp8" if precision == "fp8" else dtype
+
+
 def random_request(batch: int, views: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
     """Camera-like frames, a prompt with random length (rest padding), a state and noise."""
     gen = torch.Generator().manual_seed(seed)
