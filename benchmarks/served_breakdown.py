@@ -10,8 +10,8 @@ For each spec variant (and each ``--env`` setting, one server start each), serve
   per second, their p50 / p99, wrong answers and errors, the batch each model formed on average, and the
   instances' phases per execute (so that the GPU wait under load can be set against the graphs' replay
   times the instances measured at start);
-- with ``--gpu-clocks``, nvidia-smi's SM clock and power of its GPU 0 (its own numbering, not
-  CUDA_VISIBLE_DEVICES') sampled about every 250 ms through each load phase (median and lowest MHz, median
+- with ``--gpu-clocks``, nvidia-smi's SM clock and power of the GPU the server's device 0 is (the first of
+  CUDA_VISIBLE_DEVICES where set, which the server inherits) sampled about every 250 ms through each load phase (median and lowest MHz, median
   and highest W): whether the GPU held its clock under load.
 The request is the export's golden sample (item 0); every answer is compared with the actions the export
 computed for it in-process (over the export's parity tolerance: wrong). Prints a table last.
@@ -97,19 +97,34 @@ def execute_phases(before: dict, after: dict) -> dict:
     return out
 
 
+def visible_gpu(index: int = 0) -> str:
+    """How nvidia-smi's ``-i`` names CUDA device ``index`` of a process started with this environment: the
+    index-th entry of CUDA_VISIBLE_DEVICES where that is set (an index or a UUID; nvidia-smi takes both), else
+    ``index`` itself (nvidia-smi numbers GPUs in PCI bus order, as CUDA does among identical GPUs)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return str(index)
+    if index >= len(visible):
+        raise ValueError(f"CUDA device {index}, but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    return visible[index]
+
+
 class GpuClocks:
-    """GPU 0's SM clock (MHz) and power (W) from nvidia-smi, one query every ``interval_s`` in a thread
-    while in the block; :meth:`summary` after it. A host without nvidia-smi gets an empty summary, not an
-    error. (One query a time, not nvidia-smi's own loop: a looping nvidia-smi stopped by a signal may leave
-    its last lines unflushed in a pipe.)"""
+    """One GPU's SM clock (MHz) and power (W) from nvidia-smi, one query every ``interval_s`` in a thread
+    while in the block; :meth:`summary` after it. ``gpu`` is what nvidia-smi's ``-i`` takes (an index in its
+    own numbering or a UUID); by default the GPU that CUDA device 0 is here (:func:`visible_gpu`). A host
+    without nvidia-smi gets an empty summary, not an error. (One query a time, not nvidia-smi's own loop: a
+    looping nvidia-smi stopped by a signal may leave its last lines unflushed in a pipe.)"""
 
-    COMMAND = ("nvidia-smi", "-i", "0", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits")
+    QUERY = ("--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits")
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 0.25, gpu: str | None = None):
         self.interval_s, self.lines, self.stop, self.thread = interval_s, [], threading.Event(), None
+        self.gpu = visible_gpu() if gpu is None else gpu
+        self.command = ("nvidia-smi", "-i", self.gpu, *self.QUERY)
 
     def __enter__(self):
-        if shutil.which(self.COMMAND[0]):
+        if shutil.which(self.command[0]):
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
         return self
@@ -117,7 +132,7 @@ class GpuClocks:
     def _sample(self) -> None:
         while not self.stop.is_set():
             try:
-                out = subprocess.run(self.COMMAND, capture_output=True, text=True, timeout=10).stdout
+                out = subprocess.run(self.command, capture_output=True, text=True, timeout=10).stdout
             except (OSError, subprocess.SubprocessError):
                 out = ""
             self.lines.extend(out.splitlines())
@@ -129,7 +144,8 @@ class GpuClocks:
             self.thread.join()
 
     def summary(self) -> dict:
-        return clock_summary(self.lines)
+        summary = clock_summary(self.lines)
+        return {**summary, "gpu": self.gpu} if summary else {}
 
 
 def clock_summary(lines: list[str]) -> dict:
@@ -231,7 +247,7 @@ def main() -> None:
     parser.add_argument("--clients", default="", help="closed-loop client counts for the load phases, e.g. 16,64")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
     parser.add_argument("--gpu-clocks", action="store_true",
-                        help="sample GPU 0's SM clock and power with nvidia-smi through each load phase")  # fmt: skip
+                        help="sample the server's GPU's SM clock and power with nvidia-smi through each load phase")  # fmt: skip
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rows = []

@@ -1,9 +1,9 @@
 """Does a CUDA-graph replay take as long under sustained load as when the GPU has rested? Per model, at one
 batch bucket: replays spaced by an idle gap, then replays back to back for a while, each timed with CUDA
-events, with GPU 0's SM clock and power sampled by nvidia-smi through the back-to-back phase. The graph's
-answers are checked against the export's golden samples first, and a graph that fails them is not timed
-(``--blas cublaslt`` asks torch for cuBLASLt's products instead of cuBLAS's before anything is compiled or
-captured). Needs a CUDA GPU.
+events, with the SM clock and power of the GPU in use (cuda:0, named to nvidia-smi by its UUID) sampled
+through the back-to-back phase. The graph's answers are checked against the export's golden samples
+first, and a graph that fails them is not timed (``--blas cublaslt`` asks torch for cuBLASLt's products
+instead of cuBLAS's before anything is compiled or captured). Needs a CUDA GPU.
 
     python -m benchmarks.sustained_clock --repository /tmp/pi0_repo --batch 16 --seconds 15 --out $OUT/clock.json
 """
@@ -117,7 +117,7 @@ def main() -> None:
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
-        with GpuClocks() as clocks:
+        with GpuClocks(gpu=f"GPU-{torch.cuda.get_device_properties(0).uuid}") as clocks:  # cuda:0's own GPU
             load = sustained(graph, args.seconds)
         row = {
             "model": name, "batch": args.batch, "blas": args.blas, "attention": runtime.graphs.chosen[args.batch],

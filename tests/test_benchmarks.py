@@ -341,10 +341,11 @@ def test_served_breakdown_takes_the_instances_phases_per_model_and_execute():
 
 def test_served_breakdown_samples_the_gpu_clock_through_a_load_phase(tmp_path, monkeypatch):
     """GpuClocks queries nvidia-smi for as long as the block lasts and summarizes what it printed (here a
-    stand-in on PATH that prints a line and an "[N/A]" line); without nvidia-smi the summary is empty."""
+    stand-in on PATH that prints a line and an "[N/A]" line); it asks about the GPU that CUDA device 0 is
+    under CUDA_VISIBLE_DEVICES, or the one it is given; without nvidia-smi the summary is empty."""
     import time
 
-    from benchmarks.served_breakdown import GpuClocks, clock_summary
+    from benchmarks.served_breakdown import GpuClocks, clock_summary, visible_gpu
 
     assert clock_summary(["1980, 650.5", "[N/A], [N/A]", "1755, 700.0", "1830, 690.2"]) == {
         "samples": 3, "sm_mhz_median": 1830.0, "sm_mhz_min": 1755.0, "power_w_median": 690.2, "power_w_max": 700.0,
@@ -353,11 +354,21 @@ def test_served_breakdown_samples_the_gpu_clock_through_a_load_phase(tmp_path, m
     fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho "1980, 650.5"\necho "[N/A], [N/A]"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")  # the server's device 0 is nvidia-smi's GPU 3
     with GpuClocks(interval_s=0.05) as clocks:
         time.sleep(0.5)
     summary = clocks.summary()
     assert summary["samples"] >= 3 and summary["sm_mhz_median"] == 1980.0 and summary["power_w_max"] == 650.5
-    assert "--query-gpu=clocks.sm,power.draw" in (tmp_path / "args").read_text()
+    assert summary["gpu"] == "3"
+    assert (tmp_path / "args").read_text().split()[:3] == ["-i", "3", "--query-gpu=clocks.sm,power.draw"]
+    with GpuClocks(interval_s=0.05, gpu="GPU-1234") as clocks:
+        time.sleep(0.1)
+    assert (tmp_path / "args").read_text().split()[:2] == ["-i", "GPU-1234"]
+    assert visible_gpu(1) == "1"
+    with pytest.raises(ValueError, match="CUDA device 2"):
+        visible_gpu(2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpu() == "0"
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     with GpuClocks() as clocks:
         pass
