@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.served_breakdown import GpuClocks
+from vlaserve import interface as io
 from vlaserve import repository, value_check
-from vlaserve.manifest import read_manifest
+from vlaserve.manifest import Manifest
 from vlaserve.model.parity import judged_as
 from vlaserve.params import RunnerParams
 from vlaserve.runtimes import load_runtime
@@ -72,13 +73,28 @@ def checked(name: str, runtime, version_dir: Path, batch: int, dtype: str) -> di
     return golden
 
 
+def served_step(repo: Path, name: str) -> tuple[Path, RunnerParams]:
+    """Where step ``name``'s artifacts are and the parameters it is served with: its own model's (``repo/name``),
+    or, in a one-model repository (a variant such as gpu_one_model_fp8 written by ``python -m
+    vlaserve.repository --variant V --out DIR``), the policy's parameters for that step."""
+    own = repo / name / repository.CONFIG_FILE
+    if own.is_file():
+        return repo / name / "1", RunnerParams.of_model_config(repository.read_config(own))
+    policy = repo / io.POLICY / repository.CONFIG_FILE
+    if policy.is_file():
+        params = RunnerParams.of_model_config(repository.read_config(policy))
+        if name in params.steps:
+            return repo / io.POLICY / "1" / name, params.steps[name]
+    raise SystemExit(f"{repo}: no model {name!r}, nor a one-model policy with a step {name!r}")
+
+
 def prepared(repo: Path, name: str, batch: int) -> tuple:
     """``name``'s runtime on cuda:0 as a served GPU instance of the repository's config has it (compiled, with
     its fused kernels and fp8 products where the config asks, one CUDA graph at ``batch``), checked against
     its golden samples: (runtime, the graph, the golden check)."""
-    manifest = read_manifest(repo, name)
-    runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
-    params = RunnerParams.of_model_config(repository.read_config(repo / name / repository.CONFIG_FILE))
+    folder, params = served_step(repo, name)
+    manifest = Manifest.read(folder / io.MANIFEST_FILE)
+    runtime = load_runtime("torchscript", folder, list(manifest.outputs), "cuda:0")
     runtime.fused_kernels, runtime.precision = params.fused_kernels, params.precision
     why_not = runtime.compile(manifest, batch=batch)
     if why_not:
@@ -88,7 +104,7 @@ def prepared(repo: Path, name: str, batch: int) -> tuple:
     if why_not:
         raise SystemExit(f"{name}: no CUDA graph at batch {batch}: {why_not}")
     dtype = judged_as(manifest.dtype, runtime.precision)  # as the runner judges it (fp8 at its own tolerance)
-    return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, repo / name / "1", batch, dtype)
+    return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, folder, batch, dtype)
 
 
 def shown(value, width: int) -> str:
@@ -97,7 +113,12 @@ def shown(value, width: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repository", required=True, help="the exported artifacts (make export)")
+    parser.add_argument(
+        "--repository",
+        required=True,
+        help="the exported artifacts (make export), or a variant of them written by "
+        "python -m vlaserve.repository --variant V --out DIR (its steps' parameters: fp8 where V asks)",
+    )
     parser.add_argument("--models", default=",".join(repository.RUNNER_MODELS), help="comma-separated")
     parser.add_argument("--batch", type=int, default=16, help="the batch bucket to replay")
     parser.add_argument("--spaced", type=int, default=10, help="replays after an idle gap")

@@ -387,6 +387,25 @@ def test_sustained_clock_takes_each_windows_median_from_its_own_replays():
     assert median_between(load, 2, 3) is None
 
 
+def test_sustained_clock_finds_a_step_in_a_one_model_repository(tiny_repo, tmp_path):
+    """A step of the exported repository is its own model; in a one-model variant's repository (here
+    gpu_one_model_fp8's) it is the policy's step, with the parameters the policy serves it with (fp8)."""
+    from benchmarks.sustained_clock import served_step
+    from vlaserve import repository
+
+    folder, params = served_step(tiny_repo, "encoder")
+    assert folder == tiny_repo / "encoder" / "1" and params.precision is None
+    out = tmp_path / "fp8"
+    argv = ["--repository", str(tiny_repo), "--variant", "gpu_one_model_fp8", "--out", str(out), "--gpus", "1"]
+    assert repository.main(argv) == 0
+    folder, params = served_step(out, "encoder")
+    assert folder == out / "policy" / "1" / "encoder" and (folder / "manifest.json").is_file()
+    assert params.precision == "fp8" and params.compile and 16 in params.batch_buckets
+    assert served_step(out, "decoder")[1].fused_kernels
+    with pytest.raises(SystemExit, match="no model 'vision'"):
+        served_step(out, "vision")
+
+
 def test_sustained_clock_refuses_to_time_a_model_whose_answers_are_wrong(tiny_repo):
     """Its golden check passes the artifact as exported, and ends the run (before any timing) when the same
     runtime answers off by 10 %."""
