@@ -10,9 +10,9 @@ For each spec variant (and each ``--env`` setting, one server start each), serve
   per second, their p50 / p99, wrong answers and errors, the batch each model formed on average, and the
   instances' phases per execute (so that the GPU wait under load can be set against the graphs' replay
   times the instances measured at start);
-- with ``--gpu-clocks``, nvidia-smi's SM clock and power of the GPU the server's device 0 is (the first of
-  CUDA_VISIBLE_DEVICES where set, which the server inherits) sampled about every 250 ms through each load phase (median and lowest MHz, median
-  and highest W): whether the GPU held its clock under load.
+- with ``--gpu-clocks``, nvidia-smi's SM clock and power of the GPU that is the server's device 0 (the first
+  of CUDA_VISIBLE_DEVICES where set, which the server inherits) sampled about every 250 ms through each load
+  phase (median and lowest MHz, median and highest W): whether the GPU held its clock under load.
 The request is the export's golden sample (item 0); every answer is compared with the actions the export
 computed for it in-process (over the export's parity tolerance: wrong). Prints a table last.
 
