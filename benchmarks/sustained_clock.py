@@ -77,12 +77,11 @@ def served_step(repo: Path, name: str) -> tuple[Path, RunnerParams]:
     """Where step ``name``'s artifacts are and the parameters it is served with: its own model's (``repo/name``),
     or, in a one-model repository (a variant such as gpu_one_model_fp8 written by ``python -m
     vlaserve.repository --variant V --out DIR``), the policy's parameters for that step."""
-    own = repo / name / repository.CONFIG_FILE
-    if own.is_file():
-        return repo / name / "1", RunnerParams.of_model_config(repository.read_config(own))
-    policy = repo / io.POLICY / repository.CONFIG_FILE
-    if policy.is_file():
-        params = RunnerParams.of_model_config(repository.read_config(policy))
+    configs = repository.runner_configs(repo)  # the steps' own models, or the policy run as one model
+    if name in configs:
+        return repo / name / "1", RunnerParams.of_model_config(configs[name])
+    if io.POLICY in configs:
+        params = RunnerParams.of_model_config(configs[io.POLICY])
         if name in params.steps:
             return repo / io.POLICY / "1" / name, params.steps[name]
     raise SystemExit(f"{repo}: no model {name!r}, nor a one-model policy with a step {name!r}")
