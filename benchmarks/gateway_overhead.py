@@ -67,7 +67,9 @@ def in_process_actions(repo: Path, request: dict) -> np.ndarray:
     manifest = read_manifest(repo, "encoder")
     dtype = getattr(torch, TORCH_DTYPE[manifest.dtype])
     device = "cuda" if manifest.init_device == "cuda" else "cpu"
-    policy = build_policy(get_preset(manifest.preset, manifest.views), manifest.seed, dtype, device)
+    policy = build_policy(
+        get_preset(manifest.preset, manifest.views, manifest.prompt_tokens), manifest.seed, dtype, device
+    )
     tensors = {k: torch.from_numpy(v).to(device) for k, v in request.items()}
     with torch.inference_mode():
         actions = policy(tensors["images"], tensors["tokens"], tensors["state"], tensors["noise"])

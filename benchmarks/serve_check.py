@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     repo = Path(args.repository)
     manifest = read_manifest(repo, "encoder")
-    cfg = get_preset(manifest.preset, manifest.views)
+    cfg = get_preset(manifest.preset, manifest.views, manifest.prompt_tokens)
     policy = build_policy(cfg, manifest.seed, getattr(torch, TORCH_DTYPE[manifest.dtype]), device="cuda")
     result = {"preset": cfg.name, "views": cfg.views, "dtype": manifest.dtype, "gpu": torch.cuda.get_device_name()}
 

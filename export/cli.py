@@ -41,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="tiny", help=f"model size: one of {', '.join(PRESETS)} (default: tiny)")
     parser.add_argument("--views", default="2", help="camera views per request, 1-3 (default: 2)")
+    parser.add_argument(
+        "--prompt-tokens",
+        default=str(io.MAX_TOKENS),
+        help=f"prompt positions the encoder computes on, 1-{io.MAX_TOKENS} (default: {io.MAX_TOKENS}, all the request "
+        "carries); fewer make every request cheaper, and a longer prompt is refused",
+    )
     parser.add_argument("--dtype", default="fp32", help="fp32 (CPU), fp16 or bf16 (GPU; bf16 is TorchScript only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     parser.add_argument(
@@ -66,7 +72,13 @@ def validate(args: argparse.Namespace):
         raise VlaserveError("--preset", args.preset, f"one of {', '.join(PRESETS)}")
     if not 1 <= views <= io.MAX_VIEWS:
         raise VlaserveError("--views", views, f"an integer in 1..{io.MAX_VIEWS}")
-    cfg = get_preset(args.preset, views)
+    try:
+        prompt_tokens = int(args.prompt_tokens)
+    except ValueError:
+        prompt_tokens = 0
+    if not 1 <= prompt_tokens <= io.MAX_TOKENS:
+        raise VlaserveError("--prompt-tokens", args.prompt_tokens, f"an integer in 1..{io.MAX_TOKENS}")
+    cfg = get_preset(args.preset, views, prompt_tokens)
     if args.dtype not in TORCH_DTYPES:
         raise VlaserveError("--dtype", args.dtype, f"one of {', '.join(TORCH_DTYPES)}")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
@@ -165,7 +177,10 @@ def run(args: argparse.Namespace) -> Path:
     formats = artifacts.formats_for(args.dtype)
     repository.check_runtimes(spec, formats)
     started = time.perf_counter()
-    log(f"building the {cfg.name} policy ({cfg.views} views, {args.dtype}, seed {args.seed}) ...")
+    log(
+        f"building the {cfg.name} policy ({cfg.views} views, {cfg.prompt_tokens} prompt tokens, {args.dtype}, "
+        f"seed {args.seed}) ..."
+    )
     policy = build_policy(cfg, seed=args.seed, device=str(device))
     if args.checkpoint:
         layout = load_checkpoint(policy, args.checkpoint)
@@ -176,7 +191,10 @@ def run(args: argparse.Namespace) -> Path:
 
     def example_inputs(step):
         def make(batch, seed):
-            request = {k: v.to(device) for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed).items()}
+            request = {
+                k: v.to(device)
+                for k, v in random_request(batch, cfg.views, cfg.vocab_size, seed, cfg.prompt_tokens).items()
+            }
             return dict(zip(step.inputs, STAGES[step.model].example_inputs(policy, request)))
 
         return make
@@ -197,6 +215,7 @@ def run(args: argparse.Namespace) -> Path:
                 preset=cfg.name,
                 views=cfg.views,
                 dtype=args.dtype,
+                prompt_tokens=cfg.prompt_tokens,
                 seed=args.seed,
                 init_device=device.type,
                 checkpoint=args.checkpoint,
@@ -231,7 +250,7 @@ def run(args: argparse.Namespace) -> Path:
                 (version_dir / stale).unlink(missing_ok=True)
             for f in (staging / name).iterdir():
                 f.replace(version_dir / f.name)
-        repository.write_repository(spec, repo, ModelSettings(cfg.name, cfg.views, args.dtype))
+        repository.write_repository(spec, repo, ModelSettings(cfg.name, cfg.views, args.dtype, cfg.prompt_tokens))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"done in {time.perf_counter() - started:.1f} s: {repo}/{{{io.ENCODER},{io.DECODER}}}/1 and configs")

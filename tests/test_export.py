@@ -57,7 +57,7 @@ def test_manifest_records_what_was_exported(tiny_repo):
                 assert all(f.get("rel", 0) < TOL for f in manifest["parity"][fmt][batch].values())
     enc = read_manifest(tiny_repo, "encoder")
     assert enc.inputs["images"] == TensorSpec("uint8", (-1, 2, 224, 224, 3))
-    assert enc.outputs["prefix_kv"].shape[0] == -1 and enc.settings == ModelSettings("tiny", 2, "fp32")
+    assert enc.outputs["prefix_kv"].shape[0] == -1 and enc.settings == ModelSettings("tiny", 2, "fp32", 48)
 
 
 def test_a_manifest_of_another_export_version_is_refused(tiny_repo, tmp_path):
@@ -103,6 +103,9 @@ def bad_checkpoint(path: Path, tiny_policy) -> Path:
         (["--views", "0"], "--views"),
         (["--views", "two"], "--views"),
         (["--dtype", "fp64"], "--dtype"),
+        (["--prompt-tokens", "0"], "--prompt-tokens"),
+        (["--prompt-tokens", "49"], "--prompt-tokens"),
+        (["--prompt-tokens", "all"], "--prompt-tokens"),
         (["--checkpoint", "missing.safetensors"], "--checkpoint"),
         (["--checkpoint", "BAD"], "state_proj.weight"),
         (["--variant", "one_model"], "--variant"),  # its repository is written beside the export, not into it

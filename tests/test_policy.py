@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vlaserve.model.parity import random_request
+from vlaserve.model.policy import Policy
 
 ATOL = 1e-5
 
@@ -24,6 +25,26 @@ def test_padding_tokens_do_not_change_actions(tiny_policy):
     changed = tokens.clone()
     changed[:, 2] = 99  # a real token does change them: the check above is not vacuous
     assert (base - run(tiny_policy, {**req, "tokens": changed})).abs().max() > 1e-3
+
+
+def test_fewer_prompt_positions_same_actions_shorter_prefix(tiny_policy):
+    """A policy that computes on 8 prompt positions answers as the full one for prompts that fit (padding was all
+    it left out), with a prefix 40 positions shorter; a prompt past 8 would differ, which the runner refuses."""
+    import dataclasses
+
+    short = Policy(dataclasses.replace(tiny_policy.cfg, prompt_tokens=8)).eval()
+    short.load_state_dict(tiny_policy.state_dict())
+    req = random_request(3, 2, 1024, seed=6, prompt_tokens=8)
+    assert (req["tokens"][:, 8:] == 0).all() and (req["tokens"][:, 0] != 0).all()
+    assert torch.allclose(run(short, req), run(tiny_policy, req), atol=ATOL)
+    with torch.no_grad():
+        full_kv, full_mask = tiny_policy.encode(req["images"], req["tokens"])
+        kv, mask = short.encode(req["images"], req["tokens"])
+    assert kv.shape[-2] == full_kv.shape[-2] - 40 == short.cfg.prefix_len
+    assert torch.equal(mask, full_mask[:, :-40]) and torch.allclose(kv, full_kv[..., :-40, :], atol=ATOL)
+    longer = req["tokens"].clone()
+    longer[:, 20] = 7  # a 21st position: the full policy sees it, the short one leaves it out
+    assert (run(tiny_policy, {**req, "tokens": longer}) - run(short, {**req, "tokens": longer})).abs().max() > 1e-3
 
 
 def test_batch_items_are_independent(tiny_policy):

@@ -507,3 +507,38 @@ def test_a_torchscript_pipeline_answers_batched_and_padded_requests_as_in_proces
         assert status["runtime"] == "torchscript"
     finally:
         srv.stop()
+
+
+def test_an_export_with_fewer_prompt_positions_serves_the_same_actions_and_refuses_a_longer_prompt(
+    tiny_policy, tmp_path
+):
+    """`--prompt-tokens 8`: the encoder computes on 8 prompt positions, so the prefix it hands the decoder is
+    40 shorter; served, a prompt that fits answers as the full in-process policy does (only padding was left
+    out), and a longer one is refused by name, never cut short, while the server keeps serving."""
+    import shutil
+
+    from export.cli import main
+    from vlaserve.manifest import read_manifest
+    from vlaserve.spec import load_spec
+
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    shutil.copy(SPEC, exported / "spec.yaml")
+    assert main(["--prompt-tokens", "8", "--parity-batches", "2", "--repository", str(exported)]) == 0
+    full_len = tiny_policy.cfg.prefix_len
+    assert read_manifest(exported, "encoder").prompt_tokens == 8
+    assert read_manifest(exported, "decoder").inputs["prefix_kv"].shape[-2] == full_len - 40
+    repo = repository.write_repository(load_spec(SPEC, "one_model"), tmp_path / "repo", artifacts_from=exported)
+    srv = start_server(repo, tmp_path / "work")
+    try:
+        client = PolicyClient(srv.grpc_url)
+        fits = make_request(2, views=2, seed=31, prompt="put the cube in the bowl now", with_noise=True)  # 7 words
+        np.testing.assert_allclose(client.infer(fits), reference_actions(tiny_policy, fits), atol=1e-4, rtol=1e-4)
+        longer = make_request(1, views=2, seed=32, prompt=" ".join(f"w{i}" for i in range(11)), with_noise=True)
+        for protocol, url in (("grpc", srv.grpc_url), ("http", srv.http_url)):
+            with pytest.raises(InferenceServerException, match="reaching position 11.*--prompt-tokens 8") as info:
+                PolicyClient(url, protocol).infer(longer)
+            assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+        np.testing.assert_allclose(client.infer(fits), reference_actions(tiny_policy, fits), atol=1e-4, rtol=1e-4)
+    finally:
+        srv.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 from vlaserve import interface as io
 from vlaserve.errors import VlaserveError
 
-FORMAT = 1  # the manifest's layout; a change to its fields or their meaning raises it
+FORMAT = 2  # the manifest's layout; a change to its fields or their meaning raises it
 REEXPORT = "a manifest of this version's export (re-export: make export)"
 
 
@@ -26,6 +26,8 @@ class ModelSettings:
     preset: str = "tiny"
     views: int = dataclasses.field(default=2, metadata={"minimum": 1, "maximum": io.MAX_VIEWS})
     dtype: str = dataclasses.field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16")})
+    # prompt positions the encoder computes on (the wire always carries MAX_TOKENS; past these, padding)
+    prompt_tokens: int = dataclasses.field(default=io.MAX_TOKENS, metadata={"minimum": 1, "maximum": io.MAX_TOKENS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Manifest:
     preset: str
     views: int
     dtype: str  # fp32 | fp16 | bf16
+    prompt_tokens: int  # prompt positions the encoder computes on (ModelSettings.prompt_tokens)
     seed: int  # the random weights' seed (when no checkpoint was loaded)
     init_device: str  # random weights are drawn on this device's generator
     checkpoint: str | None
@@ -59,7 +62,7 @@ class Manifest:
 
     @property
     def settings(self) -> ModelSettings:
-        return ModelSettings(self.preset, self.views, self.dtype)
+        return ModelSettings(self.preset, self.views, self.dtype, self.prompt_tokens)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "manifest") -> Manifest:

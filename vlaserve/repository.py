@@ -47,7 +47,7 @@ def check_runtimes(spec: Spec, formats) -> None:
 
 def tensor_dims(settings: ModelSettings) -> dict[str, tuple[list[int], str]]:
     """Per-item dims and Triton type of every tensor, for the exported preset, views and dtype."""
-    cfg = get_preset(settings.preset, settings.views)
+    cfg = get_preset(settings.preset, settings.views, settings.prompt_tokens)
     p = cfg.prefix
     shapes = io.request_shapes(settings.views)
     return {
@@ -385,7 +385,9 @@ def main(argv=None) -> int:
         return 2
     gpus = f"{args.gpus} GPU(s), --gpus" if args.gpus else "{} GPU(s), {}".format(*host_gpus())
     variant = f", variant {args.variant}" if args.variant else ""
-    print(f"wrote {out} ({settings.preset}, {settings.views} views, {settings.dtype}{variant}; for {gpus})")
+    print(
+        f"wrote {out} ({settings.preset}, {settings.views} views, {settings.prompt_tokens} prompt tokens, {settings.dtype}{variant}; for {gpus})"
+    )
     return 0
 
 

@@ -504,7 +504,7 @@ class TritonPythonModel:
                 raise VlaserveError(name, "no such input", f"every input of {required} (noise may be left out)")
             validation.check_batch(name, value, self.input_shapes[name])
             if name == io.TOKENS:
-                validation.check_tokens(value, self.manifest.vocab_size)
+                validation.check_tokens(value, self.manifest.vocab_size, self.manifest.prompt_tokens)
             elif name in (io.STATE, io.NOISE):
                 validation.check_finite(name, value)
             inputs[name] = value

@@ -23,12 +23,23 @@ def check_batch(name: str, array, item_shape) -> None:
         raise VlaserveError(name, f"shape {list(shape)}", f"[batch, {', '.join(map(str, item_shape))}]")
 
 
-def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
-    """Token ids in [0, vocab_size); 0 is padding."""
+def check_tokens(tokens: np.ndarray, vocab_size: int, prompt_tokens: int = io.MAX_TOKENS) -> None:
+    """Token ids in [0, vocab_size); 0 is padding, and past the model's ``prompt_tokens`` positions (what it
+    was exported to compute on) there is nothing else: a longer prompt is refused, never cut short."""
     bad = (tokens < 0) | (tokens >= vocab_size)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise VlaserveError(io.TOKENS, f"id {int(tokens[where])} at {list(where)}", f"ids in [0, {vocab_size})")
+    beyond = tokens[:, prompt_tokens:] != 0
+    if beyond.any():
+        row = int(np.argwhere(beyond)[0][0])
+        length = int(np.flatnonzero(tokens[row])[-1]) + 1
+        raise VlaserveError(
+            io.TOKENS,
+            f"a prompt reaching position {length} (item {row})",
+            f"at most {prompt_tokens} token positions, the rest 0: this model was exported with --prompt-tokens "
+            f"{prompt_tokens}",
+        )
 
 
 def check_finite(name: str, array: np.ndarray) -> None:

@@ -66,13 +66,14 @@ class ValueCheckError(VlaserveError):
 
 # ---- the model's products ---------------------------------------------------------------------------
 def meta_module(torch, manifest: Manifest):
-    """The module of ``manifest``'s model (``vlaserve.model.policy.STAGES``) for its preset, views and dtype, on
-    the meta device: its structure and shapes, no weights."""
+    """The module of ``manifest``'s model (``vlaserve.model.policy.STAGES``) for its preset, views, prompt
+    positions and dtype, on the meta device: its structure and shapes, no weights."""
     from vlaserve.model.policy import STAGES, Policy
     from vlaserve.model.presets import get_preset
 
     with torch.device("meta"):
-        policy = Policy(get_preset(manifest.preset, manifest.views)).to(getattr(torch, TORCH_DTYPE[manifest.dtype]))
+        cfg = get_preset(manifest.preset, manifest.views, manifest.prompt_tokens)
+        policy = Policy(cfg).to(getattr(torch, TORCH_DTYPE[manifest.dtype]))
     return STAGES[manifest.model](policy).eval()
 
 
@@ -86,7 +87,7 @@ def cached_products(manifest: Manifest, batches, cache_dir: Path | None) -> list
 
     if cache_dir is None:
         return record_products(manifest, batches)
-    what = [getattr(manifest, k) for k in ("model", "preset", "views", "dtype")] + [
+    what = [getattr(manifest, k) for k in ("model", "preset", "views", "dtype", "prompt_tokens")] + [
         {name: dataclasses.asdict(spec) for name, spec in manifest.inputs.items()},
         sorted(set(batches)),
         torch.__version__,
@@ -323,7 +324,8 @@ def safe_percentages(gpu: str, model: ModelSettings, path: str | None = None) ->
 
 
 def model_key(settings: ModelSettings) -> dict:
-    """What an mps-check report must have checked to speak for a model: its preset, views and dtype."""
+    """What an mps-check report must have checked to speak for a model: its preset, views, dtype and prompt
+    positions (they set the products' shapes)."""
     return dataclasses.asdict(settings)
 
 

@@ -20,11 +20,14 @@ def judged_as(dtype: str, precision: str | None) -> str:
     return "fp8" if precision == "fp8" else dtype
 
 
-def random_request(batch: int, views: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Camera-like frames, a prompt with random length (rest padding), a state and noise."""
+def random_request(
+    batch: int, views: int, vocab_size: int, seed: int, prompt_tokens: int = MAX_TOKENS
+) -> dict[str, torch.Tensor]:
+    """Camera-like frames, a prompt of random length up to ``prompt_tokens`` ids (the rest of the
+    MAX_TOKENS padding), a state and noise."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, vocab_size, (batch, MAX_TOKENS), generator=gen, dtype=torch.int32)
-    lengths = torch.randint(1, MAX_TOKENS + 1, (batch, 1), generator=gen)
+    lengths = torch.randint(1, prompt_tokens + 1, (batch, 1), generator=gen)
     tokens[torch.arange(MAX_TOKENS)[None] >= lengths] = 0
     return {
         "images": torch.randint(

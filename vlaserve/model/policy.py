@@ -259,7 +259,10 @@ class Policy(nn.Module):
 
     # ---- prefix -------------------------------------------------------------------------------
     def embed_prefix(self, images: torch.Tensor, tokens: torch.Tensor):
-        """Prefix embeddings [B,P,W], validity [B,P] (bool), positions [B,P]."""
+        """Prefix embeddings [B,P,W], validity [B,P] (bool), positions [B,P]. Only the first
+        ``cfg.prompt_tokens`` token ids are computed on: past them the request holds padding (the runner
+        refuses a prompt that reaches further), so the prefix carries no padding it need not."""
+        tokens = tokens[:, : self.cfg.prompt_tokens]
         b, views = images.shape[:2]
         img = self.image_proj(self.vision(images.reshape(b * views, *images.shape[2:])))
         img = img.reshape(b, -1, img.shape[-1])

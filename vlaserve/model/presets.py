@@ -42,7 +42,8 @@ class GemmaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    """The whole policy: vision tower, prefix transformer, action expert, and the view count."""
+    """The whole policy: vision tower, prefix transformer, action expert, the view count, and how many of the
+    request's prompt token ids the encoder computes on (the rest of the wire's MAX_TOKENS must be padding)."""
 
     name: str
     vision: VisionConfig
@@ -50,10 +51,13 @@ class PolicyConfig:
     expert: GemmaConfig
     vocab_size: int
     views: int = 2
+    prompt_tokens: int = MAX_TOKENS
 
     def __post_init__(self):
         if not 1 <= self.views <= MAX_VIEWS:
             raise VlaserveError("views", self.views, f"an integer in 1..{MAX_VIEWS}")
+        if not isinstance(self.prompt_tokens, int) or not 1 <= self.prompt_tokens <= MAX_TOKENS:
+            raise VlaserveError("prompt_tokens", self.prompt_tokens, f"an integer in 1..{MAX_TOKENS}")
         if IMAGE_SIZE % self.vision.image_size:
             raise VlaserveError("vision.image_size", self.vision.image_size, f"a divisor of {IMAGE_SIZE}")
         if self.vision.image_size % self.vision.patch_size:
@@ -66,7 +70,7 @@ class PolicyConfig:
 
     @property
     def prefix_len(self) -> int:
-        return self.views * self.vision.tokens_per_view + MAX_TOKENS
+        return self.views * self.vision.tokens_per_view + self.prompt_tokens
 
 
 PRESETS: dict[str, PolicyConfig] = {
@@ -87,10 +91,11 @@ PRESETS: dict[str, PolicyConfig] = {
 }
 
 
-def get_preset(name: str, views: int = 2) -> PolicyConfig:
-    """The named preset with the given number of camera views; a clear error for anything else."""
+def get_preset(name: str, views: int = 2, prompt_tokens: int = MAX_TOKENS) -> PolicyConfig:
+    """The named preset with the given number of camera views and prompt positions; a clear error for
+    anything else."""
     if name not in PRESETS:
         raise VlaserveError("preset", name, f"one of {sorted(PRESETS)}")
     if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
         raise VlaserveError("views", views, f"an integer in 1..{MAX_VIEWS}")
-    return dataclasses.replace(PRESETS[name], views=views)
+    return dataclasses.replace(PRESETS[name], views=views, prompt_tokens=prompt_tokens)
