@@ -66,6 +66,19 @@ with torch.no_grad():
     for call in (1, 2):
         out = fused.decode(kv, mask, r["state"], r["noise"])
         rows.append({"batch": 3, "call": call, "kv_heads": 2, **compare(out, ref), "moved": compare(out, other)["rel"]})
+# 7 prompt positions (export --prompt-tokens 7): a prefix of 39 keys, a length no tile divides, in 3 key splits
+cfg3 = dataclasses.replace(cfg, prompt_tokens=7)
+policy3 = build_policy(cfg3, seed=2)
+randomize_biases_and_norms(policy3, seed=2)
+r = random_request(2, 2, cfg3.vocab_size, seed=4, prompt_tokens=7)
+with torch.no_grad():
+    kv, mask = policy3.encode(r["images"], r["tokens"])
+    assert kv.shape[-2] == 39
+    ref = policy3.decode(kv, mask, r["state"], r["noise"])
+    out = FusedDecoder(policy3, {"splits": 3, **{k: v for k, v in split_k.items() if k in ("qkv", "geglu")}}).decode(
+        kv, mask, r["state"], r["noise"])
+    other = policy3.decode(kv, mask, r["state"], r["noise"] + 1)
+rows.append({"batch": 2, "prefix": 39, **compare(out, ref), "moved": compare(out, other)["rel"]})
 print(json.dumps(rows))
 """
 
@@ -75,7 +88,7 @@ def test_fused_decoder_matches_the_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert sum("merge" in row for row in rows) == 2
+    assert sum("merge" in row for row in rows) == 2 and sum(row.get("prefix") == 39 for row in rows) == 1
     for row in rows:
         assert row["rel"] < 1e-5, row  # float32 throughout: the same arithmetic up to summation order
         assert row.get("moved", 1.0) > 1e-2, row  # against other noise's actions it differs: the check can fail
