@@ -90,7 +90,7 @@ def served_step(repo: Path, name: str) -> tuple[Path, RunnerParams]:
 def prepared(repo: Path, name: str, batch: int) -> tuple:
     """``name``'s runtime on cuda:0 as a served GPU instance of the repository's config has it (compiled, with
     its fused kernels and fp8 products where the config asks, one CUDA graph at ``batch``), checked against
-    its golden samples: (runtime, the graph, the golden check)."""
+    its golden samples: (runtime, the graph, the golden check, the manifest)."""
     folder, params = served_step(repo, name)
     manifest = Manifest.read(folder / io.MANIFEST_FILE)
     runtime = load_runtime("torchscript", folder, list(manifest.outputs), "cuda:0")
@@ -103,7 +103,7 @@ def prepared(repo: Path, name: str, batch: int) -> tuple:
     if why_not:
         raise SystemExit(f"{name}: no CUDA graph at batch {batch}: {why_not}")
     dtype = judged_as(manifest.dtype, runtime.precision)  # as the runner judges it (fp8 at its own tolerance)
-    return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, folder, batch, dtype)
+    return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, folder, batch, dtype), manifest
 
 
 def shown(value, width: int) -> str:
@@ -133,14 +133,14 @@ def main() -> None:
     for i, name in enumerate(args.models.split(",")):
         if i:
             time.sleep(args.gap * 5)  # the next model starts from a rested GPU too
-        runtime, graph, golden = prepared(repo, name, args.batch)
+        runtime, graph, golden, manifest = prepared(repo, name, args.batch)
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
         with GpuClocks(gpu=f"GPU-{torch.cuda.get_device_properties(0).uuid}") as clocks:  # cuda:0's own GPU
             load = sustained(graph, args.seconds)
         row = {
-            "model": name, "batch": args.batch, "blas": args.blas, "attention": runtime.graphs.chosen[args.batch],
+            "model": name, "batch": args.batch, "prompt_tokens": manifest.prompt_tokens, "blas": args.blas, "attention": runtime.graphs.chosen[args.batch],
             "golden": golden,
             "spaced_ms": [round(ms, 3) for ms in rest], "spaced_median_ms": round(statistics.median(rest), 3),
             "replays": len(load), "first_second_ms": median_between(load, 0, 1),
