@@ -3,20 +3,14 @@
 # $PROMPT of them (default 24; `python -m export --prompt-tokens`), each model's CUDA graph timed rested and
 # under sustained load by benchmarks/sustained_clock.py (its answers checked against that export's golden
 # samples first): the encoders at bucket 16, then both models at bucket 1, then the decoders at 16, the two
-# exports alternating; a run starts only while $BUDGET seconds (default 330) since the first have not passed.
+# exports alternating (their JSON rows in $OUT, the logs in /tmp: a call brings back 8 files); a run starts
+# only while $BUDGET seconds (default 330) since the first have not passed.
 # One device call:
 #   export OUT=$OUT && bash benchmarks/gpu_prompt_tokens.sh
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-reports/gpu}
 source benchmarks/gpu_pi0.sh
-P=${PROMPT:-24}
-R=/tmp/pi0_p$P
-mkdir -p "$R" && cp model_repository/spec.yaml "$R/"
-if [ ! -f "$R/decoder/1/golden.pt" ]; then
-  python -m export --preset pi0 --views 2 --dtype bf16 --prompt-tokens "$P" --variant gpu --device cuda \
-    --repository "$R" > "$OUT/export-p$P.log" 2>&1 || { tail -20 "$OUT/export-p$P.log"; exit 1; }
-  grep -E "done in" "$OUT/export-p$P.log"
-fi
+source benchmarks/gpu_pi0_prompt.sh
 began=$SECONDS
 for run in "encoder 16 pi0_repo" "encoder 16 pi0_p$P" "encoder,decoder 1 pi0_p$P" "encoder,decoder 1 pi0_repo" \
            "decoder 16 pi0_p$P" "decoder 16 pi0_repo"; do
@@ -25,7 +19,7 @@ for run in "encoder 16 pi0_repo" "encoder 16 pi0_p$P" "encoder,decoder 1 pi0_p$P
   seconds=$([ "$2" = 16 ] && echo 8 || echo 5)
   name="clock-$3-${1/,/-}-b$2"
   python -m benchmarks.sustained_clock --repository "/tmp/$3" --models "$1" --batch "$2" --seconds "$seconds" \
-    --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-  echo "== $run ($((SECONDS - began)) s in)"; grep -A3 "^model" "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+    --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
+  echo "== $run ($((SECONDS - began)) s in)"; grep -A3 "^model" "/tmp/$name.log" || tail -5 "/tmp/$name.log"
 done
 nvidia-smi -i 0 --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader

@@ -1,7 +1,7 @@
 """Where the served runtime's time goes on the GPU: per model and batch bucket, the CUDA-graph replay time,
 the kernels in it (count, busy time, the gaps between them) and the kernels that take the most time.
 
-    python benchmarks/profile_runtime.py --repository /tmp/pi0_repo --buckets 1,16 [--compile] --out $OUT/profile.json
+    python benchmarks/profile_runtime.py --repository /tmp/pi0_repo --buckets 1,16 [--models encoder] [--compile] --out $OUT/profile.json
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", required=True)
     parser.add_argument("--buckets", default="1,16")
+    parser.add_argument("--models", default=",".join(repository.RUNNER_MODELS), help="which (default: all)")
     parser.add_argument("--compile", action="store_true", help="compile the layers first (the tuned configs' runtime)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     repo, buckets = Path(args.repository), [int(b) for b in args.buckets.split(",")]
     rows = []
-    for name in repository.RUNNER_MODELS:
+    for name in args.models.split(","):
         manifest = read_manifest(repo, name)
         runtime = load_runtime("torchscript", repo / name / "1", list(manifest.outputs), "cuda:0")
         if args.compile:  # as the repository's config has it (the gpu variant: the decoder's fused kernels)
