@@ -1,9 +1,15 @@
 """Does a CUDA-graph replay take as long under sustained load as when the GPU has rested? Per model, at one
 batch bucket: replays spaced by an idle gap, then replays back to back for a while, each timed with CUDA
 events, with the SM clock and power of the GPU in use (cuda:0, named to nvidia-smi by its UUID) sampled
-through the back-to-back phase. The graph's answers are checked against the export's golden samples
+through the back-to-back phase, and the energy the GPU used over the phase's last 5 s (NVML's energy
+counter): joules per replay and per answer. The graph's answers are checked against the export's golden samples
 first, and a graph that fails them is not timed (``--blas cublaslt`` asks torch for cuBLASLt's products
 instead of cuBLAS's before anything is compiled or captured). Needs a CUDA GPU.
+
+With the encoder and the decoder at the same bucket, the table ends with what the pipeline's graphs allow at
+that bucket: answers a second with one graph after the other at the times measured, and what the GPU's
+enforced power limit allows at the energy measured per answer (work overlapped on the GPU, by streams,
+instances or MPS, still spends about that energy per answer).
 
     python -m benchmarks.sustained_clock --repository /tmp/pi0_repo --batch 16 --seconds 15 --out $OUT/clock.json
 """
@@ -11,8 +17,10 @@ instead of cuBLAS's before anything is compiled or captured). Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +54,108 @@ def spaced(graph, replays: int, gap_s: float) -> list[float]:
     return times
 
 
-def sustained(graph, seconds: float) -> list[tuple[float, float]]:
-    """Replays back to back for ``seconds``: (seconds since the phase began, replay ms) each."""
+def sustained(graph, seconds: float) -> tuple[float, list[tuple[float, float]]]:
+    """Replays back to back for ``seconds``: when the phase began (perf_counter s), and (seconds since then,
+    replay ms) for each replay."""
     times, began = [], time.perf_counter()
     while (now := time.perf_counter() - began) < seconds:
         times.append((now, timed(graph)))
-    return times
+    return began, times
+
+
+class EnergyCounter:
+    """One GPU's energy counter (NVML's total energy since the driver loaded, mJ) and enforced power limit,
+    through ctypes from libnvidia-ml.so.1, which comes with the driver. In the block a thread reads the counter
+    every ``interval_s`` and keeps each new value with the time it was first seen (the counter moves every 20
+    to 100 ms), so that :meth:`mean_watts` can take a window between two of its own steps. Without NVML, or for
+    a GPU it does not know, ``available`` is False and every figure is None."""
+
+    LIBRARIES = ("libnvidia-ml.so.1", "/usr/local/nvidia/lib64/libnvidia-ml.so.1", "/usr/lib64/libnvidia-ml.so.1")
+
+    def __init__(self, uuid: str, interval_s: float = 0.002, libraries: tuple[str, ...] = LIBRARIES):
+        self.lib, self.handle, self.interval_s = None, ctypes.c_void_p(), interval_s
+        self.steps: list[tuple[float, float]] = []  # (perf_counter s, joules) where the counter moved
+        self.stop, self.thread = threading.Event(), None
+        for library in libraries:
+            try:
+                lib = ctypes.CDLL(library)
+            except OSError:
+                continue
+            if lib.nvmlInit_v2() == 0 and lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(self.handle)) == 0:
+                self.lib = lib
+            break
+
+    @property
+    def available(self) -> bool:
+        return self.lib is not None and self.joules() is not None
+
+    def joules(self) -> float | None:
+        mj = ctypes.c_ulonglong()
+        if self.lib is None or self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(mj)):
+            return None
+        return mj.value / 1e3
+
+    def limit_watts(self) -> float | None:
+        mw = ctypes.c_uint()
+        if self.lib is None or self.lib.nvmlDeviceGetEnforcedPowerLimit(self.handle, ctypes.byref(mw)):
+            return None
+        return mw.value / 1e3
+
+    def __enter__(self):
+        if self.available:
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        last = None
+        while not self.stop.is_set():
+            value = self.joules()
+            if value is not None and value != last:
+                self.steps.append((time.perf_counter(), value))
+                last = value
+            self.stop.wait(self.interval_s)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def mean_watts(self, low: float, high: float) -> dict | None:
+        """The mean power between the counter's first and last steps seen within [low, high) (perf_counter
+        seconds): {"watts", "seconds" it spans, "steps"}; None with fewer than two steps there."""
+        return mean_watts(self.steps, low, high)
+
+
+def mean_watts(steps: list[tuple[float, float]], low: float, high: float) -> dict | None:
+    """From (time s, joules) steps of an energy counter: the mean power between the first and the last step
+    within [low, high), the span they cover and how many steps fell there; None with fewer than two."""
+    inside = [(t, j) for t, j in steps if low <= t < high]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return None
+    (t0, j0), (t1, j1) = inside[0], inside[-1]
+    return {"watts": round((j1 - j0) / (t1 - t0), 1), "seconds": round(t1 - t0, 3), "steps": len(inside)}
+
+
+def pipeline_ceilings(rows: list[dict]) -> list[dict]:
+    """Per bucket with an encoder and a decoder row (each with its last-5-s replay ms and, where measured, its
+    joules per answer): answers a second with the two graphs one after the other at those times, and the most
+    that the GPU's power limit allows at that energy per answer (the limit / joules per answer)."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        at = {r["model"]: r for r in rows if r["batch"] == batch}
+        enc, dec = at.get("encoder"), at.get("decoder")
+        if not enc or not dec or enc["last_5s_ms"] is None or dec["last_5s_ms"] is None:
+            continue
+        row = {"batch": batch, "graphs_ms": round(enc["last_5s_ms"] + dec["last_5s_ms"], 2)}
+        row["in_turn_per_s"] = round(1000 * batch / row["graphs_ms"], 1)
+        energy = [r.get("energy") or {} for r in (enc, dec)]
+        if all(e.get("j_per_answer") for e in energy) and energy[0].get("limit_w"):
+            row["j_per_answer"] = round(sum(e["j_per_answer"] for e in energy), 3)
+            row["limit_w"] = energy[0]["limit_w"]
+            row["power_limit_per_s"] = round(row["limit_w"] / row["j_per_answer"], 1)
+        out.append(row)
+    return out
 
 
 def median_between(times: list[tuple[float, float]], low: float, high: float) -> float | None:
@@ -137,14 +241,23 @@ def main() -> None:
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
-        with GpuClocks(gpu=f"GPU-{torch.cuda.get_device_properties(0).uuid}") as clocks:  # cuda:0's own GPU
-            load = sustained(graph, args.seconds)
+        uuid = f"GPU-{torch.cuda.get_device_properties(0).uuid}"  # cuda:0's own GPU
+        if not EnergyCounter(uuid).available:
+            print(f"{name}: no energy figures: NVML's energy counter cannot be read here", flush=True)
+        with GpuClocks(gpu=uuid) as clocks, EnergyCounter(uuid) as energy:
+            began, load = sustained(graph, args.seconds)
+        last_5s_ms = median_between(load, args.seconds - 5, args.seconds)
+        power = energy.mean_watts(began + args.seconds - 5, began + args.seconds)
+        spent = {"limit_w": energy.limit_watts()}
+        if power and last_5s_ms:
+            spent.update(power, j_per_replay=round(power["watts"] * last_5s_ms / 1e3, 3))
+            spent["j_per_answer"] = round(spent["j_per_replay"] / args.batch, 3)
         row = {
             "model": name, "batch": args.batch, "prompt_tokens": manifest.prompt_tokens, "blas": args.blas, "attention": runtime.graphs.chosen[args.batch],
             "golden": golden,
             "spaced_ms": [round(ms, 3) for ms in rest], "spaced_median_ms": round(statistics.median(rest), 3),
             "replays": len(load), "first_second_ms": median_between(load, 0, 1),
-            "last_5s_ms": median_between(load, args.seconds - 5, args.seconds), "clocks": clocks.summary(),
+            "last_5s_ms": last_5s_ms, "clocks": clocks.summary(), "energy": spent,
             "per_second_ms": [median_between(load, s, s + 1) for s in range(int(args.seconds))],
         }  # fmt: skip
         rows.append(row)
@@ -152,16 +265,29 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2))
         runtime = graph = None
         torch.cuda.empty_cache()
+    ceilings = pipeline_ceilings(rows)
+    if ceilings:  # after the models' rows, one per bucket, named as the pair
+        Path(args.out).write_text(json.dumps(rows + [{"model": "encoder+decoder", **p} for p in ceilings], indent=2))
     print(
-        f"\n{'model':8} {'batch':>5} {'blas':>8} {'golden':>7} {'rested ms':>10} {'first s ms':>11} {'last 5 s ms':>12} {'SM MHz med/min':>15} {'W med':>6}"
+        f"\n{'model':8} {'batch':>5} {'blas':>8} {'golden':>7} {'rested ms':>10} {'first s ms':>11} {'last 5 s ms':>12} "
+        f"{'SM MHz med/min':>15} {'W med':>6} {'W mean':>7} {'J/answer':>9}"
     )
     for r in rows:
-        c = r["clocks"]
+        c, e = r["clocks"], r["energy"]
         print(
             f"{r['model']:8} {r['batch']:5d} {r['blas']:>8} {r['golden']['worst']:7.4f} "
             f"{r['spaced_median_ms']:10.2f} {shown(r['first_second_ms'], 11)} "
-            f"{shown(r['last_5s_ms'], 12)} {c.get('sm_mhz_median', 0):7.0f}/{c.get('sm_mhz_min', 0):<7.0f} {c.get('power_w_median', 0):6.0f}"
+            f"{shown(r['last_5s_ms'], 12)} {c.get('sm_mhz_median', 0):7.0f}/{c.get('sm_mhz_min', 0):<7.0f} {c.get('power_w_median', 0):6.0f} "
+            f"{shown(e.get('watts'), 7)} {shown(e.get('j_per_answer'), 9)}"
         )
+    for p in ceilings:
+        limit = (
+            f"; at the {p['limit_w']:.0f} W limit and {p['j_per_answer']:.3f} J an answer at most "
+            f"{p['power_limit_per_s']:.1f}/s"
+            if "power_limit_per_s" in p
+            else ""
+        )
+        print(f"bucket {p['batch']}: graphs in turn {p['graphs_ms']:.2f} ms, {p['in_turn_per_s']:.1f} answers/s{limit}")
 
 
 if __name__ == "__main__":

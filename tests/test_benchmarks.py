@@ -387,6 +387,45 @@ def test_sustained_clock_takes_each_windows_median_from_its_own_replays():
     assert median_between(load, 2, 3) is None
 
 
+def test_sustained_clock_takes_mean_power_between_the_energy_counters_own_steps():
+    """The window's power is the energy between the counter's first and last steps inside it over the time
+    between them (not the window's length: the counter moves only every 20-100 ms); fewer than two steps
+    inside give None. Without NVML (here a library that does not exist) the counter is unavailable, its
+    block starts no thread and every figure is None."""
+    from benchmarks.sustained_clock import EnergyCounter, mean_watts
+
+    steps = [(9.0, 100.0), (10.05, 170.0), (12.05, 1570.0), (15.05, 3670.0), (15.2, 3775.0)]
+    assert mean_watts(steps, 10.0, 15.1) == {"watts": 700.0, "seconds": 5.0, "steps": 3}
+    assert mean_watts(steps, 10.0, 12.0) is None and mean_watts([], 0, 1) is None
+    counter = EnergyCounter("GPU-0", libraries=("libnvidia-ml-missing.so.0",))
+    with counter:
+        assert counter.thread is None
+    assert not counter.available and counter.joules() is None and counter.limit_watts() is None
+    assert counter.mean_watts(0, 1e9) is None
+
+
+def test_sustained_clock_sets_the_pipelines_time_against_its_energy_at_the_power_limit():
+    """Per bucket with both models: the graphs one after the other give batch / (encoder + decoder ms); the
+    power limit over the summed joules per answer gives the most any overlap could; a bucket with one model,
+    or rows without energy, give no power figure."""
+    from benchmarks.sustained_clock import pipeline_ceilings
+
+    def row(model, batch, ms, j=None):
+        return {"model": model, "batch": batch, "last_5s_ms": ms,
+                "energy": {"limit_w": 700.0, **({"j_per_answer": j} if j else {})}}  # fmt: skip
+
+    rows = [row("encoder", 16, 76.0, 3.25), row("decoder", 16, 21.0, 0.875), row("encoder", 1, 6.0)]
+    assert pipeline_ceilings(rows) == [
+        {"batch": 16, "graphs_ms": 97.0, "in_turn_per_s": 164.9, "j_per_answer": 4.125, "limit_w": 700.0,
+         "power_limit_per_s": 169.7},
+    ]  # fmt: skip
+    assert pipeline_ceilings(rows + [row("decoder", 1, 7.5)])[0] == {
+        "batch": 1,
+        "graphs_ms": 13.5,
+        "in_turn_per_s": 74.1,
+    }
+
+
 def test_sustained_clock_finds_a_step_in_a_one_model_repository(tiny_repo, tmp_path):
     """A step of the exported repository is its own model; in a one-model variant's repository (here
     gpu_one_model_fp8's) it is the policy's step, with the parameters the policy serves it with (fp8)."""

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What the GPU's power limit leaves for throughput: pi0's graphs (bf16, the `gpu` variant as served, and the
+# encoder of `gpu_one_model_fp8`) replayed back to back by benchmarks/sustained_clock.py, each with its answers
+# checked against the export's golden samples first, its time under sustained load and the energy it used
+# (NVML's counter) per answer: the encoder and decoder at bucket 16, the fp8 encoder at 16, then both at 1.
+# Each run's JSON rows land in $OUT, its log in /tmp (a call brings back 8 files); a run starts only while
+# $BUDGET seconds (default 360) since the first have not passed. One device call:
+#   export OUT=$OUT && bash benchmarks/gpu_energy.sh
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-reports/gpu}
+source benchmarks/gpu_pi0.sh
+python -m vlaserve.repository --repository /tmp/pi0_repo --variant gpu_one_model_fp8 --out /tmp/pi0_fp8 \
+  > /tmp/fp8-repo.log 2>&1 || { tail -5 /tmp/fp8-repo.log; exit 1; }
+nvidia-smi -i 0 --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,enforced.power.limit,temperature.gpu --format=csv
+began=$SECONDS
+for run in "encoder,decoder 16 pi0_repo" "encoder 16 pi0_fp8" "encoder,decoder 1 pi0_repo"; do
+  set -- $run
+  if [ $((SECONDS - began)) -ge "${BUDGET:-360}" ]; then echo "not run (out of time): $run"; continue; fi
+  seconds=$([ "$2" = 16 ] && echo 10 || echo 6)
+  name="energy-$3-${1/,/-}-b$2"
+  python -m benchmarks.sustained_clock --repository "/tmp/$3" --models "$1" --batch "$2" --seconds "$seconds" \
+    --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
+  echo "== $run ($((SECONDS - began)) s in)"; grep -A4 "^model" "/tmp/$name.log" || tail -5 "/tmp/$name.log"
+done
+nvidia-smi -i 0 --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
