@@ -375,6 +375,28 @@ def test_served_breakdown_samples_the_gpu_clock_through_a_load_phase(tmp_path, m
     assert clocks.summary() == {}
 
 
+def test_profile_runtime_sorts_kernels_into_kinds_by_name():
+    """cuBLAS's products, attention kernels (PyTorch's flash and cuDNN's, the project's own), Inductor's
+    reductions and pointwise kernels, copies, the project's other Triton kernels; PyTorch's elementwise
+    kernels (named ``..._kernel`` too) are "other". The sums keep calls and ms per kind, the largest first."""
+    from benchmarks.profile_runtime import by_kind, kernel_kind
+
+    assert kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "product"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72>>") == "attention"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert kernel_kind("_attention_kernel") == "attention"
+    assert kernel_kind("triton_red_fused_add_mean_mul_pow_rsqrt_0") == "inductor reduction"
+    assert kernel_kind("triton_poi_fused__unsafe_view_gelu_mul_split_1") == "inductor pointwise"
+    assert kernel_kind("Memcpy HtoD (Pageable -> Device)") == "copy"
+    assert kernel_kind("_norm_geglu_kernel") == "project triton"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
+    kinds = by_kind({"nvjet_a": [18, 1.5], "nvjet_b": [27, 0.75], "triton_poi_fused_add_0": [45, 0.5]})
+    assert kinds == {"product": [45, 2.25], "inductor pointwise": [45, 0.5]} and list(kinds) == [
+        "product",
+        "inductor pointwise",
+    ]
+
+
 def test_sustained_clock_takes_each_windows_median_from_its_own_replays():
     """A replay belongs to the window its start falls in (start inclusive, end exclusive); an empty window is
     None, not 0."""
