@@ -1,0 +1,125 @@
+"""Where the encoder's non-product kernels come from, and whether another SDPA kernel drops them: on a GPU,
+at pi0's shapes.
+
+The encoder's profile at bucket 16 (benchmarks/gpu_encoder_profile.sh) holds PyTorch's own strided-copy
+kernels beside cuDNN's attention: one per SigLIP layer, one more per prefix layer at 16. This probe times one
+SigLIP layer (compiled as the served encoder compiles it) as a CUDA graph at ``--batches`` (2 views each) with
+SDPA's kernels in each priority order of ``ORDERS`` (set while compiling and capturing), and one prefix
+layer's attention (vlaserve.model.policy.attention, run between the compiled halves of a layer as served)
+with each order that takes its additive bias. For each: replay µs, the kernels by kind
+(benchmarks.profile_runtime.kernel_kind) and the longest kernels, and the output against the default's (rel).
+Prints a table last.
+
+    source benchmarks/gpu_env.sh && python -m benchmarks.encoder_attention_probe --batches 1,16 --out $OUT/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.profile_runtime import by_kind, kernel_times, replay_ms
+from vlaserve.model.parity import compare
+from vlaserve.model.policy import GemmaBlock, SiglipBlock, attention, attention_bias, rope_tables
+from vlaserve.model.presets import get_preset
+
+DEVICE = "cuda:0"
+B = SDPBackend
+ORDERS = {  # SDPA's backends in priority order (sdpa_kernel(..., set_priority=True)); "default" is torch's own
+    "default": None,
+    "flash_first": [B.FLASH_ATTENTION, B.CUDNN_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH],
+    "efficient_first": [B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.MATH],
+    "cudnn_first": [B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH],
+}
+
+
+def context(order):
+    return sdpa_kernel(order, set_priority=True) if order else torch.autograd.grad_mode.no_grad()
+
+
+def graph_of(fn, inputs, order):
+    """fn(*inputs) warmed up and captured under ``order``: (graph, static output)."""
+    with torch.inference_mode(), context(order):
+        for _ in range(3):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*inputs)
+    return graph, out
+
+
+def measured(what: str, batch: int, order_name: str, graph, out, reference) -> dict:
+    graph.replay()
+    torch.cuda.synchronize()
+    count, busy, names = kernel_times(graph)
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:6]
+    row = {
+        "what": what, "batch": batch, "order": order_name, "us": round(replay_ms(graph.replay) * 1e3, 1),
+        "kernels": count, "busy_us": round(busy * 1e3, 1), "kinds": by_kind(names),
+        "top": [(n[:90], round(ms * 1e3, 1), c) for n, (c, ms) in top],
+        "rel": compare(out.float(), reference.float())["rel"] if reference is not None else 0.0,
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,16", help="batch buckets (each item 2 views)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    cfg = get_preset("pi0")
+    torch.manual_seed(0)
+    vision = SiglipBlock(cfg.vision).to(DEVICE, torch.bfloat16).eval()
+    prefix = GemmaBlock(cfg.prefix).to(DEVICE, torch.bfloat16).eval()
+    for module in (vision, prefix):
+        for p in module.parameters():
+            p.data.normal_(0, p.shape[-1] ** -0.5)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        x = torch.randn(2 * batch, cfg.vision.tokens_per_view, cfg.vision.width, device=DEVICE, dtype=torch.bfloat16)
+        reference = None
+        for name, order in ORDERS.items():
+            torch._dynamo.reset()
+            block = torch.compile(vision.forward, dynamic=False)
+            with context(order):
+                graph, out = graph_of(block, (x,), order)
+            rows.append(measured("siglip layer", batch, name, graph, out, reference))
+            reference = out.clone() if reference is None else reference
+        p = 2 * cfg.vision.tokens_per_view + 48
+        h = torch.randn(batch, p, cfg.prefix.width, device=DEVICE, dtype=torch.bfloat16)
+        mask = torch.ones(batch, p, dtype=torch.bool, device=DEVICE)
+        mask[:, -30:] = False  # a prompt shorter than its padding
+        cos, sin = rope_tables(torch.cumsum(mask.long(), 1) - 1, cfg.prefix.head_dim, h.dtype)
+        bias = attention_bias(mask[:, None, :], cfg.prefix.num_heads // cfg.prefix.num_kv_heads, h.dtype, p)
+        with torch.inference_mode():
+            q, k, v = prefix.qkv(h, cos, sin)
+        reference = None
+        for name, order in ORDERS.items():
+            if name == "flash_first":
+                continue  # flash takes no additive bias: the same as the next order
+            graph, out = graph_of(attention, (q, k, v, bias), order)
+            rows.append(measured("prefix attention", batch, name, graph, out, reference))
+            reference = out.clone() if reference is None else reference
+    result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}  # fmt: skip
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{'what':17} {'batch':>5} {'order':16} {'us':>9} {'kernels':>7} {'rel':>8}  by kind (calls, us)")
+    for r in rows:
+        kinds = ", ".join(f"{k} {c} {ms * 1e3:.0f}" for k, (c, ms) in r["kinds"].items())
+        print(
+            f"{r['what']:17} {r['batch']:5d} {r['order']:16} {r['us']:9.1f} {r['kernels']:7d} {r['rel']:8.2g}  {kinds}"
+        )
+    for r in rows:
+        print(
+            f"{r['what']} {r['batch']} {r['order']}: " + "; ".join(f"{n[:60]} {us} x{c}" for n, us, c in r["top"][:4])
+        )
+
+
+if __name__ == "__main__":
+    main()
