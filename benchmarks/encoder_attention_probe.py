@@ -1,14 +1,14 @@
-"""Where the encoder's non-product kernels come from, and whether another SDPA kernel drops them: on a GPU,
-at pi0's shapes.
+"""Where the encoder's strided copies come from, and what drops them: on a GPU, at pi0's shapes.
 
 The encoder's profile at bucket 16 (benchmarks/gpu_encoder_profile.sh) holds PyTorch's own strided-copy
-kernels beside cuDNN's attention: one per SigLIP layer, one more per prefix layer at 16. This probe times one
-SigLIP layer (compiled as the served encoder compiles it) as a CUDA graph at ``--batches`` (2 views each) with
-SDPA's kernels in each priority order of ``ORDERS`` (set while compiling and capturing), and one prefix
-layer's attention (vlaserve.model.policy.attention, run between the compiled halves of a layer as served)
-with each order that takes its additive bias. For each: replay µs, the kernels by kind
-(benchmarks.profile_runtime.kernel_kind) and the longest kernels, and the output against the default's (rel).
-Prints a table last.
+kernels beside cuDNN's attention: one per SigLIP layer, one more per prefix layer at 16. This probe times, as
+CUDA graphs at ``--batches`` (2 views each): one SigLIP layer compiled as the served encoder compiles it, under
+each SDPA priority order of ``ORDERS`` (set while compiling and capturing), and in two other forms
+(``SIGLIP_FORMS``); and one prefix layer's attention (vlaserve.model.policy.attention, run between the compiled
+halves of a layer as served) under each order that takes its additive bias, with its queries as
+GemmaBlock.qkv gives them now (a tensor of their own) and as a slice of the rotated queries and keys, as it
+gave them before. For each: replay µs, the kernels by kind (benchmarks.profile_runtime.kernel_kind) and the
+longest kernels, and the output against the first form's (rel). Prints a table last.
 
     source benchmarks/gpu_env.sh && python -m benchmarks.encoder_attention_probe --batches 1,16 --out $OUT/probe.json
 """
@@ -36,6 +36,44 @@ ORDERS = {  # SDPA's backends in priority order (sdpa_kernel(..., set_priority=T
     "efficient_first": [B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.MATH],
     "cudnn_first": [B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH],
 }
+
+
+def siglip_split(block: SiglipBlock):
+    """The SigLIP layer with its attention outside the compiled code: norm and q/k/v compiled, SDPA as it comes,
+    the output projection and the MLP compiled (as the prefix layers are served)."""
+
+    def pre(x):
+        b, t, _ = x.shape
+        return block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+
+    def post(x, attn):
+        b, t, w = x.shape
+        x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
+        return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+
+    pre_c, post_c = torch.compile(pre, dynamic=False), torch.compile(post, dynamic=False)
+
+    def forward(x):
+        q, k, v = pre_c(x)
+        return post_c(x, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+    return forward
+
+
+def siglip_contiguous(block: SiglipBlock):
+    """The SigLIP layer compiled whole, its q, k and v made contiguous before SDPA (a copy Inductor writes)."""
+
+    def forward(x):
+        b, t, w = x.shape
+        q, k, v = block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
+        return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+
+    return torch.compile(forward, dynamic=False)
+
+
+SIGLIP_FORMS = {"split": siglip_split, "contiguous": siglip_contiguous}
 
 
 def context(order):
@@ -92,6 +130,10 @@ def main() -> None:
                 graph, out = graph_of(block, (x,), order)
             rows.append(measured("siglip layer", batch, name, graph, out, reference))
             reference = out.clone() if reference is None else reference
+        for name, form in SIGLIP_FORMS.items():
+            torch._dynamo.reset()
+            graph, out = graph_of(form(vision), (x,), None)
+            rows.append(measured("siglip layer", batch, name, graph, out, reference))
         p = 2 * cfg.vision.tokens_per_view + 48
         h = torch.randn(batch, p, cfg.prefix.width, device=DEVICE, dtype=torch.bfloat16)
         mask = torch.ones(batch, p, dtype=torch.bool, device=DEVICE)
@@ -100,13 +142,16 @@ def main() -> None:
         bias = attention_bias(mask[:, None, :], cfg.prefix.num_heads // cfg.prefix.num_kv_heads, h.dtype, p)
         with torch.inference_mode():
             q, k, v = prefix.qkv(h, cos, sin)
+            heads = q.shape[2]  # the queries as a slice of the rotated queries and keys, as qkv gave them before
+            sliced = torch.cat([q, k.transpose(1, 2)], dim=2)[:, :, :heads]
         reference = None
         for name, order in ORDERS.items():
             if name == "flash_first":
                 continue  # flash takes no additive bias: the same as the next order
-            graph, out = graph_of(attention, (q, k, v, bias), order)
-            rows.append(measured("prefix attention", batch, name, graph, out, reference))
-            reference = out.clone() if reference is None else reference
+            for form, queries in (("", q), (", q sliced", sliced)):
+                graph, out = graph_of(attention, (queries, k, v, bias), order)
+                rows.append(measured("prefix attention", batch, name + form, graph, out, reference))
+                reference = out.clone() if reference is None else reference
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n{'what':17} {'batch':>5} {'order':16} {'us':>9} {'kernels':>7} {'rel':>8}  by kind (calls, us)")
