@@ -2,13 +2,14 @@
 
 The encoder's profile at bucket 16 (benchmarks/gpu_encoder_profile.sh) holds PyTorch's own strided-copy
 kernels beside cuDNN's attention: one per SigLIP layer, one more per prefix layer at 16. This probe times, as
-CUDA graphs at ``--batches`` (2 views each): one SigLIP layer compiled as the served encoder compiles it, under
-each SDPA priority order of ``ORDERS`` (set while compiling and capturing), and in two other forms
-(``SIGLIP_FORMS``); and one prefix layer's attention (vlaserve.model.policy.attention, run between the compiled
-halves of a layer as served) under each order that takes its additive bias, with its queries as
-GemmaBlock.qkv gives them now (a tensor of their own) and as a slice of the rotated queries and keys, as it
-gave them before. For each: replay µs, the kernels by kind (benchmarks.profile_runtime.kernel_kind) and the
-longest kernels, and the output against the first form's (rel). Prints a table last.
+CUDA graphs at ``--batches`` (2 views each): one SigLIP layer compiled as the served encoder compiles it,
+under each SDPA priority order of ``ORDERS`` (set while compiling and capturing), and in the other forms of
+``SIGLIP_FORMS``, and SDPA alone on its q, k and v under each order; and one prefix layer's attention
+(vlaserve.model.policy.attention, run between the compiled halves of a layer as served) under each order that
+takes its additive bias, with its queries as GemmaBlock.qkv gives them now (a tensor of their own) and as a
+slice of the rotated queries and keys, as it gave them before. For each: replay µs, the kernels by kind
+(benchmarks.profile_runtime.kernel_kind) and the longest kernels, and the output against the first form's
+(rel). Prints a table last.
 
     source benchmarks/gpu_env.sh && python -m benchmarks.encoder_attention_probe --batches 1,16 --out $OUT/probe.json
 """
@@ -38,9 +39,9 @@ ORDERS = {  # SDPA's backends in priority order (sdpa_kernel(..., set_priority=T
 }
 
 
-def siglip_split(block: SiglipBlock):
-    """The SigLIP layer with its attention outside the compiled code: norm and q/k/v compiled, SDPA as it comes,
-    the output projection and the MLP compiled (as the prefix layers are served)."""
+def siglip_split(block: SiglipBlock, order=None):
+    """The SigLIP layer with its attention outside the compiled code: norm and q/k/v compiled, SDPA as it comes
+    (or under ``order``), the output projection and the MLP compiled (as the prefix layers are served)."""
 
     def pre(x):
         b, t, _ = x.shape
@@ -55,7 +56,9 @@ def siglip_split(block: SiglipBlock):
 
     def forward(x):
         q, k, v = pre_c(x)
-        return post_c(x, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        with context(order):
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return post_c(x, attn)
 
     return forward
 
@@ -73,7 +76,27 @@ def siglip_contiguous(block: SiglipBlock):
     return torch.compile(forward, dynamic=False)
 
 
-SIGLIP_FORMS = {"split": siglip_split, "contiguous": siglip_contiguous}
+def siglip_flash_inside(block: SiglipBlock):
+    """The SigLIP layer compiled whole, with SDPA's flash kernel first inside the compiled function."""
+
+    def forward(x):
+        b, t, w = x.shape
+        q, k, v = block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+        with sdpa_kernel(ORDERS["flash_first"], set_priority=True):
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
+        return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+
+    return torch.compile(forward, dynamic=False)
+
+
+SIGLIP_FORMS = {
+    "split": siglip_split,
+    "split, flash": lambda block: siglip_split(block, ORDERS["flash_first"]),
+    "split, efficient": lambda block: siglip_split(block, ORDERS["efficient_first"]),
+    "flash inside": siglip_flash_inside,
+    "contiguous": siglip_contiguous,
+}
 
 
 def context(order):
@@ -132,8 +155,20 @@ def main() -> None:
             reference = out.clone() if reference is None else reference
         for name, form in SIGLIP_FORMS.items():
             torch._dynamo.reset()
-            graph, out = graph_of(form(vision), (x,), None)
+            try:
+                graph, out = graph_of(form(vision), (x,), None)
+            except Exception as exc:  # noqa: BLE001 - a form torch cannot compile or capture: say so, go on
+                print(f"siglip layer {batch} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
             rows.append(measured("siglip layer", batch, name, graph, out, reference))
+        with torch.inference_mode():
+            b, t, w = x.shape
+            qkv = vision.qkv(vision.norm1(x)).view(b, t, 3, vision.num_heads, -1).permute(2, 0, 3, 1, 4)
+        sdpa, reference = torch.nn.functional.scaled_dot_product_attention, None
+        for name, order in ORDERS.items():
+            graph, out = graph_of(sdpa, tuple(qkv), order)
+            rows.append(measured("siglip sdpa", batch, name, graph, out, reference))
+            reference = out.clone() if reference is None else reference
         p = 2 * cfg.vision.tokens_per_view + 48
         h = torch.randn(batch, p, cfg.prefix.width, device=DEVICE, dtype=torch.bfloat16)
         mask = torch.ones(batch, p, dtype=torch.bool, device=DEVICE)
