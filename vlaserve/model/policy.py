@@ -179,22 +179,10 @@ class SiglipBlock(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, mlp = self.deferred(x, None)
-        return x + mlp
-
-    def deferred(self, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer on ``x + pending`` (the previous layer's MLP output, or None), with its own MLP output
-        returned apart rather than added: (x after the attention's residual, the MLP's output), whose sum is
-        :meth:`forward`'s. The sum is then made where the next layer's norm reads it (one compiled kernel,
-        :class:`VisionTower`). Compiled, a layer that added it itself had Inductor fold the sum into the MLP's
-        output product, which PyTorch starts by copying the residual stream into the output (57 us a layer at
-        batch 16 on the H200, docs/BENCHMARKS.md)."""
-        if pending is not None:
-            x = x + pending
         b, t, w = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, w))
-        return x, self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
 
 class VisionTower(nn.Module):
@@ -220,10 +208,9 @@ class VisionTower(nn.Module):
         g = self.cfg.image_size // p  # patches per side (config ints: no arithmetic on traced sizes)
         patches = x.reshape(-1, g, p, g, p, 3).permute(0, 1, 3, 5, 2, 4).reshape(-1, g * g, 3 * p * p)
         x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias) + self.pos_embed
-        pending = None  # the last layer's MLP output, added where the next layer (or the final norm) reads x
         for block in self.blocks:
-            x, pending = block.deferred(x, pending)
-        return self.norm(x + pending if pending is not None else x)
+            x = block(x)
+        return self.norm(x)
 
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -438,7 +425,7 @@ class Encoder(nn.Module):
 
     def compile_targets(self):
         """(object, method name) pairs that ``compile: true`` compiles one layer at a time."""
-        yield from ((block, "deferred") for block in self.policy.vision.blocks)
+        yield from ((block, "forward") for block in self.policy.vision.blocks)
         yield from ((layer, m) for layer in self.policy.prefix_layers for m in ("qkv", "finish"))
 
     def fp8_targets(self):
