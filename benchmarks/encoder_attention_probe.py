@@ -17,6 +17,7 @@ slice of the rotated queries and keys, as it gave them before. For each: replay 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -100,7 +101,7 @@ SIGLIP_FORMS = {
 
 
 def context(order):
-    return sdpa_kernel(order, set_priority=True) if order else torch.autograd.grad_mode.no_grad()
+    return sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()
 
 
 def graph_of(fn, inputs, order):

@@ -149,8 +149,8 @@ class GemmaBlock(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries [B,T,H,D] and keys/values [B,Hkv,T,D] of x [B,T,W], with RoPE on q and k. The queries come
         out as a tensor of their own, so that :func:`attention` folds their heads into rows without a copy
-        (compiled, both rotations are one kernel; a strided copy of the queries cost 45 us a prefix layer at
-        batch 16 on the H200, docs/BENCHMARKS.md)."""
+        (a strided copy of the queries cost 45 us a prefix layer at batch 16 on the H200; compiled, the keys'
+        rotation is then a small kernel of its own; docs/BENCHMARKS.md)."""
         b, t, _ = x.shape
         h, hkv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         qkv = self.qkv_proj(self.input_norm(x)).view(b, t, h + 2 * hkv, d)
