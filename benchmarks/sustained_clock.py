@@ -242,9 +242,10 @@ def main() -> None:
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
         uuid = f"GPU-{torch.cuda.get_device_properties(0).uuid}"  # cuda:0's own GPU
-        if not EnergyCounter(uuid).available:
+        energy = EnergyCounter(uuid)
+        if not energy.available:
             print(f"{name}: no energy figures: NVML's energy counter cannot be read here", flush=True)
-        with GpuClocks(gpu=uuid) as clocks, EnergyCounter(uuid) as energy:
+        with GpuClocks(gpu=uuid) as clocks, energy:
             began, load = sustained(graph, args.seconds)
         last_5s_ms = median_between(load, args.seconds - 5, args.seconds)
         power = energy.mean_watts(began + args.seconds - 5, began + args.seconds)
