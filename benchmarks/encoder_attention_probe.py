@@ -40,26 +40,30 @@ ORDERS = {  # SDPA's backends in priority order (sdpa_kernel(..., set_priority=T
 }
 
 
+def siglip_qkv(block: SiglipBlock, x):
+    """q, k, v [B, heads, T, D] of the SigLIP layer on x, as SiglipBlock.forward makes them."""
+    b, t, _ = x.shape
+    return block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+
+
+def siglip_finish(block: SiglipBlock, x, attn):
+    """The rest of the SigLIP layer after its attention, as SiglipBlock.forward does it."""
+    b, t, w = x.shape
+    x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
+    return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+
+
 def siglip_split(block: SiglipBlock, order=None):
     """The SigLIP layer with its attention outside the compiled code: norm and q/k/v compiled, SDPA as it comes
     (or under ``order``), the output projection and the MLP compiled (as the prefix layers are served)."""
-
-    def pre(x):
-        b, t, _ = x.shape
-        return block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-
-    def post(x, attn):
-        b, t, w = x.shape
-        x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
-        return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
-
-    pre_c, post_c = torch.compile(pre, dynamic=False), torch.compile(post, dynamic=False)
+    pre = torch.compile(lambda x: siglip_qkv(block, x), dynamic=False)
+    post = torch.compile(lambda x, attn: siglip_finish(block, x, attn), dynamic=False)
 
     def forward(x):
-        q, k, v = pre_c(x)
+        q, k, v = pre(x)
         with context(order):
             attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return post_c(x, attn)
+        return post(x, attn)
 
     return forward
 
@@ -68,11 +72,8 @@ def siglip_contiguous(block: SiglipBlock):
     """The SigLIP layer compiled whole, its q, k and v made contiguous before SDPA (a copy Inductor writes)."""
 
     def forward(x):
-        b, t, w = x.shape
-        q, k, v = block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
-        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
-        return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+        q, k, v = siglip_qkv(block, x).contiguous()
+        return siglip_finish(block, x, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
     return torch.compile(forward, dynamic=False)
 
@@ -81,12 +82,10 @@ def siglip_flash_inside(block: SiglipBlock):
     """The SigLIP layer compiled whole, with SDPA's flash kernel first inside the compiled function."""
 
     def forward(x):
-        b, t, w = x.shape
-        q, k, v = block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = siglip_qkv(block, x)
         with sdpa_kernel(ORDERS["flash_first"], set_priority=True):
             attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
-        return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+        return siglip_finish(block, x, attn)
 
     return torch.compile(forward, dynamic=False)
 
@@ -163,8 +162,7 @@ def main() -> None:
                 continue
             rows.append(measured("siglip layer", batch, name, graph, out, reference))
         with torch.inference_mode():
-            b, t, w = x.shape
-            qkv = vision.qkv(vision.norm1(x)).view(b, t, 3, vision.num_heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = siglip_qkv(vision, x)
         sdpa, reference = torch.nn.functional.scaled_dot_product_attention, None
         for name, order in ORDERS.items():
             graph, out = graph_of(sdpa, tuple(qkv), order)
