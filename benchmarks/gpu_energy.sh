@@ -12,14 +12,5 @@ source benchmarks/gpu_pi0.sh
 python -m vlaserve.repository --repository /tmp/pi0_repo --variant gpu_one_model_fp8 --out /tmp/pi0_fp8 \
   > /tmp/fp8-repo.log 2>&1 || { tail -5 /tmp/fp8-repo.log; exit 1; }
 nvidia-smi -i 0 --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,enforced.power.limit,temperature.gpu --format=csv
-began=$SECONDS
-for run in "encoder,decoder 16 pi0_repo" "encoder 16 pi0_fp8" "encoder,decoder 1 pi0_repo"; do
-  set -- $run
-  if [ $((SECONDS - began)) -ge "${BUDGET:-360}" ]; then echo "not run (out of time): $run"; continue; fi
-  seconds=$([ "$2" = 16 ] && echo 10 || echo 6)
-  name="energy-$3-${1/,/-}-b$2"
-  python -m benchmarks.sustained_clock --repository "/tmp/$3" --models "$1" --batch "$2" --seconds "$seconds" \
-    --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
-  echo "== $run ($((SECONDS - began)) s in)"; grep -A4 "^model" "/tmp/$name.log" || tail -5 "/tmp/$name.log"
-done
+clock_runs energy "${BUDGET:-360}" 10 6 "encoder,decoder 16 pi0_repo" "encoder 16 pi0_fp8" "encoder,decoder 1 pi0_repo"
 nvidia-smi -i 0 --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader

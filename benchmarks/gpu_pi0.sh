@@ -1,6 +1,6 @@
 # Sourced by the benchmarks/gpu_*.sh runs: the GPU machine's environment (benchmarks/gpu_env.sh), $OUT
 # (default reports/gpu), and the pi0 export (bf16, 2 views, the `gpu` variant, golden samples) in
-# /tmp/pi0_repo, made unless an earlier run on the same machine left it there.
+# /tmp/pi0_repo, made unless an earlier run on the same machine left it there; and clock_runs, below.
 source benchmarks/gpu_env.sh
 OUT=${OUT:-reports/gpu} && mkdir -p "$OUT"
 
@@ -17,3 +17,22 @@ export_pi0() {
   fi
 }
 export_pi0 /tmp/pi0_repo "$OUT/export.log"
+
+# clock_runs PREFIX BUDGET SECONDS_AT_16 SECONDS_ELSE "MODELS BATCH REPO"...: each run by
+# benchmarks/sustained_clock.py on /tmp/REPO (its answers checked against that export's golden samples first),
+# back to back for SECONDS_AT_16 at bucket 16 and SECONDS_ELSE at others; its JSON rows in
+# $OUT/PREFIX-REPO-MODELS-bBATCH.json, its log in /tmp (a call brings back 8 files), its table printed. A run
+# starts only while BUDGET seconds since the first have not passed.
+clock_runs() {
+  local prefix=$1 budget=$2 long=$3 short=$4 began=$SECONDS run name seconds
+  shift 4
+  for run in "$@"; do
+    set -- $run
+    if [ $((SECONDS - began)) -ge "$budget" ]; then echo "not run (out of time): $run"; continue; fi
+    seconds=$([ "$2" = 16 ] && echo "$long" || echo "$short")
+    name="$prefix-$3-${1/,/-}-b$2"
+    python -m benchmarks.sustained_clock --repository "/tmp/$3" --models "$1" --batch "$2" --seconds "$seconds" \
+      --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
+    echo "== $run ($((SECONDS - began)) s in)"; grep -A4 "^model" "/tmp/$name.log" || tail -5 "/tmp/$name.log"
+  done
+}

@@ -11,15 +11,6 @@ cd "$(dirname "$0")/.."
 export OUT=${OUT:-reports/gpu}
 source benchmarks/gpu_pi0.sh
 source benchmarks/gpu_pi0_prompt.sh
-began=$SECONDS
-for run in "encoder 16 pi0_repo" "encoder 16 pi0_p$P" "encoder,decoder 1 pi0_p$P" "encoder,decoder 1 pi0_repo" \
-           "decoder 16 pi0_p$P" "decoder 16 pi0_repo"; do
-  set -- $run
-  if [ $((SECONDS - began)) -ge "${BUDGET:-330}" ]; then echo "not run (out of time): $run"; continue; fi
-  seconds=$([ "$2" = 16 ] && echo 8 || echo 5)
-  name="clock-$3-${1/,/-}-b$2"
-  python -m benchmarks.sustained_clock --repository "/tmp/$3" --models "$1" --batch "$2" --seconds "$seconds" \
-    --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
-  echo "== $run ($((SECONDS - began)) s in)"; grep -A3 "^model" "/tmp/$name.log" || tail -5 "/tmp/$name.log"
-done
+clock_runs clock "${BUDGET:-330}" 8 5 "encoder 16 pi0_repo" "encoder 16 pi0_p$P" "encoder,decoder 1 pi0_p$P" \
+  "encoder,decoder 1 pi0_repo" "decoder 16 pi0_p$P" "decoder 16 pi0_repo"
 nvidia-smi -i 0 --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
