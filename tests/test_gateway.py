@@ -20,7 +20,7 @@ from tests.conftest import ROOT, SPEC
 from tests.test_robots import droid_obs
 from vlaserve.client import PolicyClient
 from vlaserve.robots import RobotTransform
-from vlaserve.server import free_port
+from vlaserve.server import free_port, free_ports
 from vlaserve.spec import load_spec
 
 
@@ -235,7 +235,7 @@ def test_a_triton_restart_is_an_error_frame_and_the_connection_lives_on(tiny_rep
     dropped connection, /healthz says 503; once Triton is back on its address the same connection is served."""
     from vlaserve.server import ServerOptions, TritonServer
 
-    http, grpc, metrics_port = free_port(), free_port(), free_port()
+    http, grpc, metrics_port = free_ports(3)
 
     def triton():
         options = ServerOptions(model_repository=tiny_repo, http_port=http, grpc_port=grpc, metrics_port=metrics_port,

@@ -542,3 +542,29 @@ def test_an_export_with_fewer_prompt_positions_serves_the_same_actions_and_refus
         np.testing.assert_allclose(client.infer(fits), reference_actions(tiny_policy, fits), atol=1e-4, rtol=1e-4)
     finally:
         srv.stop()
+
+
+def test_the_ports_a_server_picks_are_distinct_even_when_the_system_hands_ports_back(monkeypatch, tmp_path):
+    """The system may hand a port that was just picked and closed back to the next pick: every port a
+    server picks comes from one pick (the guard's own too), and none equals a port it was given."""
+    from vlaserve import server as server_module
+
+    def handing_back(count, host="127.0.0.1"):  # each pick starts again at the same port, as a system may
+        return [40000 + i for i in range(count)]
+
+    monkeypatch.setattr(server_module, "free_ports", handing_back)
+    for guard in (True, False):
+        picked = server_module.TritonServer(
+            server_module.ServerOptions(http_port=0, grpc_port=0, metrics_port=0, http_guard=guard, workdir=tmp_path)
+        )
+        opts = picked.options
+        ports = [opts.http_port, opts.grpc_port, opts.metrics_port, int(picked.triton_http.rsplit(":", 1)[1])]
+        assert len(set(ports)) == (4 if guard else 3), ports
+        given = server_module.TritonServer(
+            server_module.ServerOptions(
+                http_port=40001, grpc_port=0, metrics_port=0, http_guard=guard, workdir=tmp_path
+            )
+        )
+        opts = given.options
+        ports = [opts.http_port, opts.grpc_port, opts.metrics_port, int(given.triton_http.rsplit(":", 1)[1])]
+        assert opts.http_port == 40001 and len(set(ports)) == (4 if guard else 3), ports

@@ -219,8 +219,15 @@ class TritonServer:
 
     def __init__(self, options: ServerOptions):
         self.options = opts = dataclasses.replace(options)
-        unset = [f for f in ("http_port", "grpc_port", "metrics_port") if getattr(opts, f) == 0]
-        for field, port in zip(unset, free_ports(len(unset), opts.host)):
+        fields = ("http_port", "grpc_port", "metrics_port")
+        unset = [f for f in fields if getattr(opts, f) == 0]
+        # Every port picked at once, the guard's own too, and none equal to a port given: picked one by
+        # one, a port freed by the first pick can come back from the next (then tritonserver refuses to
+        # start: HTTP and gRPC on one port).
+        given = {getattr(opts, f) for f in fields} - {0}
+        wanted = len(unset) + (1 if opts.http_guard else 0)
+        picked = [p for p in free_ports(wanted + len(given), opts.host) if p not in given][:wanted]
+        for field, port in zip(unset, picked):
             setattr(opts, field, port)
         opts.workdir = Path(opts.workdir).resolve()
         opts.log_file = Path(opts.log_file or opts.workdir / "tritonserver.log").resolve()
@@ -231,7 +238,7 @@ class TritonServer:
         # how long a stop waits for the requests admitted (sized from the queue timeouts)
         self.exit_timeout = opts.exit_timeout or _drain_seconds(opts.model_repository)
         # Triton's own HTTP: behind the guard on a loopback port, else where clients connect
-        self.triton_http = f"{io.DEFAULT_HOST}:{free_port()}" if opts.http_guard else self.http_url
+        self.triton_http = f"{io.DEFAULT_HOST}:{picked[-1]}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
         self.segments: list[Path] = []
         self.cleaned = False  # stop() has ended the process group and removed its shared memory
