@@ -4,7 +4,8 @@ The encoder's profile at bucket 16 (benchmarks/gpu_encoder_profile.sh) holds PyT
 kernels beside cuDNN's attention: one per SigLIP layer, one more per prefix layer at 16. This probe times, as
 CUDA graphs at ``--batches`` (2 views each): one SigLIP layer compiled as the served encoder compiles it,
 under each SDPA priority order of ``ORDERS`` (set while compiling and capturing), and in the other forms of
-``SIGLIP_FORMS``, and SDPA alone on its q, k and v under each order; and one prefix layer's attention
+``SIGLIP_FORMS``, each of its four products alone (``PRODUCTS``, eager: which kernel adds its bias), and SDPA
+alone on its q, k and v under each order; and one prefix layer's attention
 (vlaserve.model.policy.attention, run between the compiled halves of a layer as served) under each order that
 takes its additive bias, with its queries as GemmaBlock.qkv gives them now (a tensor of their own) and as a
 slice of the rotated queries and keys, as it gave them before. For each: replay µs, the kernels by kind
@@ -40,17 +41,33 @@ ORDERS = {  # SDPA's backends in priority order (sdpa_kernel(..., set_priority=T
 }
 
 
-def siglip_qkv(block: SiglipBlock, x):
+def with_bias(linear: torch.nn.Linear, h):
+    """The layer's own product: cuBLAS adds the bias (torch.addmm)."""
+    return linear(h)
+
+
+def bias_after(linear: torch.nn.Linear, h):
+    """The product without its bias, the bias added after it: Inductor can add it in the kernel that follows."""
+    return torch.nn.functional.linear(h, linear.weight) + linear.bias
+
+
+def siglip_qkv(block: SiglipBlock, x, product=with_bias):
     """q, k, v [B, heads, T, D] of the SigLIP layer on x, as SiglipBlock.forward makes them."""
     b, t, _ = x.shape
-    return block.qkv(block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return product(block.qkv, block.norm1(x)).view(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
 
 
-def siglip_finish(block: SiglipBlock, x, attn):
+def siglip_finish(block: SiglipBlock, x, attn, product=with_bias):
     """The rest of the SigLIP layer after its attention, as SiglipBlock.forward does it."""
     b, t, w = x.shape
-    x = x + block.out(attn.transpose(1, 2).reshape(b, t, w))
-    return x + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+    x = x + product(block.out, attn.transpose(1, 2).reshape(b, t, w))
+    return x + product(block.fc2, torch.nn.functional.gelu(product(block.fc1, block.norm2(x)), approximate="tanh"))
+
+
+def siglip_layer(block: SiglipBlock, x, product=with_bias):
+    """The whole SigLIP layer, as SiglipBlock.forward computes it when ``product`` is ``with_bias``."""
+    q, k, v = siglip_qkv(block, x, product)
+    return siglip_finish(block, x, torch.nn.functional.scaled_dot_product_attention(q, k, v), product)
 
 
 def siglip_split(block: SiglipBlock, order=None):
@@ -90,13 +107,22 @@ def siglip_flash_inside(block: SiglipBlock):
     return torch.compile(forward, dynamic=False)
 
 
+def siglip_bias_after(block: SiglipBlock):
+    """The SigLIP layer compiled whole, each product without its bias and the bias added after it. cuBLAS then
+    gets no product with a bias: where it cannot add one in its epilogue, torch copies the bias into every row
+    of the output first and asks for a product that adds to it (a ``badd`` kernel in the profile)."""
+    return torch.compile(lambda x: siglip_layer(block, x, bias_after), dynamic=False)
+
+
 SIGLIP_FORMS = {
     "split": siglip_split,
     "split, flash": lambda block: siglip_split(block, ORDERS["flash_first"]),
     "split, efficient": lambda block: siglip_split(block, ORDERS["efficient_first"]),
     "flash inside": siglip_flash_inside,
     "contiguous": siglip_contiguous,
+    "bias after": siglip_bias_after,
 }
+PRODUCTS = ("qkv", "out", "fc1", "fc2")  # the SigLIP layer's four products, each timed alone with its bias
 
 
 def context(order):
@@ -161,6 +187,11 @@ def main() -> None:
                 print(f"siglip layer {batch} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
             rows.append(measured("siglip layer", batch, name, graph, out, reference))
+        for name in PRODUCTS:  # which product's bias cuBLAS adds in its epilogue, and which it is copied for
+            linear = getattr(vision, name)
+            h = torch.randn(x.shape[0] * x.shape[1], linear.in_features, device=DEVICE, dtype=torch.bfloat16)
+            graph, out = graph_of(linear, (h,), None)
+            rows.append(measured(f"siglip {name}", batch, "eager", graph, out, None))
         with torch.inference_mode():
             qkv = siglip_qkv(vision, x)
         sdpa, reference = torch.nn.functional.scaled_dot_product_attention, None

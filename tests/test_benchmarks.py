@@ -397,6 +397,25 @@ def test_profile_runtime_sorts_kernels_into_kinds_by_name():
     ]
 
 
+def test_encoder_probe_writes_the_siglip_layer_as_the_model_does_and_with_its_biases_added_after():
+    """The probe's SigLIP layer is SiglipBlock's (bit for bit, eager), and its "bias after" form computes the
+    same layer (float32: the products' sums in another order only)."""
+    from benchmarks.encoder_attention_probe import bias_after, siglip_layer
+    from vlaserve.model.policy import SiglipBlock
+    from vlaserve.model.presets import get_preset
+
+    torch.manual_seed(0)
+    block = SiglipBlock(get_preset("tiny").vision).eval()
+    for p in block.parameters():  # biases and norms that count (the defaults are zeros and ones)
+        p.data.normal_(0, p.shape[-1] ** -0.5)
+    x = torch.randn(2, 16, block.qkv.in_features)
+    with torch.no_grad():
+        reference = block(x)
+        assert torch.equal(siglip_layer(block, x), reference)
+        after = siglip_layer(block, x, bias_after)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_sustained_clock_takes_each_windows_median_from_its_own_replays():
     """A replay belongs to the window its start falls in (start inclusive, end exclusive); an empty window is
     None, not 0."""
