@@ -8,7 +8,7 @@ graph per bucket and times its replay (median of 20), checking the output agains
 - ``decoder_step``: one whole Euler step (all 18 expert layers) compiled as one graph;
 - ``*_blocks_attn``: layers compiled, and attention written out (matmuls, float32 softmax) and compiled.
 
-    python benchmarks/compile_probe.py --preset pi0 --buckets 1,16 --profile --out $OUT/compile_probe.json
+    python -m benchmarks.compile_probe --preset pi0 --buckets 1,16 --profile --out $OUT/compile_probe.json
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from profile_runtime import kernel_times, replay_ms  # noqa: E402  (this folder: the script's own)
 
+from benchmarks.profile_runtime import kernel_times, replay_ms
 from vlaserve.model.parity import compare, random_request
 from vlaserve.model.policy import STAGES, attention_math, attention_override, build_policy
 from vlaserve.model.presets import get_preset

@@ -397,6 +397,16 @@ def test_profile_runtime_sorts_kernels_into_kinds_by_name():
     ]
 
 
+def test_every_benchmark_imports_as_a_module_of_the_package():
+    """Each script runs as ``python -m benchmarks.<name>`` (as the docs give them): none imports another by
+    its file name, which works only when run from that folder."""
+    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+    code = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module('benchmarks.' + n)"
+    done = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compile_probe" in names and len(names) > 20
+
+
 def test_encoder_probe_writes_the_siglip_layer_as_the_model_does_and_with_its_biases_added_after():
     """The probe's SigLIP layer is SiglipBlock's (bit for bit, eager), and its "bias after" form computes the
     same layer (float32: the products' sums in another order only)."""
