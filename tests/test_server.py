@@ -545,26 +545,40 @@ def test_an_export_with_fewer_prompt_positions_serves_the_same_actions_and_refus
 
 
 def test_the_ports_a_server_picks_are_distinct_even_when_the_system_hands_ports_back(monkeypatch, tmp_path):
-    """The system may hand a port that was just picked and closed back to the next pick: every port a
-    server picks comes from one pick (the guard's own too), and none equals a port it was given."""
+    """A system may hand a port that was just picked and closed back to the next pick (this fake always gives
+    the lowest port not open): the ports a server picks, the guard's own too, are still all different, and
+    none equals a port it was given."""
+    import types
+
     from vlaserve import server as server_module
 
-    def handing_back(count, host="127.0.0.1"):  # each pick starts again at the same port, as a system may
-        return [40000 + i for i in range(count)]
+    class HandingBack:  # a socket whose port is the lowest one no open socket holds
+        open: list = []
 
-    monkeypatch.setattr(server_module, "free_ports", handing_back)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            HandingBack.open.remove(self)
+
+        def bind(self, address):
+            held = {s.port for s in HandingBack.open}
+            self.port = next(port for port in range(40000, 40100) if port not in held)
+            HandingBack.open.append(self)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(server_module, "socket", types.SimpleNamespace(socket=HandingBack))
     for guard in (True, False):
-        picked = server_module.TritonServer(
-            server_module.ServerOptions(http_port=0, grpc_port=0, metrics_port=0, http_guard=guard, workdir=tmp_path)
-        )
-        opts = picked.options
-        ports = [opts.http_port, opts.grpc_port, opts.metrics_port, int(picked.triton_http.rsplit(":", 1)[1])]
-        assert len(set(ports)) == (4 if guard else 3), ports
-        given = server_module.TritonServer(
-            server_module.ServerOptions(
-                http_port=40001, grpc_port=0, metrics_port=0, http_guard=guard, workdir=tmp_path
+        for given in (0, 40001):
+            server = server_module.TritonServer(
+                server_module.ServerOptions(
+                    http_port=given, grpc_port=0, metrics_port=0, http_guard=guard, workdir=tmp_path
+                )
             )
-        )
-        opts = given.options
-        ports = [opts.http_port, opts.grpc_port, opts.metrics_port, int(given.triton_http.rsplit(":", 1)[1])]
-        assert opts.http_port == 40001 and len(set(ports)) == (4 if guard else 3), ports
+            opts = server.options
+            ports = [opts.http_port, opts.grpc_port, opts.metrics_port, int(server.triton_http.rsplit(":", 1)[1])]
+            assert len(set(ports)) == (4 if guard else 3), ports
+            if given:
+                assert opts.http_port == given, ports

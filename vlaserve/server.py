@@ -38,6 +38,8 @@ from vlaserve.supervisor import Supervisor
 from vlaserve.value_check import MPS_CHECK_ENV, MPS_CHECK_FILE
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from vlaserve.spec import Spec
 
 # The Python backend's shared-memory region per stub: the default (1 MB, growing by 1 MB) is grown
@@ -51,13 +53,14 @@ ADMIN_HEADER = io.ADMIN_HEADER  # over gRPC the metadata key is io.GRPC_ADMIN_HE
 ADMIN_KEY_FILE = io.ADMIN_KEY_FILE  # <workdir>/admin-key, mode 0600, when the key was generated
 
 
-def free_ports(count: int, host: str = io.DEFAULT_HOST) -> list[int]:
-    """``count`` distinct free ports (all held open while picking, so none is handed out twice)."""
+def free_ports(count: int, host: str = io.DEFAULT_HOST, taken: Collection[int] = ()) -> list[int]:
+    """``count`` distinct free ports, none of them in ``taken`` (all held open while picking, so none is handed
+    out twice: a port just picked and closed can come back from the system's next pick)."""
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        socks = [stack.enter_context(socket.socket()) for _ in range(count + len(taken))]
         for sock in socks:
             sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
+        return [port for port in (sock.getsockname()[1] for sock in socks) if port not in taken][:count]
 
 
 def free_port(host: str = io.DEFAULT_HOST) -> int:
@@ -221,13 +224,7 @@ class TritonServer:
         self.options = opts = dataclasses.replace(options)
         fields = ("http_port", "grpc_port", "metrics_port")
         unset = [f for f in fields if getattr(opts, f) == 0]
-        # Every port picked at once, the guard's own too, and none equal to a port given: picked one by
-        # one, a port freed by the first pick can come back from the next (then tritonserver refuses to
-        # start: HTTP and gRPC on one port).
-        given = {getattr(opts, f) for f in fields} - {0}
-        wanted = len(unset) + (1 if opts.http_guard else 0)
-        picked = [p for p in free_ports(wanted + len(given), opts.host) if p not in given][:wanted]
-        for field, port in zip(unset, picked):
+        for field, port in zip(unset, free_ports(len(unset), opts.host, taken={getattr(opts, f) for f in fields})):
             setattr(opts, field, port)
         opts.workdir = Path(opts.workdir).resolve()
         opts.log_file = Path(opts.log_file or opts.workdir / "tritonserver.log").resolve()
@@ -238,7 +235,9 @@ class TritonServer:
         # how long a stop waits for the requests admitted (sized from the queue timeouts)
         self.exit_timeout = opts.exit_timeout or _drain_seconds(opts.model_repository)
         # Triton's own HTTP: behind the guard on a loopback port, else where clients connect
-        self.triton_http = f"{io.DEFAULT_HOST}:{picked[-1]}" if opts.http_guard else self.http_url
+        # (none of the three: else tritonserver refuses to start, HTTP and gRPC on one port)
+        ports = {opts.http_port, opts.grpc_port, opts.metrics_port}
+        self.triton_http = f"{io.DEFAULT_HOST}:{free_ports(1, taken=ports)[0]}" if opts.http_guard else self.http_url
         self.process: subprocess.Popen | None = None
         self.segments: list[Path] = []
         self.cleaned = False  # stop() has ended the process group and removed its shared memory
