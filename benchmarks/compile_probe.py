@@ -48,13 +48,13 @@ def compile_parts(module, what: str | None) -> list:
     "blocks" compiles what the runtime compiles (the module's ``compile_targets``), "step" a whole Euler step."""
     done = []
 
-    def swap(obj, name):
-        setattr(obj, name, torch.compile(getattr(obj, name), dynamic=False))
+    def swap(obj, name, options=None):
+        setattr(obj, name, torch.compile(getattr(obj, name), dynamic=False, options=options or None))
         done.append((obj, name))
 
     if what and what.startswith("blocks"):
-        for obj, name in module.compile_targets():
-            swap(obj, name)
+        for obj, name, options in module.compile_targets():
+            swap(obj, name, options)
     elif what == "step":
         swap(module.policy, "velocity")
     return done

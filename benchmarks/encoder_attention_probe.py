@@ -10,7 +10,8 @@ alone on its q, k and v under each order; and one prefix layer's attention
 takes its additive bias, with its queries as GemmaBlock.qkv gives them now (a tensor of their own) and as a
 slice of the rotated queries and keys, as it gave them before. For each: replay µs, the kernels by kind
 (benchmarks.profile_runtime.kernel_kind) and the longest kernels, and the output against the first form's
-(rel). Prints a table last.
+(rel); for the served SigLIP layer and the forms of ``CODE_FORMS``, the library calls in the code Inductor
+generated (which product takes which input, and with what strides). Prints a table last.
 
     source benchmarks/gpu_env.sh && python -m benchmarks.encoder_attention_probe --batches 1,16 --out $OUT/probe.json
 """
@@ -28,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.profile_runtime import by_kind, kernel_times, replay_ms
 from vlaserve.model.parity import compare
-from vlaserve.model.policy import GemmaBlock, SiglipBlock, attention, attention_bias, rope_tables
+from vlaserve.model.policy import UNPADDED, GemmaBlock, SiglipBlock, attention, attention_bias, rope_tables
 from vlaserve.model.presets import get_preset
 
 DEVICE = "cuda:0"
@@ -114,7 +115,14 @@ def siglip_bias_after(block: SiglipBlock):
     return torch.compile(lambda x: siglip_layer(block, x, bias_after), dynamic=False)
 
 
+def siglip_padded(block: SiglipBlock):
+    """The SigLIP layer compiled with Inductor's own stride padding, as the encoder was served before: the MLP's
+    4304 columns padded to 4352 (fc2's bias then copied into its output, a ``badd`` product)."""
+    return torch.compile(block.forward, dynamic=False)
+
+
 SIGLIP_FORMS = {
+    "padded": siglip_padded,
     "split": siglip_split,
     "split, flash": lambda block: siglip_split(block, ORDERS["flash_first"]),
     "split, efficient": lambda block: siglip_split(block, ORDERS["efficient_first"]),
@@ -122,6 +130,7 @@ SIGLIP_FORMS = {
     "contiguous": siglip_contiguous,
     "bias after": siglip_bias_after,
 }
+CODE_FORMS = ("padded", "bias after")  # forms whose generated library calls are recorded, beside the default order's
 PRODUCTS = ("qkv", "out", "fc1", "fc2")  # the SigLIP layer's four products, each timed alone with its bias
 
 
@@ -139,6 +148,19 @@ def graph_of(fn, inputs, order):
         with torch.cuda.graph(graph):
             out = fn(*inputs)
     return graph, out
+
+
+def library_calls(fn, x) -> list[str]:
+    """The lines of the code Inductor generates for fn(x) that call a library (cuBLAS through
+    ``extern_kernels``, ATen ops it did not generate, copies): which product takes which input, and what is
+    copied before it. Compiles fn, so call it on a fresh torch.compile'd function."""
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.inference_mode():
+        _, codes = run_and_get_code(fn, x)
+    keep = ("extern_kernels.", "torch.ops.aten.", ".copy_(", "as_strided")
+    lines = (line.strip() for code in codes for line in code.splitlines())
+    return [line[:200] for line in lines if not line.startswith("#") and any(k in line for k in keep)]
 
 
 def measured(what: str, batch: int, order_name: str, graph, out, reference) -> dict:
@@ -174,19 +196,22 @@ def main() -> None:
         reference = None
         for name, order in ORDERS.items():
             torch._dynamo.reset()
-            block = torch.compile(vision.forward, dynamic=False)
+            block = torch.compile(vision.forward, dynamic=False, options=UNPADDED)  # as Encoder.compile_targets
             with context(order):
+                calls = library_calls(block, x) if order is None else []
                 graph, out = graph_of(block, (x,), order)
-            rows.append(measured("siglip layer", batch, name, graph, out, reference))
+            rows.append(measured("siglip layer", batch, name, graph, out, reference) | {"calls": calls})
             reference = out.clone() if reference is None else reference
         for name, form in SIGLIP_FORMS.items():
             torch._dynamo.reset()
             try:
-                graph, out = graph_of(form(vision), (x,), None)
+                compiled = form(vision)
+                calls = library_calls(compiled, x) if name in CODE_FORMS else []
+                graph, out = graph_of(compiled, (x,), None)
             except Exception as exc:  # noqa: BLE001 - a form torch cannot compile or capture: say so, go on
                 print(f"siglip layer {batch} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
-            rows.append(measured("siglip layer", batch, name, graph, out, reference))
+            rows.append(measured("siglip layer", batch, name, graph, out, reference) | {"calls": calls})
         for name in PRODUCTS:  # which product's bias cuBLAS adds in its epilogue, and which it is copied for
             linear = getattr(vision, name)
             h = torch.randn(x.shape[0] * x.shape[1], linear.in_features, device=DEVICE, dtype=torch.bfloat16)
@@ -229,6 +254,9 @@ def main() -> None:
         print(
             f"{r['what']} {r['batch']} {r['order']}: " + "; ".join(f"{n[:60]} {us} x{c}" for n, us, c in r["top"][:4])
         )
+    for r in rows:
+        for line in r.get("calls", []):
+            print(f"{r['what']} {r['batch']} {r['order']} calls: {line}")
 
 
 if __name__ == "__main__":

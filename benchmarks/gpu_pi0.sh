@@ -18,11 +18,11 @@ export_pi0() {
 }
 export_pi0 /tmp/pi0_repo "$OUT/export.log"
 
-# clock_runs PREFIX BUDGET SECONDS_AT_16 SECONDS_ELSE "MODELS BATCH REPO"...: each run by
+# clock_runs PREFIX BUDGET SECONDS_AT_16 SECONDS_ELSE "MODELS BATCH REPO [LABEL FLAGS...]"...: each run by
 # benchmarks/sustained_clock.py on /tmp/REPO (its answers checked against that export's golden samples first),
-# back to back for SECONDS_AT_16 at bucket 16 and SECONDS_ELSE at others; its JSON rows in
-# $OUT/PREFIX-REPO-MODELS-bBATCH.json, its log in /tmp (a call brings back 8 files), its table printed. A run
-# starts only while BUDGET seconds since the first have not passed.
+# back to back for SECONDS_AT_16 at bucket 16 and SECONDS_ELSE at others, with any FLAGS given to it; its JSON
+# rows in $OUT/PREFIX-REPO-MODELS-bBATCH[-LABEL].json, its log in /tmp (a call brings back 8 files), its table
+# printed. A run starts only while BUDGET seconds since the first have not passed.
 clock_runs() {
   local prefix=$1 budget=$2 long=$3 short=$4 began=$SECONDS run name seconds
   shift 4
@@ -30,9 +30,9 @@ clock_runs() {
     set -- $run
     if [ $((SECONDS - began)) -ge "$budget" ]; then echo "not run (out of time): $run"; continue; fi
     seconds=$([ "$2" = 16 ] && echo "$long" || echo "$short")
-    name="$prefix-$3-${1/,/-}-b$2"
+    name="$prefix-$3-${1/,/-}-b$2${4:+-$4}"
     python -m benchmarks.sustained_clock --repository "/tmp/$3" --models "$1" --batch "$2" --seconds "$seconds" \
-      --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
+      "${@:5}" --out "$OUT/$name.json" > "/tmp/$name.log" 2>&1
     echo "== $run ($((SECONDS - began)) s in)"; grep -A4 "^model" "/tmp/$name.log" || tail -5 "/tmp/$name.log"
   done
 }

@@ -191,14 +191,16 @@ def served_step(repo: Path, name: str) -> tuple[Path, RunnerParams]:
     raise SystemExit(f"{repo}: no model {name!r}, nor a one-model policy with a step {name!r}")
 
 
-def prepared(repo: Path, name: str, batch: int) -> tuple:
+def prepared(repo: Path, name: str, batch: int, inductor: dict | None = None) -> tuple:
     """``name``'s runtime on cuda:0 as a served GPU instance of the repository's config has it (compiled, with
     its fused kernels and fp8 products where the config asks, one CUDA graph at ``batch``), checked against
-    its golden samples: (runtime, the graph, the golden check, the manifest)."""
+    its golden samples: (runtime, the graph, the golden check, the manifest). ``inductor``: settings over
+    the layers' own, to compare them (vlaserve.runtimes.compile_layers)."""
     folder, params = served_step(repo, name)
     manifest = Manifest.read(folder / io.MANIFEST_FILE)
     runtime = load_runtime("torchscript", folder, list(manifest.outputs), "cuda:0")
     runtime.fused_kernels, runtime.precision = params.fused_kernels, params.precision
+    runtime.compile_overrides = dict(inductor or {})
     why_not = runtime.compile(manifest, batch=batch)
     if why_not:
         raise SystemExit(f"{name}: not compiled ({why_not}): the served runtime would differ")
@@ -208,6 +210,15 @@ def prepared(repo: Path, name: str, batch: int) -> tuple:
         raise SystemExit(f"{name}: no CUDA graph at batch {batch}: {why_not}")
     dtype = judged_as(manifest.dtype, runtime.precision)  # as the runner judges it (fp8 at its own tolerance)
     return runtime, runtime.graphs.graphs[batch][0], checked(name, runtime, folder, batch, dtype), manifest
+
+
+def inductor_setting(item: str) -> tuple:
+    """An --inductor item, KEY=VALUE -> (key, True, False or int)."""
+    key, sep, value = item.partition("=")
+    words = {"True": True, "False": False}
+    if not sep or not key or not (value in words or value.lstrip("-").isdigit()):
+        raise ValueError(f"--inductor {item!r}: KEY=VALUE with VALUE True, False or an int")
+    return key, words[value] if value in words else int(value)
 
 
 def shown(value, width: int) -> str:
@@ -228,8 +239,19 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=1.0, help="the idle gap before each spaced replay, s")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the back-to-back phase")
     parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas", help="torch's BLAS library")
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor setting over the layers' own (True, False or an int), e.g. comprehensive_padding=True",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    try:
+        inductor = dict(inductor_setting(item) for item in args.inductor)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.spaced < 1 or args.seconds < 5:
         parser.error("--spaced needs at least 1 replay and --seconds at least 5 (the last 5 s are a window)")
     repo, rows = Path(args.repository), []
@@ -237,7 +259,7 @@ def main() -> None:
     for i, name in enumerate(args.models.split(",")):
         if i:
             time.sleep(args.gap * 5)  # the next model starts from a rested GPU too
-        runtime, graph, golden, manifest = prepared(repo, name, args.batch)
+        runtime, graph, golden, manifest = prepared(repo, name, args.batch, inductor)
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
@@ -254,7 +276,7 @@ def main() -> None:
             spent.update(power, j_per_replay=round(power["watts"] * last_5s_ms / 1e3, 3))
             spent["j_per_answer"] = round(spent["j_per_replay"] / args.batch, 3)
         row = {
-            "model": name, "batch": args.batch, "prompt_tokens": manifest.prompt_tokens, "blas": args.blas, "attention": runtime.graphs.chosen[args.batch],
+            "model": name, "batch": args.batch, "prompt_tokens": manifest.prompt_tokens, "blas": args.blas, "inductor": inductor, "attention": runtime.graphs.chosen[args.batch],
             "golden": golden,
             "spaced_ms": [round(ms, 3) for ms in rest], "spaced_median_ms": round(statistics.median(rest), 3),
             "replays": len(load), "first_second_ms": median_between(load, 0, 1),

@@ -47,6 +47,29 @@ def test_compile_falls_back_to_the_torchscript_module_on_cpu(tiny_repo):
     assert list(runtime.attention_choices()) == ["default", "efficient", "math"]
 
 
+def test_each_layer_is_compiled_with_its_modules_inductor_settings_then_the_overrides(tiny_policy, monkeypatch):
+    """The vision layers keep their natural strides (no stride padding: fc2's bias then stays in cuBLAS's
+    epilogue), other layers take Inductor's defaults; overrides go over both, and a backend other than
+    Inductor gets no settings at all."""
+    from vlaserve.model.policy import Decoder, Encoder
+    from vlaserve.runtimes import compile_layers
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or fn)
+    encoder, depth = Encoder(tiny_policy), len(tiny_policy.vision.blocks)
+    compile_layers(torch, encoder)
+    assert seen[:depth] == [{"comprehensive_padding": False}] * depth and set(map(str, seen[depth:])) == {"None"}
+    seen.clear()
+    compile_layers(torch, encoder, overrides={"shape_padding": False})
+    assert seen[0] == {"comprehensive_padding": False, "shape_padding": False} and seen[-1] == {"shape_padding": False}
+    seen.clear()
+    compile_layers(torch, encoder, overrides={"comprehensive_padding": True})
+    assert seen[0] == seen[-1] == {"comprehensive_padding": True}
+    seen.clear()
+    compile_layers(torch, Decoder(tiny_policy), backend="eager", overrides={"shape_padding": False})
+    assert seen and set(map(str, seen)) == {"None"}
+
+
 @pytest.mark.parametrize("name", ["encoder", "decoder"])
 def test_compiled_path_computes_what_the_artifact_does(tiny_repo, name):
     """The Python model rebuilt around the artifact's weights, traced by TorchDynamo layer by layer (backend
@@ -424,6 +447,32 @@ def test_encoder_probe_writes_the_siglip_layer_as_the_model_does_and_with_its_bi
         assert torch.equal(siglip_layer(block, x), reference)
         after = siglip_layer(block, x, bias_after)
     torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_probe_reads_which_library_call_each_product_becomes():
+    """The probe's library_calls reads Inductor's generated code: the compiled layer's four products are
+    cuBLAS calls that take their bias (addmm), and the "bias after" form's are bare products (mm)."""
+    from benchmarks.encoder_attention_probe import library_calls, siglip_bias_after
+    from vlaserve.model.policy import SiglipBlock
+    from vlaserve.model.presets import get_preset
+
+    torch._dynamo.reset()
+    block = SiglipBlock(get_preset("tiny").vision).eval()
+    x = torch.randn(2, 16, block.qkv.in_features)
+    served = [c for c in library_calls(torch.compile(block.forward, dynamic=False), x) if "extern_kernels." in c]
+    after = [c for c in library_calls(siglip_bias_after(block), x) if "extern_kernels." in c]
+    assert [c.split("(")[0] for c in served] == ["extern_kernels.addmm"] * 4, served
+    assert [c.split("(")[0] for c in after] == ["extern_kernels.mm"] * 4, after
+
+
+def test_sustained_clock_reads_inductor_settings_and_refuses_others():
+    from benchmarks.sustained_clock import inductor_setting
+
+    assert inductor_setting("comprehensive_padding=True") == ("comprehensive_padding", True)
+    assert inductor_setting("padding_alignment_bytes=64") == ("padding_alignment_bytes", 64)
+    for bad in ("comprehensive_padding", "=True", "shape_padding=yes", "x=1.5"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            inductor_setting(bad)
 
 
 def test_sustained_clock_takes_each_windows_median_from_its_own_replays():

@@ -79,6 +79,7 @@ class TorchScriptRuntime:
         self.dropped: set[str] = set()  # optional choices (OPTIONAL_CHOICES) that failed their check
         self.precision: str | None = None  # "fp8": the module's fp8_targets in float8 (vlaserve.model.fp8)
         self.precision_note = ""  # why fp8 was not used, if it was asked for and not
+        self.compile_overrides: dict = {}  # Inductor settings over the layers' own (compile_layers), to compare
 
     def _call(self, *tensors) -> list:
         if self.compiled is not None:
@@ -169,7 +170,7 @@ class TorchScriptRuntime:
             module = python_module(torch, manifest, self.module.state_dict())
             if self.precision == "fp8":
                 self._to_fp8(module, backend)
-            compile_layers(torch, module, backend)
+            compile_layers(torch, module, backend, self.compile_overrides)
             inputs = [random_input(torch, spec, batch, self.device, manifest.vocab_size, seed=i)
                       for i, spec in enumerate(manifest.inputs.values())]  # fmt: skip
             rel = {}
@@ -298,18 +299,22 @@ def python_module(torch, manifest: Manifest, state_dict: dict):
     return module.eval()
 
 
-def compile_layers(torch, module, backend: str = "inductor") -> None:
+def compile_layers(torch, module, backend: str = "inductor", overrides: dict | None = None) -> None:
     """Replace each layer's methods by ``torch.compile``'d ones (static shapes). One layer at a time rather
     than the whole model: every layer of a kind shares one compiled graph (its weights are inputs), so
     compiling takes seconds, not the minutes a whole unrolled pi0 takes (131 s with mode="reduce-overhead"
-    on the H200; max-autotune had not finished after 7 minutes)."""
+    on the H200; max-autotune had not finished after 7 minutes). Each layer gets the Inductor settings its
+    module names for it, then ``overrides`` (for benchmarks that compare settings)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x kinds
 
-    def compiled(fn):
-        return torch.compile(fn, dynamic=False, backend=backend)
+    def compiled(fn, settings: dict):
+        options = {**settings, **(overrides or {})}
+        if backend != "inductor" or not options:  # settings are Inductor's; other backends take none
+            return torch.compile(fn, dynamic=False, backend=backend)
+        return torch.compile(fn, dynamic=False, backend=backend, options=options)
 
-    for owner, method in module.compile_targets():  # each model's module names its layers
-        setattr(owner, method, compiled(getattr(owner, method)))
+    for owner, method, settings in module.compile_targets():  # each model's module names its layers
+        setattr(owner, method, compiled(getattr(owner, method), settings))
 
 
 _COMPILED_ATTENTION: dict[str, object] = {}

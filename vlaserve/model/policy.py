@@ -408,6 +408,9 @@ def part_of(policy: Policy, keep: tuple[str, ...]) -> Policy:
     return part
 
 
+UNPADDED = {"comprehensive_padding": False}  # Inductor: intermediates keep their natural strides
+
+
 class Encoder(nn.Module):
     """The served encoder: (images uint8 [B,V,224,224,3], tokens int32 [B,48]) -> (prefix_kv, prefix_mask)."""
 
@@ -424,9 +427,13 @@ class Encoder(nn.Module):
         return request[IMAGES], request[TOKENS]
 
     def compile_targets(self):
-        """(object, method name) pairs that ``compile: true`` compiles one layer at a time."""
-        yield from ((block, "forward") for block in self.policy.vision.blocks)
-        yield from ((layer, m) for layer in self.policy.prefix_layers for m in ("qkv", "finish"))
+        """(object, method name, Inductor settings) triples that ``compile: true`` compiles one layer at a time.
+        The vision layers' intermediates keep their own strides: Inductor would pad the MLP's 4304 columns to
+        4352, and fc2 given a padded input cannot have cuBLAS add its bias in the product's epilogue, so torch
+        copies the bias into every output row first (on the H200 at bucket 16, a 57 us copy and a product
+        15 us slower, per layer; docs/BENCHMARKS.md)."""
+        yield from ((block, "forward", UNPADDED) for block in self.policy.vision.blocks)
+        yield from ((layer, m, {}) for layer in self.policy.prefix_layers for m in ("qkv", "finish"))
 
     def fp8_targets(self):
         """(module, linear layer's attribute) pairs that ``precision: fp8`` computes in float8: the prefix
@@ -453,7 +460,7 @@ class Decoder(nn.Module):
         return prefix_kv, prefix_mask, request[STATE], request[NOISE]
 
     def compile_targets(self):
-        yield from ((layer, m) for layer in self.policy.expert_layers for m in ("qkv", "finish"))
+        yield from ((layer, m, {}) for layer in self.policy.expert_layers for m in ("qkv", "finish"))
 
 
 # The module of each pipeline step (vlaserve.interface.PIPELINE), by model name: export traces it, the
