@@ -25,7 +25,7 @@ from benchmarks.profile_runtime import kernel_times, replay_ms
 from vlaserve.model.parity import compare, random_request
 from vlaserve.model.policy import STAGES, attention_math, attention_override, build_policy
 from vlaserve.model.presets import get_preset
-from vlaserve.runtimes import CudaGraphs, sdpa_choices
+from vlaserve.runtimes import CudaGraphs, compile_layers, sdpa_choices
 
 
 def log(msg: str) -> None:
@@ -45,19 +45,13 @@ VARIANTS = {  # name: (model, what is compiled)
 
 def compile_parts(module, what: str | None) -> list:
     """Replace methods by torch.compile'd ones on the instances; returns the (object, name) pairs to undo.
-    "blocks" compiles what the runtime compiles (the module's ``compile_targets``), "step" a whole Euler step."""
-    done = []
-
-    def swap(obj, name, options=None):
-        setattr(obj, name, torch.compile(getattr(obj, name), dynamic=False, options=options or None))
-        done.append((obj, name))
-
+    "blocks" compiles what the runtime compiles (vlaserve.runtimes.compile_layers), "step" a whole Euler step."""
     if what and what.startswith("blocks"):
-        for obj, name, options in module.compile_targets():
-            swap(obj, name, options)
-    elif what == "step":
-        swap(module.policy, "velocity")
-    return done
+        return compile_layers(torch, module)
+    if what == "step":
+        module.policy.velocity = torch.compile(module.policy.velocity, dynamic=False)
+        return [(module.policy, "velocity")]
+    return []
 
 
 def main() -> None:

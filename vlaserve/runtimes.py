@@ -299,12 +299,13 @@ def python_module(torch, manifest: Manifest, state_dict: dict):
     return module.eval()
 
 
-def compile_layers(torch, module, backend: str = "inductor", overrides: dict | None = None) -> None:
+def compile_layers(torch, module, backend: str = "inductor", overrides: dict | None = None) -> list:
     """Replace each layer's methods by ``torch.compile``'d ones (static shapes). One layer at a time rather
     than the whole model: every layer of a kind shares one compiled graph (its weights are inputs), so
     compiling takes seconds, not the minutes a whole unrolled pi0 takes (131 s with mode="reduce-overhead"
     on the H200; max-autotune had not finished after 7 minutes). Each layer gets the Inductor settings its
-    module names for it, then ``overrides`` (for benchmarks that compare settings)."""
+    module names for it, then ``overrides`` (for benchmarks that compare settings). Returns the (object,
+    method name) pairs it replaced, each now an attribute of the instance."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes x kinds
 
     def compiled(fn, settings: dict):
@@ -313,8 +314,11 @@ def compile_layers(torch, module, backend: str = "inductor", overrides: dict | N
             return torch.compile(fn, dynamic=False, backend=backend)
         return torch.compile(fn, dynamic=False, backend=backend, options=options)
 
+    replaced = []
     for owner, method, settings in module.compile_targets():  # each model's module names its layers
         setattr(owner, method, compiled(getattr(owner, method), settings))
+        replaced.append((owner, method))
+    return replaced
 
 
 _COMPILED_ATTENTION: dict[str, object] = {}
