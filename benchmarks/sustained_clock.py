@@ -259,7 +259,9 @@ def main() -> None:
     for i, name in enumerate(args.models.split(",")):
         if i:
             time.sleep(args.gap * 5)  # the next model starts from a rested GPU too
+        setup_began = time.perf_counter()
         runtime, graph, golden, manifest = prepared(repo, name, args.batch, inductor)
+        setup_s = round(time.perf_counter() - setup_began, 1)  # compiling (with any autotuning), capture, check
         for _ in range(3):
             timed(graph)
         rest = spaced(graph, args.spaced, args.gap)
@@ -277,7 +279,7 @@ def main() -> None:
             spent["j_per_answer"] = round(spent["j_per_replay"] / args.batch, 3)
         row = {
             "model": name, "batch": args.batch, "prompt_tokens": manifest.prompt_tokens, "blas": args.blas, "inductor": inductor, "attention": runtime.graphs.chosen[args.batch],
-            "golden": golden,
+            "golden": golden, "setup_s": setup_s,
             "spaced_ms": [round(ms, 3) for ms in rest], "spaced_median_ms": round(statistics.median(rest), 3),
             "replays": len(load), "first_second_ms": median_between(load, 0, 1),
             "last_5s_ms": last_5s_ms, "clocks": clocks.summary(), "energy": spent,
@@ -293,7 +295,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows + [{"model": "encoder+decoder", **p} for p in ceilings], indent=2))
     print(
         f"\n{'model':8} {'batch':>5} {'blas':>8} {'golden':>7} {'rested ms':>10} {'first s ms':>11} {'last 5 s ms':>12} "
-        f"{'SM MHz med/min':>15} {'W med':>6} {'W mean':>7} {'J/answer':>9}"
+        f"{'SM MHz med/min':>15} {'W med':>6} {'W mean':>7} {'J/answer':>9} {'setup s':>8}"
     )
     for r in rows:
         c, e = r["clocks"], r["energy"]
@@ -301,7 +303,7 @@ def main() -> None:
             f"{r['model']:8} {r['batch']:5d} {r['blas']:>8} {r['golden']['worst']:7.4f} "
             f"{r['spaced_median_ms']:10.2f} {shown(r['first_second_ms'], 11)} "
             f"{shown(r['last_5s_ms'], 12)} {c.get('sm_mhz_median', 0):7.0f}/{c.get('sm_mhz_min', 0):<7.0f} {c.get('power_w_median', 0):6.0f} "
-            f"{shown(e.get('watts'), 7)} {shown(e.get('j_per_answer'), 9)}"
+            f"{shown(e.get('watts'), 7)} {shown(e.get('j_per_answer'), 9)} {r['setup_s']:8.1f}"
         )
     for p in ceilings:
         limit = (
