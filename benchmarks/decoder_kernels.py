@@ -12,8 +12,9 @@ setting per kind against the defaults, timed before and again after it (a decode
 times slower with the same settings), each compared with eager PyTorch's actions (the seeded policy's biases
 and norm weights given random values first, which the seeded ones are not), in each dependent-launch
 mode of ``--pdl``, each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights) and
-each way of ``--merge`` (the attention's key splits merged by the last to finish, or by a kernel of their
-own; vlaserve.model.kernels.FusedDecoder; ``--kinds ""`` skips the sweep and runs only this).
+each way of ``--merge`` (the attention's key splits merged by the last to finish, by a kernel of their
+own, or by the output projection as it reads them; vlaserve.model.kernels.FusedDecoder) and each number of
+the attention's key splits of ``--splits``; ``--kinds ""`` skips the sweep and runs only this.
 
 Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
 a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
@@ -23,6 +24,7 @@ timing then runs in this process alone.
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --pdl off,launch,prefetch --out $OUT/pdl.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --ahead off,next,early --out $OUT/ahead.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --merge last,kernel --out $OUT/merge.json
+    python -m benchmarks.decoder_kernels --batch 1 --kinds "" --merge last,out_proj,last --splits 0,3 --out $OUT/m.json
 """
 
 from __future__ import annotations
@@ -357,7 +359,23 @@ def main() -> None:
         help=f"comma-separated schedules of asking the L2 cache for later weights, of {tuple(AHEAD_SCHEDULES)}",
     )
     parser.add_argument(
-        "--merge", default="last", help="comma-separated ways to merge the attention's key splits: last, kernel"
+        "--merge",
+        default="last",
+        help=f"comma-separated ways to merge the attention's key splits, of {FUSED_MERGES}; one named again runs "
+        "again (A, B, A: a decoder built later in a process times slower)",
+    )
+    parser.add_argument(
+        "--splits",
+        default="",
+        help="comma-separated key splits of the attention to run the whole decoder with, each way of --merge "
+        "(0: as many as keep the GPU busy; default: the launch settings' own)",
+    )
+    parser.add_argument(
+        "--tiles",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="launch settings over the defaults to run the whole decoder with as well, e.g. '{\"out\": [32, 64, 4, 2, 4]}'",
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -371,6 +389,16 @@ def main() -> None:
     merges = [m for m in args.merge.split(",") if m]
     if not merges or set(merges) - set(FUSED_MERGES):
         parser.error(f"--merge: of {FUSED_MERGES}, got {args.merge!r}")
+    try:
+        key_splits = [int(s) for s in args.splits.split(",") if s] or [None]
+    except ValueError:
+        parser.error(f"--splits: comma-separated whole numbers, got {args.splits!r}")
+    if any(s is not None and s < 0 for s in key_splits):
+        parser.error(f"--splits: 0 or more, got {args.splits!r}")
+    try:
+        more_tiles = [{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(t).items()} for t in args.tiles]
+    except (ValueError, AttributeError) as exc:
+        parser.error(f"--tiles: a JSON object of launch settings each, got {args.tiles!r} ({exc})")
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
     grids = settings(cfg, args.batch * (1 + ACTION_HORIZON))
@@ -438,12 +466,16 @@ def main() -> None:
     # the defaults timed again after the best: a decoder built later in a process has timed 0.25-0.6 ms slower
     # with the same settings (docs/DESIGN.md), so only a gain over both timings counts
     runs = (("defaults", {}), ("best", best_tiles), ("defaults again", {})) if kinds else (("defaults", {}),)
+    runs += tuple((f"tiles {json.dumps(t)}", t) for t in more_tiles)
     for name, tiles in runs:
-        for pdl, ahead, merge in itertools.product(modes, schedules, merges):
+        for pdl, ahead, merge, splits in itertools.product(modes, schedules, merges, key_splits):
             key = name + ("" if pdl == "off" else f", pdl {pdl}") + ("" if ahead == "off" else f", ahead {ahead}")
-            key += "" if merge == "last" else f", merge {merge}"
+            key += ("" if merge == "last" else f", merge {merge}") + ("" if splits is None else f", splits {splits}")
+            while key in result["decoder"]:  # the same run again, later in the process
+                key += " again"
+            run_tiles = tiles if splits is None else {**tiles, "splits": splits}
             try:
-                result["decoder"][key] = fused_run(policy, tiles, args.batch, inputs, reference, pdl, ahead, merge)
+                result["decoder"][key] = fused_run(policy, run_tiles, args.batch, inputs, reference, pdl, ahead, merge)
             except Exception as exc:  # noqa: BLE001 - one mode failing (say, its capture) leaves the others
                 torch.cuda.synchronize()
                 result["decoder"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
