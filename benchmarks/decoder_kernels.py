@@ -12,9 +12,9 @@ setting per kind against the defaults, timed before and again after it (a decode
 times slower with the same settings), each compared with eager PyTorch's actions (the seeded policy's biases
 and norm weights given random values first, which the seeded ones are not), in each dependent-launch
 mode of ``--pdl``, each schedule of ``--ahead`` (kernels asking the L2 cache for later kernels' weights) and
-each way of ``--merge`` (the attention's key splits merged by the last to finish, by a kernel of their
-own, or by the output projection as it reads them; vlaserve.model.kernels.FusedDecoder) and each number of
-the attention's key splits of ``--splits``; ``--kinds ""`` skips the sweep and runs only this.
+each way of ``--merge`` (the attention's key splits merged by the last to finish, or by a kernel of their
+own; vlaserve.model.kernels.FusedDecoder), each number of the attention's key splits of ``--splits``, and
+with the launch settings of each ``--tiles`` as well; ``--kinds ""`` skips the sweep and runs only this.
 
 Compilation dominates a wide grid, so the settings are first compiled by ``--workers`` processes (each on
 a one-layer model of the same widths, which compiles the same kernels into Triton's shared cache); the
@@ -24,7 +24,7 @@ timing then runs in this process alone.
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --pdl off,launch,prefetch --out $OUT/pdl.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --ahead off,next,early --out $OUT/ahead.json
     python -m benchmarks.decoder_kernels --batch 1 --kinds "" --merge last,kernel --out $OUT/merge.json
-    python -m benchmarks.decoder_kernels --batch 1 --kinds "" --merge last,out_proj,last --splits 0,3 --out $OUT/m.json
+    python -m benchmarks.decoder_kernels --batch 1 --kinds "" --merge last,kernel,last --splits 0,3 --out $OUT/m.json
 """
 
 from __future__ import annotations
@@ -340,7 +340,9 @@ def _setting(tiles: dict, kind: str) -> str:
     return f"{tiles[kind]}{extra}"
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, its lists parsed: ``kinds``, ``modes`` (--pdl), ``schedules`` (--ahead), ``merges``,
+    ``key_splits`` ([None] for the settings' own) and ``more_tiles`` (one launch-settings dict per --tiles)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="pi0")
     parser.add_argument("--views", type=int, default=2)
@@ -378,27 +380,45 @@ def main() -> None:
         help="launch settings over the defaults to run the whole decoder with as well, e.g. '{\"out\": [32, 64, 4, 2, 4]}'",
     )
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    kinds = [k for k in args.kinds.split(",") if k]
-    modes = [m for m in args.pdl.split(",") if m]
-    if not modes or set(modes) - set(PDL_MODES):
+    args = parser.parse_args(argv)
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    args.modes = [m for m in args.pdl.split(",") if m]
+    if not args.modes or set(args.modes) - set(PDL_MODES):
         parser.error(f"--pdl: modes of {PDL_MODES}, got {args.pdl!r}")
-    schedules = [a for a in args.ahead.split(",") if a]
-    if not schedules or set(schedules) - set(AHEAD_SCHEDULES):
+    args.schedules = [a for a in args.ahead.split(",") if a]
+    if not args.schedules or set(args.schedules) - set(AHEAD_SCHEDULES):
         parser.error(f"--ahead: schedules of {tuple(AHEAD_SCHEDULES)}, got {args.ahead!r}")
-    merges = [m for m in args.merge.split(",") if m]
-    if not merges or set(merges) - set(FUSED_MERGES):
+    args.merges = [m for m in args.merge.split(",") if m]
+    if not args.merges or set(args.merges) - set(FUSED_MERGES):
         parser.error(f"--merge: of {FUSED_MERGES}, got {args.merge!r}")
     try:
-        key_splits = [int(s) for s in args.splits.split(",") if s] or [None]
+        args.key_splits = [int(s) for s in args.splits.split(",") if s] or [None]
     except ValueError:
         parser.error(f"--splits: comma-separated whole numbers, got {args.splits!r}")
-    if any(s is not None and s < 0 for s in key_splits):
+    if any(s is not None and s < 0 for s in args.key_splits):
         parser.error(f"--splits: 0 or more, got {args.splits!r}")
     try:
-        more_tiles = [{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(t).items()} for t in args.tiles]
+        args.more_tiles = [
+            {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(t).items()} for t in args.tiles
+        ]
     except (ValueError, AttributeError) as exc:
         parser.error(f"--tiles: a JSON object of launch settings each, got {args.tiles!r} ({exc})")
+    return args
+
+
+def run_key(name: str, pdl: str, ahead: str, merge: str, splits: int | None, taken) -> str:
+    """A whole-decoder run's name in the results: the settings' name and what differs from the defaults,
+    with " again" for each earlier run of the same (A, B, A)."""
+    key = name + ("" if pdl == "off" else f", pdl {pdl}") + ("" if ahead == "off" else f", ahead {ahead}")
+    key += ("" if merge == "last" else f", merge {merge}") + ("" if splits is None else f", splits {splits}")
+    while key in taken:
+        key += " again"
+    return key
+
+
+def main() -> None:
+    args = parse_args()
+    kinds = args.kinds
     os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton-cache-decoder-kernels")
     cfg = get_preset(args.preset, args.views)
     grids = settings(cfg, args.batch * (1 + ACTION_HORIZON))
@@ -466,13 +486,10 @@ def main() -> None:
     # the defaults timed again after the best: a decoder built later in a process has timed 0.25-0.6 ms slower
     # with the same settings (docs/DESIGN.md), so only a gain over both timings counts
     runs = (("defaults", {}), ("best", best_tiles), ("defaults again", {})) if kinds else (("defaults", {}),)
-    runs += tuple((f"tiles {json.dumps(t)}", t) for t in more_tiles)
+    runs += tuple((f"tiles {json.dumps(t)}", t) for t in args.more_tiles)
     for name, tiles in runs:
-        for pdl, ahead, merge, splits in itertools.product(modes, schedules, merges, key_splits):
-            key = name + ("" if pdl == "off" else f", pdl {pdl}") + ("" if ahead == "off" else f", ahead {ahead}")
-            key += ("" if merge == "last" else f", merge {merge}") + ("" if splits is None else f", splits {splits}")
-            while key in result["decoder"]:  # the same run again, later in the process
-                key += " again"
+        for pdl, ahead, merge, splits in itertools.product(args.modes, args.schedules, args.merges, args.key_splits):
+            key = run_key(name, pdl, ahead, merge, splits, result["decoder"])
             run_tiles = tiles if splits is None else {**tiles, "splits": splits}
             try:
                 result["decoder"][key] = fused_run(policy, run_tiles, args.batch, inputs, reference, pdl, ahead, merge)

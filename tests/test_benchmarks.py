@@ -246,6 +246,33 @@ def test_decoder_kernel_grids_cover_the_defaults_and_fit_the_gpu():
             assert stages * (rows * bk + (2 if two else 1) * bn * bk) * 2 <= 227 * 1024, tiles
 
 
+def test_decoder_kernels_command_line_runs_a_b_a_with_splits_and_tiles(capsys):
+    """decoder_kernels' whole-decoder runs: each way of --merge with each number of --splits, a setting named
+    again run again under a name of its own (A, B, A), and --tiles parsed into launch settings; bad values
+    refused by name."""
+    import pytest
+
+    from benchmarks.decoder_kernels import parse_args, run_key
+
+    args = parse_args(["--out", "x.json", "--kinds", "", "--merge", "last,kernel,last", "--splits", "0,3",
+                       "--tiles", '{"out": [32, 16, 4, 2, 8], "splits": 2}'])  # fmt: skip
+    assert args.kinds == [] and args.merges == ["last", "kernel", "last"] and args.key_splits == [0, 3]
+    assert args.more_tiles == [{"out": (32, 16, 4, 2, 8), "splits": 2}]
+    assert parse_args(["--out", "x.json"]).key_splits == [None]  # the settings' own
+    taken = {}
+    for merge in args.merges:
+        for splits in args.key_splits:
+            taken[run_key("defaults", "off", "off", merge, splits, taken)] = merge
+    assert list(taken) == ["defaults, splits 0", "defaults, splits 3", "defaults, merge kernel, splits 0",
+                           "defaults, merge kernel, splits 3", "defaults, splits 0 again", "defaults, splits 3 again"]  # fmt: skip
+    assert run_key("best", "launch", "next", "last", None, {}) == "best, pdl launch, ahead next"
+    for bad, message in ((["--splits", "two"], "--splits"), (["--splits", "-1"], "--splits"),
+                         (["--tiles", "[1, 2]"], "--tiles"), (["--merge", "first"], "--merge")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x.json", *bad])
+        assert f"{message}:" in capsys.readouterr().err
+
+
 BENCH_CHECK = """
 import dataclasses, json
 from benchmarks import decoder_kernels as dk

@@ -221,7 +221,6 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PREFETCH_KEYS: tl.constexpr = 0,
     MERGE: tl.constexpr = True, ahead_ptr=None, ahead_lines=0, AHEAD: tl.constexpr = 0,
-    lse_ptr=None, NORMALIZED: tl.constexpr = False,
 ):  # fmt: skip
     """Program (batch item x kv head, block of folded query rows, split of the keys). A folded row r is
     query token r // G of query head h * G + r % G (G = H / HKV), as vlaserve.model.policy.attention
@@ -233,9 +232,7 @@ def _attention_kernel(
     additive bias [B, 1, R, S] (0 or -inf; R = T * G, or 1 for one row shared by all), as
     vlaserve.model.policy.attention_bias makes it. Each block's values are loaded with its keys, so that
     both are in flight together. Scores are kept in base 2 (exp2). Split over the keys, each split
-    stores its partial result and the last to arrive merges them (:func:`_merge_splits`); with NORMALIZED
-    (and not MERGE) each split stores its own normalized output in the output's dtype and its log2-sum-exp,
-    for the output projection to merge as it reads them (:func:`_merged_rows`)."""
+    stores its partial result and the last to arrive merges them (:func:`_merge_splits`)."""
     G: tl.constexpr = H // HKV
     LOG2E: tl.constexpr = 1.4426950408889634
     bh, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -288,13 +285,6 @@ def _attention_kernel(
     dst = o_ptr + (b * T + t)[:, None] * (H * D) + head[:, None] * D + d[None, :]
     if SPLITS == 1:
         tl.store(dst, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=r_ok[:, None])
-    elif NORMALIZED:  # [B*HKV, SPLITS, T*G, D] in the output's dtype, and [B*HKV, SPLITS, T*G] float32
-        row = (bh * SPLITS + split) * (T * G) + r
-        seen = l_i > 0  # false where the split holds no key the row sees: weight 0 in the merge
-        l_safe = tl.where(seen, l_i, 1.0)
-        tl.store(part_ptr + row[:, None] * D + d[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=r_ok[:, None])  # fmt: skip
-        tl.store(lse_ptr + row, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")), mask=r_ok)
     else:  # partial results: [B*HKV, SPLITS, T*G, D + 2] (acc, max, sum) in float32
         row = (bh * SPLITS + split) * (T * G) + r
         tl.store(part_ptr + row[:, None] * (D + 2) + d[None, :], acc, mask=r_ok[:, None])
@@ -358,45 +348,11 @@ def _launch_merge(part: torch.Tensor, out: torch.Tensor, b: int, hkv: int, t: in
 
 
 @triton.jit
-def _merged_rows(part_ptr, lse_ptr, rows, row_ok, k0, T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Columns k0.. (BLOCK_K of them, within one head: BLOCK_K divides D) of the attention's output for token
-    rows ``rows`` (b * T + t), merged from the key splits' normalized outputs and log2-sum-exps
-    (:func:`_attention_kernel` with NORMALIZED), in the partial outputs' dtype; rows not ``row_ok`` are zeros.
-    Each split's weight is its share of the row's softmax sum: 2^(lse_s - max_s lse_s), over their total."""
-    G: tl.constexpr = H // HKV
-    head = k0 // D
-    b, t = rows // T, rows % T
-    bh = b * HKV + head // G
-    r = t * G + head % G
-    cols = k0 % D + tl.arange(0, BLOCK_K)
-    first = bh * SPLITS * (T * G) + r  # split 0's row; split s's is T * G rows further
-    lse_rows = lse_ptr + first
-    part_rows = part_ptr + first[:, None] * D + cols[None, :]
-    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
-        top = tl.maximum(top, tl.load(lse_rows + split * (T * G), mask=row_ok, other=float("-inf")))
-    top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
-        w = tl.exp2(tl.load(lse_rows + split * (T * G), mask=row_ok, other=float("-inf")) - top)
-        total += w
-        part = tl.load(part_rows + split * (T * G * D), mask=row_ok[:, None], other=0.0)
-        a += w[:, None] * part.to(tl.float32)
-    return (a / tl.where(total > 0, total, 1.0)[:, None]).to(part_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH: tl.constexpr, ahead_ptr, ahead_lines, AHEAD: tl.constexpr,
-                     lse_ptr=None, T=1, H: tl.constexpr = 1, HKV: tl.constexpr = 1, D: tl.constexpr = 1,
-                     ATT_SPLITS: tl.constexpr = 1, MERGED: tl.constexpr = False):  # fmt: skip
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr, ahead_ptr, ahead_lines, AHEAD: tl.constexpr):  # fmt: skip
     """x [M, N] += a [M, K] @ w [N, K]^T, in place, the product rounded to x's dtype before the sum (as
-    the reference's ``x + linear(a)``). With MERGED, ``a`` is the attention's key splits' normalized outputs
-    and ``lse_ptr`` their log2-sum-exps, merged as they are read (:func:`_merged_rows`; H heads of D over
-    HKV kv heads, ATT_SPLITS splits, T tokens an item). Program (row block x split of K, column block). Split over K (a
+    the reference's ``x + linear(a)``). Program (row block x split of K, column block). Split over K (a
     skinny product has too few output tiles to keep the memory busy), each split adds its partial product
     into a float32 tile of ``sum_ptr`` (zeros) atomically, and the last to arrive adds the sum to x and puts
     the zeros back for the next launch. The sums of squares of x's new rows are added into ``sq_ptr`` for
@@ -416,10 +372,7 @@ def _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        if MERGED:
-            a = _merged_rows(a_ptr, lse_ptr, rows, row_ok, k0, T, H, HKV, D, ATT_SPLITS, BLOCK_M, BLOCK_K)
-        else:
-            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
         acc += tl.dot(a, tl.trans(w))
     if SPLITS == 1:
@@ -456,14 +409,11 @@ def _residual_epilogue(acc, x_ptr, sq_ptr, rows, cols, row_ok, N):
 def _out_proj_kernel(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS: tl.constexpr,
                      FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, ahead_ptr=None, ahead_lines=0,
-                     AHEAD: tl.constexpr = 0, lse_ptr=None, T=1, H: tl.constexpr = 1, HKV: tl.constexpr = 1,
-                     D: tl.constexpr = 1, ATT_SPLITS: tl.constexpr = 1, MERGED: tl.constexpr = False):  # fmt: skip
+                     AHEAD: tl.constexpr = 0):  # fmt: skip
     """The attention's output projection added to the residual stream (a kernel of its own name, so that a
-    profile tells it from the down projection); with MERGED it merges the attention's key splits as it reads
-    them (FusedDecoder's merge "out_proj")."""
+    profile tells it from the down projection)."""
     _matmul_residual(a_ptr, w_ptr, x_ptr, sq_ptr, sum_ptr, count_ptr, M, N, K, k_per_split, SPLITS, FENCE,
-                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH, ahead_ptr, ahead_lines, AHEAD,
-                     lse_ptr, T, H, HKV, D, ATT_SPLITS, MERGED)  # fmt: skip
+                     BLOCK_M, BLOCK_N, BLOCK_K, PDL, PREFETCH, ahead_ptr, ahead_lines, AHEAD)  # fmt: skip
 
 
 @triton.jit
@@ -674,11 +624,8 @@ def tiles_for(rows: int) -> dict:
     return next(t for limit, t in TILES_BY_ROWS if limit is None or rows <= limit)
 
 
-# How FusedDecoder merges the attention's key splits (``merge``): the last split to finish, a kernel of their
-# own, or the output projection as it reads them. triton_attention's: the first two, and "none" only to time
-# it without.
-FUSED_MERGES = ("last", "kernel", "out_proj")
-MERGE_MODES = ("last", "kernel", "none")
+FUSED_MERGES = ("last", "kernel")  # how FusedDecoder merges the attention's key splits (``merge``)
+MERGE_MODES = (*FUSED_MERGES, "none")  # the same for triton_attention, "none" only to time it without
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -798,11 +745,8 @@ class FusedDecoder:
     per decoder call at batch 1; docs/BENCHMARKS.md), so nothing serves them: kept to measure again when
     the kernels change. It needs a GPU (the interpreter has neither the launch nor the inline assembly).
     ``ahead`` (one of :data:`AHEAD_SCHEDULES`) has each kernel ask the L2 cache for the weights of a later
-    one as it starts (no dependent launch needed); it too needs a GPU. ``merge`` (one of
-    :data:`FUSED_MERGES`) says who merges the attention's key splits where it splits them: the last split
-    to finish ("last"), a kernel of their own ("kernel"), or the output projection as it reads them
-    ("out_proj": each split stores its own normalized output, rounded to the weights' dtype, and its
-    log-sum-exp, so the attention ends without a fence, an arrival count or a merge)."""
+    one as it starts (no dependent launch needed); it too needs a GPU. ``merge`` "kernel" merges the
+    attention's key splits in a kernel of their own instead of in the last split to finish ("last")."""
 
     def __init__(self, policy: Policy, tiles: dict | None = None, target_programs: int = 132, pdl: str = "off",
                  ahead: str = "off", merge: str = "last"):  # fmt: skip
@@ -842,8 +786,8 @@ class FusedDecoder:
         self.ahead = ahead
         if merge not in FUSED_MERGES:
             raise ValueError(f"merge {merge!r}: one of {FUSED_MERGES}")
-        if merge != "last" and pdl != "off":  # measured apart: the merges other than the default without PDL
-            raise ValueError(f"merge {merge!r} with pdl {pdl!r}: not combined")
+        if merge == "kernel" and pdl != "off":  # the merge kernel is launched as usual, without dependent launch
+            raise ValueError(f"merge 'kernel' with pdl {pdl!r}: not combined")
         self.merge = merge
 
     def weight(self, kind: str, i: int) -> torch.Tensor:
@@ -1050,39 +994,15 @@ class _LayerStep:
             **self._pdl(self.w), **self._ahead("qkv", grid),
         )  # fmt: skip
 
-    def _attention_launch(self, tiles: dict) -> tuple:
-        e = self.e
-        return attention_launch(
-            self.b,
-            e.num_kv_heads,
-            self.t * (e.num_heads // e.num_kv_heads),
-            self.keys,
-            tiles,
-            self.fused.target_programs,
-        )
-
-    def _split_outputs(self, splits: int) -> tuple:
-        """With merge "out_proj" and the keys split: the splits' normalized outputs (in the weights' dtype) and
-        log2-sum-exps, which the attention writes and the output projection merges; made once per call."""
-        e, scratch = self.e, self.scratch
-        if ("normalized", splits) not in scratch:
-            rows = self.b * e.num_kv_heads * splits * self.t * (e.num_heads // e.num_kv_heads)
-            scratch[("normalized", splits)] = (
-                torch.empty((rows * e.head_dim,), dtype=self.x.dtype, device=self.x.device),
-                torch.empty((rows,), dtype=torch.float32, device=self.x.device),
-            )
-        return scratch[("normalized", splits)]
-
     def attention(self, tiles: dict) -> None:
         e, b, t, kv_i, scratch = self.e, self.b, self.t, self.kv_i, self.scratch
         h, hkv, d = e.num_heads, e.num_kv_heads, e.head_dim
-        am, an, warps, stages, row_blocks, splits, per_split = self._attention_launch(tiles)
+        am, an, warps, stages, row_blocks, splits, per_split = attention_launch(
+            b, hkv, t * (h // hkv), self.keys, tiles, self.fused.target_programs
+        )
         attn = scratch["attn"]
-        part, lse = attn, None  # unused with one split
-        normalized = splits > 1 and self.fused.merge == "out_proj"
-        if normalized:
-            part, lse = self._split_outputs(splits)
-        elif splits > 1:
+        part = attn  # unused with one split
+        if splits > 1:
             if ("part", splits) not in scratch:
                 size = b * hkv * splits * t * (h // hkv) * (d + 2)
                 scratch[("part", splits)] = torch.empty((size,), dtype=torch.float32, device=self.x.device)
@@ -1095,19 +1015,17 @@ class _LayerStep:
             H=h, HKV=hkv, D=d, SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=am, BLOCK_N=an,
             MERGE=self.fused.merge == "last", num_warps=warps, num_stages=stages,
             **self._pdl(d, PREFETCH_KEYS=triton.next_power_of_2(per_split)), **self._ahead("attention", grid),
-            lse_ptr=lse, NORMALIZED=normalized,
         )  # fmt: skip
         if self.fused.merge == "kernel" and splits > 1:
             _launch_merge(part, attn, b, hkv, t, h, d, splits, tiles["merge"])
 
-    def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares, merged: dict | None = None) -> None:
+    def _residual(self, kernel, kind: str, tiles: dict, a, weight, squares) -> None:
         """x += a @ weight^T through ``kernel`` (:func:`_matmul_residual`), K split as ``tiles[kind]`` says,
-        the new rows' sums of squares added into ``squares``. ``merged``: the kernel's arguments for reading
-        ``a`` as the attention's key splits, merged (a is then their outputs, K the heads' width)."""
+        the new rows' sums of squares added into ``squares``."""
         m, bm, n = self.m, self._bm(kind, tiles), self.w
-        k = weight.shape[1]
+        k = a.shape[1]
         bn, bk, warps, stages, splits = (*tiles[kind], 1) if len(tiles[kind]) == 4 else tiles[kind]
-        bn, bk = _fit(bn, n, f"{kind} BLOCK_N"), _fit(bk, merged["D"] if merged else k, f"{kind} BLOCK_K")
+        bn, bk = _fit(bn, n, f"{kind} BLOCK_N"), _fit(bk, k, f"{kind} BLOCK_K")
         k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
         splits = triton.cdiv(k, k_per_split)  # the last may be shorter
         out_tiles = triton.cdiv(m, bm) * (n // bn)
@@ -1121,17 +1039,11 @@ class _LayerStep:
         kernel[grid](
             a, weight, self.x, squares, sums, counts, m, n, k, k_per_split,
             SPLITS=splits, FENCE=self.fused.fence, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-            **self._pdl(k_per_split), **self._ahead(kind, grid), **(merged or {}),
+            **self._pdl(k_per_split), **self._ahead(kind, grid),
         )  # fmt: skip
 
     def out(self, tiles: dict) -> None:
-        e, splits, merged = self.e, self._attention_launch(tiles)[5], None
-        a = self.scratch["attn"]
-        if splits > 1 and self.fused.merge == "out_proj":  # the attention left its key splits unmerged
-            a, lse = self._split_outputs(splits)
-            merged = {"lse_ptr": lse, "T": self.t, "H": e.num_heads, "HKV": e.num_kv_heads, "D": e.head_dim,
-                      "ATT_SPLITS": splits, "MERGED": True}  # fmt: skip
-        self._residual(_out_proj_kernel, "out", tiles, a, self.layer.o_proj.weight, self.squares_mid, merged)
+        self._residual(_out_proj_kernel, "out", tiles, self.scratch["attn"], self.layer.o_proj.weight, self.squares_mid)
 
     def geglu(self, tiles: dict) -> None:
         m, bm, f = self.m, self._bm("geglu", tiles), self.e.mlp_dim
