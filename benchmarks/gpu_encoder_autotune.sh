@@ -4,9 +4,9 @@
 # samples first), compiled as served, then with Inductor choosing each product among cuBLAS and its own
 # Triton templates by timing them (max_autotune_gemm; a template may then take the bias, GELU or GeGLU in
 # its epilogue), with its Triton kernels' launch settings tuned (coordinate_descent_tuning), and with both;
-# then as served again. BATCHES (default "16 1") says which buckets. Each run's JSON lands in $OUT, its log
-# in /tmp; a run starts only while $BUDGET seconds (default 420) since the first have not passed. One device
-# call:
+# then as served again; each table row ends with the run's set-up time. BATCHES (default "16 1") says which
+# buckets. Each run's JSON lands in $OUT, its log in /tmp; a run starts only while $BUDGET seconds (default
+# 420) since the first have not passed. One device call:
 #   export OUT=$OUT && bash benchmarks/gpu_encoder_autotune.sh
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-reports/gpu}
@@ -20,7 +20,4 @@ for b in ${BATCHES:-16 1}; do
     "encoder $b pi0_repo again")
 done
 clock_runs autotune "${BUDGET:-420}" 10 6 "${runs[@]}"
-for f in "$OUT"/autotune-*.json; do
-  python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print(sys.argv[1].split('/')[-1], r['setup_s'], 's setup')" "$f"
-done
 nvidia-smi -i 0 --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
