@@ -250,8 +250,6 @@ def test_decoder_kernels_command_line_runs_a_b_a_with_splits_and_tiles(capsys):
     """decoder_kernels' whole-decoder runs: each way of --merge with each number of --splits, a setting named
     again run again under a name of its own (A, B, A), and --tiles parsed into launch settings; bad values
     refused by name."""
-    import pytest
-
     from benchmarks.decoder_kernels import parse_args, run_key
 
     args = parse_args(["--out", "x.json", "--kinds", "", "--merge", "last,kernel,last", "--splits", "0,3",
