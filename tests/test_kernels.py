@@ -546,6 +546,70 @@ def test_persistent_probe_runs_in_the_interpreter_and_compiles_for_the_h200():
         assert "fence.acq_rel.gpu" in ptx and "atom" in ptx, fn.__name__
 
 
+def compile_gluon_for_h200(fn, signature: dict, constants: dict, num_warps: int):
+    """A Gluon kernel compiled ahead of time for sm_90 (no GPU needed), its pointers taken as 16-byte aligned
+    as a launch on the GPU specializes them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(signature) + list(constants)
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if str(signature.get(n, "")).startswith("*")
+    }
+    source = GluonASTSource(fn, {**signature, **dict.fromkeys(constants, "constexpr")}, constants, aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def test_stream_probe_reads_its_settings_and_its_kernel_compiles_for_the_h200():
+    """benchmarks/stream_probe.py is written in Gluon, which has no CPU interpreter: it runs on the GPU only,
+    where every form is checked against the plain Triton chain. Here: a setting's string gives its numbers
+    and one the kernel cannot take is refused; and the kernel compiles for sm_90 in each of its ways, the
+    weights through the copy engine (TMA), the activations through asynchronous copies, the products as
+    warp-group MMAs. Over 18 layers it passes a grid-wide barrier (a GPU-wide fence, then an atomic count);
+    one layer alone has none. With K split, each program adds its share with atomic additions."""
+    import re
+
+    import pytest
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from benchmarks import stream_probe as probe
+
+    row = probe.parse_product("1024x2048:64x128s4a2w4k8q")
+    assert row == {"n": 1024, "k": 2048, "block_n": 64, "block_k": 128, "stages": 4, "a_stages": 2, "warps": 4,
+                   "splits": 8, "async": True}  # fmt: skip
+    assert probe.shared_bytes(row) == 160 * 1024  # 4 weight tiles, 2 fp32 activation tiles, 2 bf16 ones
+    assert probe.parse_product("8192x1024:64x64s8a16w4")["splits"] == 1
+    for bad in ("8192x1024:64x64s8a16", "1000x1024:64x64s8a16w4", "1024x2048:64x128s4a2w4k32",
+                "1024x2048:64x128s4a1w4q", "1024x1024:512x64s2a2w4"):  # fmt: skip
+        with pytest.raises(ValueError):
+            probe.parse_product(bad)
+
+    for setting in ("8192x1024:64x128s4a8w4", "2560x1024:32x128s8a4w4q", "1024x2048:64x128s4a2w4k8q"):
+        p = probe.parse_product(setting)
+        layout = gl.NVMMASharedLayout.get_default_for([p["block_n"], p["block_k"]], gl.bfloat16)
+        weights = torch.zeros((18 * p["n"], p["k"]), dtype=torch.bfloat16)
+        descriptor = TensorDescriptor.from_tensor(weights, [p["block_n"], p["block_k"]], layout)
+        signature = {"acts_ptr": "*bf16", "acts32_ptr": "*fp32", "w_desc": mangle_type(descriptor),
+                     "count_ptr": "*i32", "gave_up_ptr": "*i32", "first_layer": "i32", "N": "i32"}  # fmt: skip
+        for layers in (1, 18):
+            constants = {"K": p["k"], "S": max(p["n"], p["k"]), "LAYERS": layers, "BLOCK_N": p["block_n"],
+                         "BLOCK_K": p["block_k"], "STAGES": p["stages"], "A_STAGES": p["a_stages"],
+                         "SPLITS": p["splits"], "ASYNC": p["async"], "ROWS": 51, "SPIN_LIMIT": 1000,
+                         "num_warps": p["warps"]}  # fmt: skip
+            compiled = compile_gluon_for_h200(probe._stream_kernel, signature, constants, p["warps"])
+            ptx = compiled.asm["ptx"]
+            assert compiled.metadata.shared <= 227 * 1024 and compiled.metadata.shared >= probe.shared_bytes(p)
+            for op in ("cp.async.bulk.tensor", "cp.async.cg.shared.global", "wgmma.mma_async"):
+                assert op in ptx, (setting, layers, op)
+            barrier = "fence.acq_rel.gpu" in ptx and "atom.global.gpu.acq_rel.add.u32" in ptx
+            assert barrier == (layers > 1), (setting, layers)
+            assert bool(re.search(r"atom\.global\.gpu\.relaxed\.add(\.v\d)?\.f32", ptx)) == (p["splits"] > 1)
+
+
 def test_fused_decoder_refuses_what_it_cannot_run(monkeypatch):
     """Unknown modes, weights the kernels cannot index as stored, and modes that need a GPU in the interpreter."""
     import dataclasses
