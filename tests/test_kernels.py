@@ -564,9 +564,11 @@ def compile_gluon_for_h200(fn, signature: dict, constants: dict, num_warps: int)
 def test_stream_probe_reads_its_settings_and_its_kernel_compiles_for_the_h200():
     """benchmarks/stream_probe.py is written in Gluon, which has no CPU interpreter: it runs on the GPU only,
     where every form is checked against the plain Triton chain. Here: a setting's string gives its numbers
-    and one the kernel cannot take is refused; and the kernel compiles for sm_90 in each of its ways, the
-    weights through the copy engine (TMA), the activations through asynchronous copies, the products as
-    warp-group MMAs. Over 18 layers it passes a grid-wide barrier (a GPU-wide fence, then an atomic count);
+    and one the kernel cannot take is refused (one weight slot with queued products would wait forever for a
+    tile it asks for only afterwards); and the default settings, one for each of the kernel's ways, compile
+    for sm_90: the weights through the copy engine (TMA), the activations through asynchronous copies, the
+    products as warp-group MMAs, each activation tile awaited with exactly the later copies still in flight.
+    Over 18 layers it passes a grid-wide barrier (a GPU-wide fence, then an atomic count);
     one layer alone has none. With K split, each program adds its share with atomic additions."""
     import re
 
@@ -584,11 +586,14 @@ def test_stream_probe_reads_its_settings_and_its_kernel_compiles_for_the_h200():
     assert probe.shared_bytes(row) == 160 * 1024  # 4 weight tiles, 2 fp32 activation tiles, 2 bf16 ones
     assert probe.parse_product("8192x1024:64x64s8a16w4")["splits"] == 1
     for bad in ("8192x1024:64x64s8a16", "1000x1024:64x64s8a16w4", "1024x2048:64x128s4a2w4k32",
-                "1024x2048:64x128s4a1w4q", "1024x1024:512x64s2a2w4"):  # fmt: skip
+                "1024x2048:64x128s4a1w4q", "2560x1024:32x128s1a4w4q", "1024x1024:512x64s2a2w4"):  # fmt: skip
         with pytest.raises(ValueError):
             probe.parse_product(bad)
 
-    for setting in ("8192x1024:64x128s4a8w4", "2560x1024:32x128s8a4w4q", "1024x2048:64x128s4a2w4k8q"):
+    # the defaults take each way: unsplit, unsplit queued, K split, K split queued
+    assert {(probe.parse_product(d)["splits"] > 1, probe.parse_product(d)["async"]) for d in probe.DEFAULT_PRODUCTS} == {
+        (False, False), (False, True), (True, False), (True, True)}  # fmt: skip
+    for setting in probe.DEFAULT_PRODUCTS:
         p = probe.parse_product(setting)
         layout = gl.NVMMASharedLayout.get_default_for([p["block_n"], p["block_k"]], gl.bfloat16)
         weights = torch.zeros((18 * p["n"], p["k"]), dtype=torch.bfloat16)
@@ -605,6 +610,9 @@ def test_stream_probe_reads_its_settings_and_its_kernel_compiles_for_the_h200():
             assert compiled.metadata.shared <= 227 * 1024 and compiled.metadata.shared >= probe.shared_bytes(p)
             for op in ("cp.async.bulk.tensor", "cp.async.cg.shared.global", "wgmma.mma_async"):
                 assert op in ptx, (setting, layers, op)
+            # each activation tile is awaited with exactly the groups committed after it still in flight
+            waits = {int(w) for w in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)}
+            assert waits == {0, p["a_stages"] - 1 - p["async"]}, (setting, layers, waits)  # 0: at the layer's end
             barrier = "fence.acq_rel.gpu" in ptx and "atom.global.gpu.acq_rel.add.u32" in ptx
             assert barrier == (layers > 1), (setting, layers)
             assert bool(re.search(r"atom\.global\.gpu\.relaxed\.add(\.v\d)?\.f32", ptx)) == (p["splits"] > 1)
