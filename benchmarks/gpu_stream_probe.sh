@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call, about 2.5 minutes (first run on the H200 on 2026-12-04: docs/BENCHMARKS.md):
+# One device call, about 3.5 minutes (run on the H200 on 2026-12-04: docs/BENCHMARKS.md):
 # benchmarks/stream_probe.py, the decoder's chained products at batch 1 with each program's weights streamed
 # into shared memory ahead across layers, against one launch a layer and the served decoder's own kernels.
 # It serves nothing: carry .carry/site-packages.tar.xz alone. PRODUCTS (comma-separated
-# NxK:BNxBKsSTAGESaA_STAGESwWARPS[kSPLITS][q] settings) replaces the default sweep, the one of that first run.
+# NxK:BNxBKsSTAGESaA_STAGESwWARPS[kSPLITS][q] settings) replaces the default sweep, the one of that run.
 #   bash benchmarks/gpu_stream_probe.sh
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh

@@ -428,8 +428,11 @@ def main() -> None:
     if not args.out:
         parser.error("--out is required")
     items = args.products.split(",")
-    for item in items:
-        parse_product(item)  # every setting checked before any runs
+    for item in items:  # every setting checked before any runs
+        try:
+            parse_product(item)
+        except ValueError as exc:
+            parser.error(f"--products: {exc}")
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(DEVICE),
               "torch": torch.__version__, "triton": triton.__version__, "layers": LAYERS, "rows": ROWS,
               "products": []}  # fmt: skip

@@ -565,11 +565,12 @@ def test_stream_probe_reads_its_settings_and_its_kernel_compiles_for_the_h200():
     """benchmarks/stream_probe.py is written in Gluon, which has no CPU interpreter: it runs on the GPU only,
     where every form is checked against the plain Triton chain. Here: a setting's string gives its numbers
     and one the kernel cannot take is refused (one weight slot with queued products would wait forever for a
-    tile it asks for only afterwards); and the default settings, one for each of the kernel's ways, compile
-    for sm_90: the weights through the copy engine (TMA), the activations through asynchronous copies, the
-    products as warp-group MMAs, each activation tile awaited with exactly the later copies still in flight.
-    Over 18 layers it passes a grid-wide barrier (a GPU-wide fence, then an atomic count);
-    one layer alone has none. With K split, each program adds its share with atomic additions."""
+    tile it asks for only afterwards), on the command line too, before any GPU work. The default settings,
+    one for each of the kernel's ways, compile for sm_90: the weights through the copy engine (TMA), the
+    activations through asynchronous copies, the products as warp-group MMAs, each activation tile awaited
+    with exactly the later copies still in flight. Over 18 layers it passes a grid-wide barrier (a GPU-wide
+    fence, then an atomic count); one layer alone has none. With K split, each program adds its share with
+    atomic additions."""
     import re
 
     import pytest
@@ -589,6 +590,11 @@ def test_stream_probe_reads_its_settings_and_its_kernel_compiles_for_the_h200():
                 "1024x2048:64x128s4a1w4q", "2560x1024:32x128s1a4w4q", "1024x1024:512x64s2a2w4"):  # fmt: skip
         with pytest.raises(ValueError):
             probe.parse_product(bad)
+    done = subprocess.run(  # the command line says which setting, before any GPU work
+        [sys.executable, "-m", "benchmarks.stream_probe", "--products", "8192x1024:64x64s8a16w4,1x2", "--out", "x"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--products: '1x2': expected" in done.stderr, done.stderr[-2000:]
 
     # the defaults take each way: unsplit, unsplit queued, K split, K split queued
     assert {(probe.parse_product(d)["splits"] > 1, probe.parse_product(d)["async"]) for d in probe.DEFAULT_PRODUCTS} == {
