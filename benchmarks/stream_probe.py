@@ -67,7 +67,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from benchmarks.persistent_probe import LAYERS, _product_kernel, graph_ms
 from vlaserve.model.parity import compare
 
-DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")
+DEVICE = os.environ.get("VLASERVE_BENCH_DEVICE", "cuda:0")  # a GPU: Gluon has no CPU interpreter
+FORMS = ("triton", "gluon", "stream")
 BLOCK_M = 64  # the batch's 51 rows, padded to one warp group's MMA rows
 ROWS = 51
 # N x K : BLOCK_N x BLOCK_K, STAGES weight tiles in the ring, A_STAGES activation tiles ahead, warps, [K split
@@ -282,7 +283,7 @@ def shared_bytes(p: dict) -> int:
     return 2 * p["stages"] * p["block_n"] * p["block_k"] + acts + (p["splits"] > 1) * 2 * 2 * BLOCK_M * p["block_k"]
 
 
-def product_case(p: dict, spin_limit: int, timed: bool) -> dict:
+def product_case(p: dict, spin_limit: int) -> dict:
     """µs per layer of the chain as ``triton`` launches, ``gluon`` launches and one ``stream`` launch."""
     n, k, block_n, block_k, splits = p["n"], p["k"], p["block_n"], p["block_k"], p["splits"]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -351,7 +352,7 @@ def product_case(p: dict, spin_limit: int, timed: bool) -> dict:
     # which a too-early read would find right.)
     row.update(check())
     row["gave_up"] = int(gave_up.sum())
-    if timed and not row["gave_up"]:
+    if not row["gave_up"]:
         # each Gluon form's graph includes its memsets (the barrier's count; with K split, the sums)
         row["us_per_layer"] = {f: round(1e3 * graph_ms(run) / LAYERS, 3) for f, run in runs.items()}
         row["after_timing"] = check()
@@ -359,9 +360,6 @@ def product_case(p: dict, spin_limit: int, timed: bool) -> dict:
     # right: no barrier ever gave up, the outputs were right at first and still are after the timed replays
     row["right"] = not row["gave_up"] and passes(row) and passes(row.get("after_timing", row))
     return row
-
-
-FORMS = ("triton", "gluon", "stream")
 
 
 def decoder_kinds() -> dict:
@@ -420,7 +418,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(product_case(parse_product(args.one), args.spin_limit, DEVICE.startswith("cuda"))))
+        print(json.dumps(product_case(parse_product(args.one), args.spin_limit)))
         return
     if args.decoder_child:
         print(json.dumps(decoder_kinds()))
