@@ -369,6 +369,52 @@ def test_triton_floor_serves_a_model_that_does_no_work_over_each_mode(tmp_path, 
     assert "| grpc_shm |" in capsys.readouterr().out
 
 
+def test_triton_floor_model_spins_as_long_as_it_is_told(tmp_path, capsys):
+    """With --work-ms each execute takes at least that long, in Triton's infer figure and at the client;
+    a time it cannot take is a command-line error before any server starts."""
+    import json
+
+    from benchmarks.triton_floor import main
+
+    out = tmp_path / "floor.json"
+    assert main(["--modes", "grpc", "--requests", "3", "--work-ms", "25", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["work_ms"] == 25.0 and row["infer"] >= 25.0 and row["p50_ms"] >= 25.0
+    assert "spins 25 ms" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--work-ms", "-1", "--out", str(out)])
+    assert "--work-ms: -1.0; 0 to 1000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--busy-cpus", "-1", "--out", str(out)])
+    assert "--busy-cpus: -1; 0 or more" in capsys.readouterr().err
+
+
+def test_triton_floor_keeps_cpus_busy_only_while_it_measures():
+    """--busy-cpus: that many spinning processes at nice 19 while the block runs, none left after it."""
+    import time
+
+    from benchmarks.triton_floor import busy_cpus
+
+    def spinners() -> list[int]:
+        mine = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == os.getpid() and b"os.nice(19)" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                mine.append(int(pid))
+        return mine
+
+    with busy_cpus(2):
+        time.sleep(0.5)
+        pids = spinners()
+        assert len(pids) == 2
+        assert all(int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 19 for p in pids)
+    assert spinners() == []
+
+
 def test_served_breakdown_takes_the_instances_phases_per_model_and_execute():
     from collections import Counter
 
