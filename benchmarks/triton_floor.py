@@ -1,4 +1,4 @@
-"""The floor of one request through Triton: what a batch-1 request costs when the model does no work, or only waits.
+"""The floor of one request through Triton: what a batch-1 request costs when the model does no work, or only spins.
 
 A Python-backend model named and shaped as the policy (vlaserve.interface: the request's inputs and the
 actions output, dynamic batching up to 16) is served by the same tritonserver as vlaserve; it answers
@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -125,14 +126,26 @@ def measure(server: TritonServer, mode: str, request: dict, requests: int) -> di
                 "mean_ms": round(statistics.fmean(times), 3), **triton}  # fmt: skip
 
 
-SPINNER = "import os\nos.nice(19)\nwhile True:\n    pass\n"
+# Spins at the lowest priority until its parent (the benchmark) is gone, however that one ended.
+SPINNER = """
+import os
+import sys
+
+os.nice(19)
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
 
 
 @contextlib.contextmanager
 def busy_cpus(count: int):
     """``count`` processes that spin at the lowest priority while the block runs (none for 0)."""
-    spinners = [subprocess.Popen([sys.executable, "-c", SPINNER]) for _ in range(count)]
+    spinners = []
     try:
+        for _ in range(count):
+            spinners.append(subprocess.Popen([sys.executable, "-c", SPINNER, str(os.getpid())]))
         yield
     finally:
         for spinner in spinners:
@@ -153,12 +166,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="each execute spins this long before it answers (default 0: answers at once)",
     )
     parser.add_argument(
-        "--busy-cpus", type=int, default=0, help="processes spinning at nice 19 through the requests (default 0)"
+        "--busy-cpus",
+        type=int,
+        default=0,
+        help="processes spinning at nice 19 through the requests (default 0; at most the CPU count)",
     )
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     args = parser.parse_args(argv)
-    if args.busy_cpus < 0:
-        parser.error(f"--busy-cpus: {args.busy_cpus}; 0 or more")
+    cpus = os.cpu_count() or 1
+    if not 0 <= args.busy_cpus <= cpus:
+        parser.error(f"--busy-cpus: {args.busy_cpus}; 0 to this machine's {cpus} CPUs")
     if not 0 <= args.work_ms <= 1000:
         parser.error(f"--work-ms: {args.work_ms}; 0 to 1000")
     args.modes = [m for m in args.modes.split(",") if m]

@@ -369,50 +369,113 @@ def test_triton_floor_serves_a_model_that_does_no_work_over_each_mode(tmp_path, 
     assert "| grpc_shm |" in capsys.readouterr().out
 
 
-def test_triton_floor_model_spins_as_long_as_it_is_told(tmp_path, capsys):
-    """With --work-ms each execute takes at least that long, in Triton's infer figure and at the client;
-    a time it cannot take is a command-line error before any server starts."""
+def test_triton_floor_model_spins_as_long_as_it_is_told(tmp_path, capsys, monkeypatch):
+    """With --work-ms each execute takes at least that long, in Triton's infer figure and at the client, and
+    --busy-cpus keeps that many CPUs busy through the requests; a setting it cannot take is a command-line
+    error before any server starts."""
     import json
 
-    from benchmarks.triton_floor import main
+    import benchmarks.triton_floor as floor
 
+    kept_busy = []
+    real = floor.busy_cpus
+
+    def recording(count):
+        kept_busy.append(count)
+        return real(count)
+
+    monkeypatch.setattr(floor, "busy_cpus", recording)
     out = tmp_path / "floor.json"
-    assert main(["--modes", "grpc", "--requests", "3", "--work-ms", "25", "--out", str(out)]) == 0
+    argv = ["--modes", "grpc", "--requests", "3", "--work-ms", "25", "--busy-cpus", "1", "--out", str(out)]
+    assert floor.main(argv) == 0
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert result["work_ms"] == 25.0 and row["infer"] >= 25.0 and row["p50_ms"] >= 25.0
-    assert "spins 25 ms" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--work-ms", "-1", "--out", str(out)])
-    assert "--work-ms: -1.0; 0 to 1000" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--busy-cpus", "-1", "--out", str(out)])
-    assert "--busy-cpus: -1; 0 or more" in capsys.readouterr().err
+    assert result["busy_cpus"] == 1 and kept_busy == [1]
+    assert "spins 25 ms (reads nothing, 1 CPUs kept busy)" in capsys.readouterr().out
+    for bad, why in (
+        (["--work-ms", "-1"], "--work-ms: -1.0; 0 to 1000"),
+        (["--busy-cpus", "-1"], "--busy-cpus: -1; 0 to"),
+    ):
+        with pytest.raises(SystemExit):
+            floor.main([*bad, "--out", str(out)])
+        assert why in capsys.readouterr().err
+
+
+def test_triton_floor_model_spins_rather_than_sleeps(tmp_path, monkeypatch):
+    """The model the floor serves waits as the runner does in a CUDA stream's synchronize: on the CPU, so that
+    its execute's CPU time is about its wall time (a sleep would take none)."""
+    import importlib.util
+    import time
+    import types
+
+    from benchmarks.triton_floor import write_repository
+
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.Tensor = lambda name, array: (name, array)
+    utils.InferenceResponse = lambda tensors: tensors
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    repo = write_repository(tmp_path / "repo", views=2, read=False, work_ms=50.0)
+    spec = importlib.util.spec_from_file_location("floor_model", next(repo.glob("*/1/model.py")))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    wall, cpu = time.perf_counter(), time.process_time()
+    (response,) = module.TritonPythonModel().execute([object()])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert wall >= 0.05 and cpu >= 0.8 * wall
+    assert response[0][1].shape[0] == 1 and not response[0][1].any()
+
+
+def _spinners_of(parent: int) -> list[int]:
+    """Live (not zombie) processes of ``busy_cpus``'s spinner whose parent is ``parent``, and their nice."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z" and b"os.nice(19)" in cmdline:
+            found.append((int(pid), int(stat[16])))
+    return found
+
+
+def _poll(check, seconds: float = 10.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return check()
 
 
 def test_triton_floor_keeps_cpus_busy_only_while_it_measures():
-    """--busy-cpus: that many spinning processes at nice 19 while the block runs, none left after it."""
-    import time
+    """--busy-cpus: that many spinning processes at nice 19 while the block runs, none left after it; and a
+    benchmark killed outright leaves none spinning either (each stops once its parent is gone)."""
+    import signal
 
     from benchmarks.triton_floor import busy_cpus
 
-    def spinners() -> list[int]:
-        mine = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == os.getpid() and b"os.nice(19)" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                mine.append(int(pid))
-        return mine
-
     with busy_cpus(2):
-        time.sleep(0.5)
-        pids = spinners()
-        assert len(pids) == 2
-        assert all(int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 19 for p in pids)
-    assert spinners() == []
+        assert _poll(lambda: len(_spinners_of(os.getpid())) == 2 and all(n == 19 for _, n in _spinners_of(os.getpid())))
+    assert _spinners_of(os.getpid()) == []
+    script = "import time\nfrom benchmarks.triton_floor import busy_cpus\nwith busy_cpus(1):\n    print('in', flush=True)\n    time.sleep(60)\n"
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "in"
+        assert _poll(lambda: len(_spinners_of(child.pid)) == 1)
+        ((spinner, _),) = _spinners_of(child.pid)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+    def stopped() -> bool:
+        try:
+            return Path(f"/proc/{spinner}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    assert _poll(stopped)
 
 
 def test_served_breakdown_takes_the_instances_phases_per_model_and_execute():
