@@ -426,7 +426,7 @@ def test_triton_floor_model_spins_rather_than_sleeps(tmp_path, monkeypatch):
     assert response[0][1].shape[0] == 1 and not response[0][1].any()
 
 
-def _spinners_of(parent: int) -> list[int]:
+def _spinners_of(parent: int) -> list[tuple[int, int]]:
     """Live (not zombie) processes of ``busy_cpus``'s spinner whose parent is ``parent``, and their nice."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
