@@ -186,16 +186,13 @@ def _stream_kernel(acts_ptr, acts32_ptr, w_desc, count_ptr, gave_up_ptr, first_l
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     mma_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], gl.bfloat16)
+    VEC: gl.constexpr = 8 if SPLITS == 1 else 4  # 16 bytes a copy: bf16 activations, or fp32 when K is split
+    TPW_K: gl.constexpr = BLOCK_K // VEC if BLOCK_K // VEC < 32 else 32
+    load_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_K, TPW_K], [num_warps, 1], [1, 0])
     if SPLITS == 1:
-        VEC: gl.constexpr = 8  # bf16, 16 bytes a copy
-        TPW_K: gl.constexpr = BLOCK_K // VEC if BLOCK_K // VEC < 32 else 32
-        load_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_K, TPW_K], [num_warps, 1], [1, 0])
         a_bufs = gl.allocate_shared_memory(gl.bfloat16, [A_STAGES, BM, BLOCK_K], mma_shared)
         out_ptr = acts_ptr
     else:
-        VEC: gl.constexpr = 4  # fp32, 16 bytes a copy
-        TPW_K: gl.constexpr = BLOCK_K // VEC if BLOCK_K // VEC < 32 else 32
-        load_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_K, TPW_K], [num_warps, 1], [1, 0])
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         a_bufs = gl.allocate_shared_memory(gl.float32, [A_STAGES, BM, BLOCK_K], plain)
         a_bf = gl.allocate_shared_memory(gl.bfloat16, [2, BM, BLOCK_K], mma_shared)
