@@ -428,6 +428,8 @@ def test_triton_floor_model_spins_rather_than_sleeps(tmp_path, monkeypatch):
 
 def _spinners_of(parent: int) -> list[tuple[int, int]]:
     """Live (not zombie) processes of ``busy_cpus``'s spinner whose parent is ``parent``, and their nice."""
+    from benchmarks.triton_floor import SPINNER
+
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -435,7 +437,7 @@ def _spinners_of(parent: int) -> list[tuple[int, int]]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == parent and stat[0] != "Z" and b"os.nice(19)" in cmdline:
+        if int(stat[1]) == parent and stat[0] != "Z" and SPINNER.encode() in cmdline:
             found.append((int(pid), int(stat[16])))
     return found
 
